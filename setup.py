@@ -1,0 +1,29 @@
+"""Distribution ``syncfree-xla``: the syncfree_xla torch.compile backend."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="syncfree-xla",
+    version="0.1.0",
+    description="A torch.compile backend that trains on XLA without host syncs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["xla_backend", "xla_backend.*", "passes", "passes.*"]),
+    install_requires=[
+        "torch==2.9.0",
+        "torch_xla==2.9.0",
+    ],
+    extras_require={
+        "dev": [
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "ruff",
+        ],
+    },
+    entry_points={
+        "torch_dynamo_backends": ["syncfree_xla = xla_backend.backend:syncfree_xla"],
+        "console_scripts": ["syncfree-xla = xla_backend.cli:main"],
+    },
+)

@@ -1,0 +1,91 @@
+"""The function ``torch.compile(..., backend="syncfree_xla")`` calls for each Dynamo graph.
+
+Dynamo graph -> AOTAutograd (forward / backward / inference aten graphs) -> passes
+-> lowering to one XLA computation per graph.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx
+from torch._dynamo.backends.common import aot_autograd
+
+from . import counters
+from . import options as options_mod
+from .device import configure_pjrt
+
+configure_pjrt()
+
+# torch_xla must see PJRT_DEVICE before it is imported
+from . import lowering, rng_state  # noqa: E402
+
+log = logging.getLogger(__name__)
+_graph_ids = itertools.count()
+
+
+def _source_name(node: torch.fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    return source.name() if source is not None else node.name
+
+
+def check_input_devices(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Rejects non-XLA tensors up front, naming the argument, instead of deep in torch_xla.
+
+    0-d CPU tensors are allowed: PyTorch treats them as scalars next to device
+    tensors, and optimizers keep their step counters in them.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if not isinstance(value, torch.Tensor) or value.device.type == "xla":
+            continue
+        if value.device.type == "cpu" and value.dim() == 0:
+            continue
+        raise lowering.DeviceMismatchError(
+            f"syncfree_xla: {_source_name(node)} is a {value.device.type} tensor of shape "
+            f"{tuple(value.shape)}, but this backend runs on the XLA device. Move the model "
+            f"and its inputs there first: model.to(torch_xla.device()), "
+            f"x = x.to(torch_xla.device())."
+        )
+
+
+def _boxed(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
+    """Marks ``fn`` as taking one list, so AOTAutograd can free its inputs early."""
+
+    def call(args: list[Any]) -> Any:
+        return fn(args)
+
+    call._boxed_call = True  # type: ignore[attr-defined]
+    return call
+
+
+def _compile_aten_graph(kind: str, opts: options_mod.Options
+                        ) -> Callable[[torch.fx.GraphModule, Sequence[Any]], Callable]:
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        name = f"{kind} graph {next(_graph_ids)}"
+        gm, seeded = rng_state.functionalize(gm)
+        compiled = lowering.lower(gm, example_inputs, name=name, fallback=opts.fallback)
+        if seeded:
+            compiled = rng_state.SeededCall(compiled, lowering.xla_device())
+        return _boxed(compiled)
+
+    return compile_graph
+
+
+def syncfree_xla(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                 options: Mapping[str, Any] | None = None) -> Callable:
+    """The backend. ``options`` comes from ``torch.compile(..., options={...})``."""
+    opts = options_mod.resolve(options)
+    counters.incr(counters.GRAPHS_RECEIVED)
+    check_input_devices(gm, example_inputs)
+    compile_fn = aot_autograd(
+        fw_compiler=_compile_aten_graph("forward", opts),
+        bw_compiler=_compile_aten_graph("backward", opts),
+        inference_compiler=_compile_aten_graph("inference", opts),
+        keep_inference_input_mutations=True,
+    )
+    return compile_fn(gm, example_inputs)

@@ -1,0 +1,75 @@
+"""Process-wide counters that every stage of the backend reports into.
+
+Counter names are defined here once; other modules import the constants so a
+typo becomes an ImportError instead of a silently separate counter.
+"""
+
+from __future__ import annotations
+
+import threading
+
+GRAPHS_RECEIVED = "graphs_received"
+GRAPHS_LOWERED = "graphs_lowered"
+XLA_COMPILES = "xla_compiles"
+EXECUTIONS = "executions"
+EAGER_FALLBACKS = "eager_fallbacks"
+INPUT_MATERIALIZATIONS = "input_materializations"
+HOST_TRANSFERS_TO_DEVICE = "host_to_device_transfers"
+DEVICE_TO_HOST_TRANSFERS = "device_to_host_transfers"
+COMPILE_SECONDS = "compile_seconds"
+CACHE_MEMORY_HITS = "cache_memory_hits"
+CACHE_MEMORY_MISSES = "cache_memory_misses"
+CACHE_DISK_HITS = "cache_disk_hits"
+CACHE_DISK_MISSES = "cache_disk_misses"
+CACHE_DISK_WRITES = "cache_disk_writes"
+CACHE_EVICTIONS = "cache_evictions"
+CACHE_BAD_ENTRIES = "cache_bad_entries"
+
+_lock = threading.Lock()
+_counters: dict[str, float] = {}
+
+
+def incr(name: str, amount: float = 1) -> None:
+    with _lock:
+        _counters[name] = _counters.get(name, 0) + amount
+
+
+def counter(name: str) -> float:
+    """One counter's value, without asking torch_xla (cheap, and safe where it is absent)."""
+    with _lock:
+        return _counters.get(name, 0)
+
+
+def set_max(name: str, value: float) -> None:
+    with _lock:
+        if value > _counters.get(name, float("-inf")):
+            _counters[name] = value
+
+
+def stats() -> dict[str, float]:
+    """A snapshot of every counter, plus torch_xla's transfer and compile counts."""
+    with _lock:
+        snapshot = dict(_counters)
+    snapshot.update(_xla_counters())
+    return snapshot
+
+
+def reset_stats() -> None:
+    with _lock:
+        _counters.clear()
+    _reset_xla_counters()
+
+
+def _xla_counters() -> dict[str, float]:
+    from . import xla_metrics
+
+    return {
+        DEVICE_TO_HOST_TRANSFERS: xla_metrics.device_to_host_transfers(),
+        HOST_TRANSFERS_TO_DEVICE: xla_metrics.host_to_device_transfers(),
+    }
+
+
+def _reset_xla_counters() -> None:
+    from . import xla_metrics
+
+    xla_metrics.clear()

@@ -1,0 +1,308 @@
+"""Splits an aten FX graph into the part that runs on the host and the part for XLA.
+
+AOTAutograd graphs mix devices: optimizers keep their ``step`` counters in 0-d CPU
+tensors, and the bias corrections derived from them are CPU scalars too. Tracing
+those CPU ops into the XLA computation would bake one step's value in as a
+constant, so they run eagerly on the host each call instead, and only their
+results cross to the device. Anything that would need a value back from the
+device (``.item()``, a copy to CPU) is reported, never traced.
+
+This module knows FX and torch devices only; nothing here touches torch_xla.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+HOST = "host"
+DEVICE = "device"
+SCALAR = "scalar"
+
+_COPY_TARGETS = (torch.ops.aten.copy_.default,)
+_SYNC_TARGETS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.item.default,
+    torch.ops.aten.equal.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+}
+
+
+class UnsplittableGraph(Exception):
+    """The graph cannot run as one device computation; the message says why."""
+
+
+@dataclass(frozen=True)
+class OutputSlot:
+    """Where one output of the original graph comes from after the split."""
+
+    kind: str  # "device", "host", "input", "const"
+    index: int = 0
+    value: Any = None
+
+
+@dataclass
+class SplitGraph:
+    host: torch.fx.GraphModule | None
+    host_inputs: list[int]
+    device: torch.fx.GraphModule
+    device_inputs: list[tuple[str, int]]  # ("arg", i): device arg, ("cpu_arg", i), ("host", k)
+    device_mutations: dict[int, int]  # arg index -> device output index
+    outputs: list[OutputSlot]
+    output_is_sequence: bool
+    scalar_inputs: list[int] = field(default_factory=list)
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
+def _devices(value: Any) -> set[str]:
+    return {leaf.device.type for leaf in _leaves(value) if isinstance(leaf, torch.Tensor)}
+
+
+def _describe(node: torch.fx.Node) -> str:
+    stack = node.meta.get("stack_trace", "")
+    where = stack.strip().splitlines()[-2].strip() if stack.strip() else ""
+    return f"{node.format_node()}" + (f" ({where})" if where else "")
+
+
+def classify(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
+    """Assigns each node to the host, the device, or scalar (shape arithmetic)."""
+    kinds: dict[torch.fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        val = _val(node)
+        devices = _devices(val)
+        if node.op == "placeholder":
+            if not devices:
+                kinds[node] = SCALAR
+            elif devices == {"cpu"}:
+                kinds[node] = HOST
+            else:
+                kinds[node] = DEVICE
+            continue
+        if node.op == "get_attr":
+            kinds[node] = SCALAR
+            continue
+        if node.target in _SYNC_TARGETS:
+            raise UnsplittableGraph(f"reads a device value on the host: {_describe(node)}")
+        inputs = {kinds[n] for n in node.all_input_nodes}
+        if DEVICE in inputs:
+            if "cpu" in devices or (not devices and node.target is not operator.getitem
+                                    and val is not None and not _is_shape_value(node)):
+                raise UnsplittableGraph(f"moves a device value to the host: {_describe(node)}")
+            kinds[node] = DEVICE
+        elif HOST in inputs:
+            kinds[node] = DEVICE if devices - {"cpu"} else HOST
+        elif devices - {"cpu"}:
+            kinds[node] = DEVICE
+        else:
+            kinds[node] = SCALAR
+    return kinds
+
+
+def _is_shape_value(node: torch.fx.Node) -> bool:
+    return str(node.target).startswith("aten.sym_") or node.target in (
+        torch.ops.aten.sym_size.int,
+        torch.ops.aten.sym_numel.default,
+        torch.ops.aten.sym_stride.int,
+    )
+
+
+def _extract_input_mutations(
+    gm: torch.fx.GraphModule, kinds: dict[torch.fx.Node, str]
+) -> dict[torch.fx.Node, torch.fx.Node]:
+    """Removes ``copy_(device_input, value)`` epilogues; returns input -> new value.
+
+    AOTAutograd keeps input mutations as trailing ``copy_`` nodes. In a replayed
+    XLA computation there is no input buffer to write into, so the new value
+    becomes an extra output and the runtime rebinds the caller's tensor to it.
+    """
+    mutations: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _COPY_TARGETS:
+            continue
+        dst, src = node.args[0], node.args[1]
+        if dst.op != "placeholder" or kinds.get(dst) != DEVICE:
+            continue
+        if _val(src) is not None and (_val(src).shape != _val(dst).shape
+                                      or _val(src).dtype != _val(dst).dtype):
+            with gm.graph.inserting_before(node):
+                src = gm.graph.call_function(
+                    torch.ops.aten._to_copy.default, (src,), {"dtype": _val(dst).dtype}
+                )
+                src = gm.graph.call_function(
+                    torch.ops.aten.expand.default, (src, list(_val(dst).shape))
+                )
+                src = gm.graph.call_function(torch.ops.aten.clone.default, (src,))
+            kinds[src] = DEVICE
+            for created in src.all_input_nodes:
+                kinds.setdefault(created, DEVICE)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        kinds.pop(node, None)
+        mutations[dst] = src
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        for arg, value in zip(schema.arguments, node.args):
+            if (arg.alias_info is not None and arg.alias_info.is_write
+                    and isinstance(value, torch.fx.Node) and value.op == "placeholder"
+                    and kinds.get(value) == DEVICE):
+                raise UnsplittableGraph(
+                    f"mutates an input in an unsupported way: {_describe(node)}")
+    return mutations
+
+
+def split(gm: torch.fx.GraphModule) -> SplitGraph:
+    """Splits ``gm`` (modified in place: input mutations are turned into outputs)."""
+    kinds = classify(gm)
+    mutations = _extract_input_mutations(gm, kinds)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index_of = {n: i for i, n in enumerate(placeholders)}
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    raw_out = output_node.args[0]
+    is_seq = isinstance(raw_out, (list, tuple))
+    out_items = list(raw_out) if is_seq else [raw_out]
+
+    device_nodes = [n for n in gm.graph.nodes if kinds.get(n) == DEVICE and n.op != "placeholder"]
+    # host values that the device part reads
+    host_to_device: list[torch.fx.Node] = []
+    for n in device_nodes + [v for v in mutations.values()]:
+        for src in n.all_input_nodes:
+            if kinds.get(src) == HOST and src not in host_to_device:
+                host_to_device.append(src)
+    computed_host = [n for n in host_to_device if n.op != "placeholder"]
+    host_outputs = [n for n in out_items if isinstance(n, torch.fx.Node) and kinds.get(n) == HOST
+                    and n.op != "placeholder"]
+
+    host_results = computed_host + [h for h in host_outputs if h not in computed_host]
+    host_gm, host_inputs = _build_host(gm, kinds, host_results, index_of)
+    host_index = {n: k for k, n in enumerate(host_results)}
+
+    device_outputs: list[torch.fx.Node] = []
+    outputs: list[OutputSlot] = []
+    for item in out_items:
+        if not isinstance(item, torch.fx.Node):
+            outputs.append(OutputSlot("const", value=item))
+        elif item.op == "placeholder":
+            outputs.append(OutputSlot("input", index_of[item]))
+        elif kinds.get(item) == HOST:
+            outputs.append(OutputSlot("host", host_index[item]))
+        else:
+            if item not in device_outputs:
+                device_outputs.append(item)
+            outputs.append(OutputSlot("device", device_outputs.index(item)))
+    device_mutations: dict[int, int] = {}
+    for dst, src in mutations.items():
+        if src.op == "placeholder" and src is dst:
+            continue
+        if src not in device_outputs:
+            device_outputs.append(src)
+        device_mutations[index_of[dst]] = device_outputs.index(src)
+
+    device_gm, device_inputs = _build_device(
+        gm, device_outputs, host_to_device, host_index, index_of
+    )
+    return SplitGraph(
+        host=host_gm,
+        host_inputs=host_inputs,
+        device=device_gm,
+        device_inputs=device_inputs,
+        device_mutations=device_mutations,
+        outputs=outputs,
+        output_is_sequence=is_seq,
+        scalar_inputs=[index_of[n] for n in placeholders if kinds[n] == SCALAR],
+    )
+
+
+def _copy_nodes(
+    gm: torch.fx.GraphModule,
+    graph: torch.fx.Graph,
+    env: dict[torch.fx.Node, torch.fx.Node],
+    wanted: set[torch.fx.Node],
+) -> None:
+    for node in gm.graph.nodes:
+        if node in wanted and node not in env:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+
+
+def _ancestors(roots: list[torch.fx.Node], stop: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    seen: set[torch.fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node not in stop:
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _build_host(
+    gm: torch.fx.GraphModule,
+    kinds: dict[torch.fx.Node, str],
+    results: list[torch.fx.Node],
+    index_of: dict[torch.fx.Node, int],
+) -> tuple[torch.fx.GraphModule | None, list[int]]:
+    host_nodes = {n for n, k in kinds.items() if k == HOST}
+    if not host_nodes - set(index_of):
+        return None, []
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    # every host node runs, not only the ones feeding outputs: an in-place update of a
+    # CPU input (an optimizer's step counter) is itself the result.
+    needed = _ancestors([n for n in host_nodes if n.op != "placeholder"], stop=set())
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n in needed]
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    _copy_nodes(gm, graph, env, needed)
+    graph.output(tuple(env[n] for n in results))
+    return torch.fx.GraphModule(gm, graph), [index_of[n] for n in inputs]
+
+
+def _build_device(
+    gm: torch.fx.GraphModule,
+    device_outputs: list[torch.fx.Node],
+    host_to_device: list[torch.fx.Node],
+    host_index: dict[torch.fx.Node, int],
+    index_of: dict[torch.fx.Node, int],
+) -> tuple[torch.fx.GraphModule, list[tuple[str, int]]]:
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    boundary = set(host_to_device) | {n for n in index_of}
+    needed = _ancestors(device_outputs, stop=boundary)
+    inputs: list[tuple[str, int]] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node in needed and node not in host_to_device:
+            env[node] = graph.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+            inputs.append(("arg", index_of[node]))
+    for node in host_to_device:
+        if node in needed:
+            env[node] = graph.placeholder(f"host_{node.name}")
+            env[node].meta = dict(node.meta)
+            if node.op == "placeholder":
+                inputs.append(("cpu_arg", index_of[node]))
+            else:
+                inputs.append(("host", host_index[node]))
+    _copy_nodes(gm, graph, env, needed - set(env))
+    graph.output(tuple(env[n] for n in device_outputs))
+    return torch.fx.GraphModule(gm, graph), inputs

@@ -1,0 +1,300 @@
+"""Lowers an aten FX graph to one XLA computation, compiled once per input signature.
+
+The graph is traced once with placeholder tensors on the XLA device, which builds
+torch_xla's lazy IR; that IR is compiled and kept in torch_xla's computation cache
+under its graph hash. Each later call hands the real device buffers straight to
+the compiled executable (``_run_cached_graph``): no Python tracing, no IR, no sync.
+
+Mutated inputs are returned as extra outputs and the caller's tensors are rebound
+to the new device buffers, so the next computation reads them without an extra
+execution. CPU-side pieces (optimizer step counters) run eagerly on the host; see
+``graph_split``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+import torch_xla
+
+from . import counters
+from .graph_split import OutputSlot, SplitGraph, UnsplittableGraph, split
+
+log = logging.getLogger(__name__)
+_XLAC = torch_xla._XLAC
+
+# Tracing enters torch_xla's global lazy-tensor state (RNG seed, device data cache);
+# one trace at a time keeps traces from seeing each other's pending IR.
+_trace_lock = threading.Lock()
+
+
+class DeviceMismatchError(TypeError):
+    """An argument is not on the XLA device the graph was compiled for."""
+
+
+@dataclass(frozen=True)
+class _Value:
+    value: Any
+
+
+@dataclass(frozen=True)
+class _Computed:
+    index: int
+
+
+@dataclass(frozen=True)
+class _Input:
+    position: int
+
+
+@dataclass
+class _Executable:
+    """One compiled computation: which buffers to feed it and where results go."""
+
+    graph_hash: Any
+    params: list[tuple[str, Any]]  # ("input", device-input position) or ("const", tensor)
+    output_values: list[Any]  # per device output: _Computed, _Value or _Input
+
+
+def _signature(args: Sequence[Any], positions: Sequence[int]) -> tuple:
+    sig = []
+    for i in positions:
+        a = args[i]
+        if isinstance(a, torch.Tensor):
+            sig.append((tuple(a.shape), a.dtype))
+        else:
+            sig.append(a)
+    return tuple(sig)
+
+
+def _placeholder_tensor(example: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device buffer that traces as a computation parameter.
+
+    torch_xla inlines 0-d tensors holding 0 or 1 as literals ("special scalars"),
+    which would bake a stand-in's value into the computation; 2 never is.
+    """
+    fill = False if example.dtype == torch.bool else 2
+    return torch.full(tuple(example.shape), fill, dtype=example.dtype).to(device)
+
+
+def _trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
+                       device: torch.device) -> _Executable:
+    """Traces ``device_gm`` on stand-in buffers and compiles the result."""
+    with _trace_lock, torch.no_grad():
+        cache_was = _XLAC._get_xla_enable_device_data_cache()
+        _XLAC._set_xla_enable_device_data_cache(False)
+        try:
+            standins = [
+                _placeholder_tensor(x, device) if isinstance(x, torch.Tensor) else x
+                for x in inputs
+            ]
+            ids = {
+                _XLAC._xla_get_tensor_id(t): k
+                for k, t in enumerate(standins)
+                if isinstance(t, torch.Tensor)
+            }
+            results = device_gm(*standins)
+            tensors: list[torch.Tensor] = []
+            result_index: dict[int, int] = {}
+            output_values: list[Any] = []
+            xla_results = [r for r in results
+                           if isinstance(r, torch.Tensor) and r.device.type == "xla"]
+            needs_compute = dict(zip(map(id, xla_results),
+                                     _XLAC._check_tensor_need_materialization(xla_results)))
+            for r in results:
+                if not isinstance(r, torch.Tensor):
+                    output_values.append(_Value(r))
+                elif r.device.type != "xla":
+                    output_values.append(_Value(r.clone()))
+                elif needs_compute[id(r)]:
+                    # torch_xla returns one result per distinct lazy tensor: outputs that
+                    # alias one (detach of a result) share it.
+                    tid = _XLAC._xla_get_tensor_id(r)
+                    if tid not in result_index:
+                        result_index[tid] = len(tensors)
+                        tensors.append(r)
+                    output_values.append(_Computed(result_index[tid]))
+                else:
+                    # already a buffer: one of the inputs passed through, or a constant
+                    (data_id,), (data,) = _XLAC._get_tensors_xla_device_data_node([r])
+                    output_values.append(_Input(ids[data_id]) if data_id in ids else _Value(data))
+            if not tensors:
+                return _Executable(None, [], output_values)
+            param_ids, param_values = _XLAC._get_tensors_xla_device_data_node(tensors)
+            params = [
+                ("input", ids[pid]) if pid in ids else ("const", value)
+                for pid, value in zip(param_ids, param_values)
+            ]
+            graph_hash = _XLAC._get_graph_hash(tensors)
+            started = time.perf_counter()
+            _XLAC._xla_warm_up_cache(tensors, [])
+            counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
+            counters.incr(counters.GRAPHS_LOWERED)
+            return _Executable(graph_hash, params, output_values)
+        finally:
+            _XLAC._set_xla_enable_device_data_cache(cache_was)
+
+
+def _materialize(tensors: list[torch.Tensor], device: torch.device) -> None:
+    """Turns inputs that are still lazy IR (autograd's ones_like seed, user ops) into data.
+
+    A compiled executable can only take device buffers. All pending tensors on the
+    device are materialized together, as a lazy-mode step boundary would: syncing only
+    some of them lets torch_xla donate a buffer that another pending tensor still reads
+    (an eager optimizer's momentum reads the old parameter). This is one asynchronous
+    execution, never a transfer to the host.
+    """
+    if any(_XLAC._check_tensor_need_materialization(tensors)):
+        counters.incr(counters.INPUT_MATERIALIZATIONS)
+        _XLAC._xla_sync_live_tensors(str(device), [], False)
+
+
+class LoweredGraph:
+    """A boxed callable (takes a list of args) that runs an aten graph on XLA."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                 name: str = "graph") -> None:
+        self.name = name
+        self._split: SplitGraph = split(gm)
+        self._device = torch_xla.device()
+        self._executables: dict[tuple, _Executable] = {}
+        self._compile_lock = threading.Lock()
+        self._device_arg_positions = [i for kind, i in self._split.device_inputs if kind == "arg"]
+        self._signature_positions = self._device_arg_positions + [
+            i for kind, i in self._split.device_inputs if kind == "cpu_arg"
+        ] + self._split.scalar_inputs
+        self._host_signature: tuple | None = None
+        self._host_examples: list[torch.Tensor] | None = None
+        self._prepare_examples = list(example_inputs)
+
+    def warm_up(self) -> None:
+        """Compiles for the example inputs now rather than at the first call."""
+        if self._split.host is not None:
+            return  # host values are needed to know the device inputs' shapes
+        self._executable_for(self._prepare_examples, None)
+
+    def _device_inputs(self, args: Sequence[Any], host_values: Sequence[Any] | None) -> list[Any]:
+        values: list[Any] = []
+        for kind, i in self._split.device_inputs:
+            if kind == "arg":
+                values.append(args[i])
+            elif kind == "cpu_arg":
+                values.append(args[i])
+            else:
+                values.append(host_values[i] if host_values is not None else None)
+        return values
+
+    def _executable_for(self, args: Sequence[Any],
+                        host_values: Sequence[Any] | None) -> _Executable:
+        key = _signature(args, self._signature_positions)
+        if host_values is not None:
+            key += tuple((tuple(h.shape), h.dtype) for h in host_values
+                         if isinstance(h, torch.Tensor))
+        exe = self._executables.get(key)
+        if exe is not None:
+            return exe
+        with self._compile_lock:
+            exe = self._executables.get(key)
+            if exe is None:
+                inputs = self._device_inputs(args, host_values)
+                exe = _trace_and_compile(self._split.device, inputs, self._device)
+                self._executables[key] = exe
+        return exe
+
+    def _check_devices(self, args: Sequence[Any]) -> None:
+        for i in self._device_arg_positions:
+            a = args[i]
+            if not isinstance(a, torch.Tensor) or a.device.type != "xla":
+                where = (f"a {a.device.type} tensor" if isinstance(a, torch.Tensor)
+                         else repr(type(a)))
+                raise DeviceMismatchError(
+                    f"syncfree_xla: input {i} of {self.name} is {where} but the graph was "
+                    f"compiled for the XLA device; move it with .to(torch_xla.device())"
+                )
+
+    def __call__(self, args: list[Any]) -> Any:
+        self._check_devices(args)
+        split_ = self._split
+        host_values = None
+        if split_.host is not None:
+            host_values = split_.host(*[args[i] for i in split_.host_inputs])
+        exe = self._executable_for(args, host_values)
+        dev_inputs = self._device_inputs(args, host_values)
+        computed: list[Any] = []
+        if exe.graph_hash is not None:
+            feed = []
+            for kind, value in exe.params:
+                if kind == "input":
+                    t = dev_inputs[value]
+                    feed.append(t if t.device.type == "xla" else t.to(self._device))
+                else:
+                    feed.append(value)
+            _materialize(feed, self._device)
+            computed = _XLAC._run_cached_graph(exe.graph_hash, feed)
+            counters.incr(counters.EXECUTIONS)
+        device_results = [
+            computed[v.index] if isinstance(v, _Computed)
+            else dev_inputs[v.position] if isinstance(v, _Input) else v.value
+            for v in exe.output_values
+        ]
+        for arg_index, out_index in split_.device_mutations.items():
+            _XLAC._replace_xla_tensor(args[arg_index], device_results[out_index])
+        outs = [self._output(slot, args, host_values, device_results) for slot in split_.outputs]
+        return outs if split_.output_is_sequence else outs[0]
+
+    @staticmethod
+    def _output(slot: OutputSlot, args: Sequence[Any], host_values: Any,
+                device_results: Sequence[Any]) -> Any:
+        if slot.kind == "device":
+            return device_results[slot.index]
+        if slot.kind == "host":
+            return host_values[slot.index]
+        if slot.kind == "input":
+            return args[slot.index]
+        return slot.value
+
+
+class EagerOnXla:
+    """Runs the graph op by op on XLA tensors (torch_xla lazy mode): slow but general."""
+
+    def __init__(self, gm: torch.fx.GraphModule, reason: str, name: str) -> None:
+        self._gm = gm
+        log.warning("syncfree_xla: running %s op by op instead of as one computation: %s",
+                    name, reason)
+
+    def __call__(self, args: list[Any]) -> Any:
+        counters.incr(counters.EAGER_FALLBACKS)
+        with torch.no_grad():
+            return self._gm(*args)
+
+
+def xla_device() -> torch.device:
+    return torch_xla.device()
+
+
+def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str = "graph",
+          fallback: str = "warn") -> Callable[[list[Any]], Any]:
+    """The lowering entry point: a compiled graph, or a logged op-by-op fallback.
+
+    ``fallback="error"`` raises instead of running a graph op by op.
+    """
+    fallback_gm = torch.fx.GraphModule(gm, _copy_graph(gm))
+    try:
+        return LoweredGraph(gm, example_inputs, name)
+    except UnsplittableGraph as exc:
+        if fallback == "error":
+            raise
+        return EagerOnXla(fallback_gm, str(exc), name)
+
+
+def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return graph
