@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -8,6 +9,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xla_backend.device import configure_pjrt  # noqa: E402
 
 configure_pjrt()
+
+# The graph cache defaults to ~/.cache; tests keep their entries to themselves, and
+# subprocesses started by tests inherit the same directory.
+os.environ["SYNCFREE_XLA_CACHE_DIR"] = tempfile.mkdtemp(prefix="syncfree-xla-tests-")
 
 
 @pytest.fixture

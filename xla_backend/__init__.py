@@ -5,6 +5,7 @@ registered through the ``torch_dynamo_backends`` entry point, so no import is ne
 """
 
 from .counters import reset_stats, stats
+from .device_loader import DeviceLoader
 
-__all__ = ["reset_stats", "stats"]
+__all__ = ["DeviceLoader", "reset_stats", "stats"]
 __version__ = "0.1.0"

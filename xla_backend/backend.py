@@ -14,7 +14,9 @@ import torch
 import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 
-from . import counters
+import passes
+
+from . import counters, dynamo_scope
 from . import options as options_mod
 from .device import configure_pjrt
 
@@ -68,7 +70,8 @@ def _compile_aten_graph(kind: str, opts: options_mod.Options
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         name = f"{kind} graph {next(_graph_ids)}"
         gm, seeded = rng_state.functionalize(gm)
-        compiled = lowering.lower(gm, example_inputs, name=name, fallback=opts.fallback)
+        compiled = lowering.lower(gm, example_inputs, name=name, fallback=opts.fallback,
+                                  options=opts)
         if seeded:
             compiled = rng_state.SeededCall(compiled, lowering.xla_device())
         return _boxed(compiled)
@@ -82,6 +85,8 @@ def syncfree_xla(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     opts = options_mod.resolve(options)
     counters.incr(counters.GRAPHS_RECEIVED)
     check_input_devices(gm, example_inputs)
+    if opts.syncfree_passes:  # Dynamo-level rewrites; placeholders stay as they are
+        passes.run_pipeline(gm, passes.DYNAMO_PASSES)
     compile_fn = aot_autograd(
         fw_compiler=_compile_aten_graph("forward", opts),
         bw_compiler=_compile_aten_graph("backward", opts),
@@ -89,3 +94,7 @@ def syncfree_xla(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
         keep_inference_input_mutations=True,
     )
     return compile_fn(gm, example_inputs)
+
+
+# Dynamo settings for our frames only (float lr as an input, captured .item()).
+dynamo_scope.install(syncfree_xla)

@@ -24,6 +24,14 @@ CACHE_DISK_MISSES = "cache_disk_misses"
 CACHE_DISK_WRITES = "cache_disk_writes"
 CACHE_EVICTIONS = "cache_evictions"
 CACHE_BAD_ENTRIES = "cache_bad_entries"
+# Per graph, whatever tier answered: a hit skips tracing and HLO lowering (the XLA
+# compile still runs on CPU); a miss traces; rejected entries loaded but were unusable.
+CACHE_GRAPH_HITS = "cache_graph_hits"
+CACHE_GRAPH_MISSES = "cache_graph_misses"
+CACHE_GRAPH_REJECTED = "cache_graph_rejected"
+CACHE_GRAPH_UNCACHEABLE = "cache_graph_uncacheable"
+INPUT_WAIT_SECONDS = "input_wait_seconds"
+INPUT_BATCHES = "input_batches"
 
 _lock = threading.Lock()
 _counters: dict[str, float] = {}

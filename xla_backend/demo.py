@@ -13,7 +13,6 @@ compile count or host syncs shows up where people look first.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,7 +22,8 @@ from typing import TextIO
 
 import torch
 
-from xla_backend import workloads
+from xla_backend import workloads, xla_metrics
+from xla_backend.device import configure_pjrt
 
 BACKENDS = ("syncfree_xla", "openxla", "inductor", "eager")
 XLA_BACKENDS = frozenset({"syncfree_xla", "openxla"})
@@ -185,47 +185,32 @@ class ProgressBar:
 # --------------------------------------------------------------------------- measurement
 
 
-class _XlaProbe:
-    """Barriers and counters for XLA backends: torch_xla executes asynchronously."""
+class _Probe:
+    """Barriers and counters; torch_xla executes asynchronously, eager does not.
 
-    def __init__(self) -> None:
-        import torch_xla
-        import torch_xla.core.xla_model as xm
-        import torch_xla.debug.metrics as met
+    Counts come from torch_xla's own metrics, which read zero when torch_xla was
+    never imported (eager and inductor runs).
+    """
 
-        self._torch_xla = torch_xla
-        self._xm = xm
-        self._met = met
+    def __init__(self, xla: bool) -> None:
+        self._xla = xla
 
     def barrier(self) -> None:
         # Flush pending lazy work and wait until the device is idle, so wall time
         # between two barriers covers exactly the work issued between them.
-        self._torch_xla.sync()
-        self._xm.wait_device_ops()
+        if self._xla:
+            import torch_xla
+            import torch_xla.core.xla_model as xm
 
-    def _count(self, name: str) -> int:
-        data = self._met.metric_data(name)
-        return 0 if data is None or data[0] is None else int(data[0])
+            torch_xla.sync()
+            xm.wait_device_ops()
 
     def compiles(self) -> int:
-        return self._count("CompileTime")
+        return xla_metrics.compiles()
 
     def transfers(self) -> int:
         """Device-to-host transfers: each one is a host sync."""
-        return self._count("TransferFromDeviceTime")
-
-
-class _NoProbe:
-    """Eager / inductor on CPU: nothing is asynchronous, nothing is compiled by XLA."""
-
-    def barrier(self) -> None:
-        pass
-
-    def compiles(self) -> int:
-        return 0
-
-    def transfers(self) -> int:
-        return 0
+        return xla_metrics.device_to_host_transfers()
 
 
 @dataclass
@@ -291,16 +276,14 @@ def train(
     is read. Each chunk is bracketed by device barriers (no per-step sync), its wall
     time divided by its steps, and the median over chunks reported.
     """
-    probe: _XlaProbe | _NoProbe
     if backend in XLA_BACKENDS:
-        os.environ.setdefault("PJRT_DEVICE", "CPU")
+        configure_pjrt()
         import torch_xla
 
         device = torch_xla.device()
-        probe = _XlaProbe()
     else:
         device = torch.device("cpu")
-        probe = _NoProbe()
+    probe = _Probe(xla=backend in XLA_BACKENDS)
 
     model, opt = _build(args, device)
     step_fn = _make_step(backend)

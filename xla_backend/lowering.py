@@ -23,8 +23,9 @@ import torch
 import torch.fx
 import torch_xla
 
-from . import counters
+from . import compile_cache, counters
 from .graph_split import OutputSlot, SplitGraph, UnsplittableGraph, split
+from .options import Options
 
 log = logging.getLogger(__name__)
 _XLAC = torch_xla._XLAC
@@ -83,8 +84,24 @@ def _placeholder_tensor(example: torch.Tensor, device: torch.device) -> torch.Te
     return torch.full(tuple(example.shape), fill, dtype=example.dtype).to(device)
 
 
+# --- graph cache hook (begin): compile_cache owns everything about entries and keys ---
 def _trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
-                       device: torch.device) -> _Executable:
+                       device: torch.device, options: Options | None = None) -> _Executable:
+    """A stored entry for this graph and inputs, else a trace + compile that is stored.
+
+    A hit skips tracing and HLO lowering; on CPU the XLA compile itself still runs.
+    """
+    lookup = compile_cache.lookup(device_gm, inputs, device, options)
+    if lookup.executable is not None:
+        return lookup.executable
+    exe = _trace(device_gm, inputs, device, lookup)
+    lookup.store(exe)
+    return exe
+# --- graph cache hook (end) ---
+
+
+def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.device,
+           lookup: compile_cache.Lookup) -> _Executable:
     """Traces ``device_gm`` on stand-in buffers and compiles the result."""
     with _trace_lock, torch.no_grad():
         cache_was = _XLAC._get_xla_enable_device_data_cache()
@@ -132,6 +149,7 @@ def _trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
                 for pid, value in zip(param_ids, param_values)
             ]
             graph_hash = _XLAC._get_graph_hash(tensors)
+            lookup.capture(tensors)  # graph cache hook: the entry keeps this HLO
             started = time.perf_counter()
             _XLAC._xla_warm_up_cache(tensors, [])
             counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
@@ -159,8 +177,9 @@ class LoweredGraph:
     """A boxed callable (takes a list of args) that runs an aten graph on XLA."""
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                 name: str = "graph") -> None:
+                 name: str = "graph", options: Options | None = None) -> None:
         self.name = name
+        self._options = options  # graph cache hook: where and whether to keep entries
         self._split: SplitGraph = split(gm)
         self._device = torch_xla.device()
         self._executables: dict[tuple, _Executable] = {}
@@ -203,7 +222,8 @@ class LoweredGraph:
             exe = self._executables.get(key)
             if exe is None:
                 inputs = self._device_inputs(args, host_values)
-                exe = _trace_and_compile(self._split.device, inputs, self._device)
+                exe = _trace_and_compile(self._split.device, inputs, self._device,
+                                         self._options)
                 self._executables[key] = exe
         return exe
 
@@ -279,14 +299,15 @@ def xla_device() -> torch.device:
 
 
 def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str = "graph",
-          fallback: str = "warn") -> Callable[[list[Any]], Any]:
+          fallback: str = "warn", options: Options | None = None) -> Callable[[list[Any]], Any]:
     """The lowering entry point: a compiled graph, or a logged op-by-op fallback.
 
-    ``fallback="error"`` raises instead of running a graph op by op.
+    ``fallback="error"`` raises instead of running a graph op by op. ``options`` chooses
+    the graph cache (None: defaults and ``SYNCFREE_XLA_*`` variables).
     """
     fallback_gm = torch.fx.GraphModule(gm, _copy_graph(gm))
     try:
-        return LoweredGraph(gm, example_inputs, name)
+        return LoweredGraph(gm, example_inputs, name, options)
     except UnsplittableGraph as exc:
         if fallback == "error":
             raise

@@ -423,6 +423,19 @@ class Store:
                 counters.incr(counters.CACHE_EVICTIONS)
         return PruneReport(removed, freed, total, stale)
 
+    def discard(self, digest: str, reason: str) -> None:
+        """Drops an entry whose bytes were intact but whose content the caller rejected.
+
+        Counted and warned about once, like a corrupt entry, and removed from both tiers
+        so the next ``put`` replaces it.
+        """
+        with self._lock:
+            old = self._memory.pop(digest, None)
+            if old is not None:
+                self._memory_bytes -= len(old.payload)
+        if self.disk_enabled:
+            self._discard_bad(self._entry_path(digest), BadEntryError(reason))
+
     def clear(self) -> int:
         """Remove every entry, memory and disk, and the hit/miss totals; returns the count."""
         with self._lock:

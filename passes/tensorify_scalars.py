@@ -1,0 +1,326 @@
+"""Scalar reads of tensors become 0-d tensor math (``tensorify_scalar_reads``).
+
+Runs on the *Dynamo* graph (torch-level ops), before AOTAutograd, with Dynamo's
+``capture_scalar_outputs=True`` (see ``xla_backend.dynamo_scope``).
+
+The pattern: a tensor is read as a Python number and the number feeds tensor math,
+as in a warm-up driven by a step counter::
+
+    lr_scale = min(1.0, (step.item() + 1) / warmup)   # or float(step)
+    loss = loss_fn(model(x), y) * lr_scale
+
+Dynamo records it as::
+
+    s = step.item()                    # call_method item   -> SymInt (unbacked u0)
+    f = torch.sym_float(s)             # only for float(step)
+    a = f + 1; b = a / 10              # operator.add / truediv on Sym values
+    c = torch.sym_min(1.0, b)
+    loss = mse * c                     # a tensor op takes the number
+
+and this pass rewrites it to::
+
+    t = step.detach().reshape(()).to(torch.int64)   # SymInt -> int64, SymFloat -> float64
+    a = t.to(torch.float64) + 1; b = a / 10
+    c = torch.clamp(b, max=1.0)
+    loss = mse * c.to(mse.dtype)       # cast only where a 0-d tensor would promote differently
+
+Why: ``.item()`` copies a device value to the host (a sync) and, on the captured
+path, AOTAutograd's ``tensorify_python_scalars`` fails on unbacked integers turned
+into floats (``KeyError: u0``, an upstream bug). As 0-d tensors the values stay
+where the counter lives (on the device, or on the host for a CPU counter) and the
+step is one graph with no transfer.
+
+Why the semantics are kept:
+
+* A Python float is an IEEE double and a Python int an integer, so a SymFloat
+  becomes a float64 tensor and a SymInt an int64 tensor (integers beyond int64 are
+  out of scope: these are counters). ``detach`` keeps ``.item()``'s cut in autograd.
+* Each rewritten op is the same IEEE operation on the same dtype: operands are cast
+  to the result's dtype first, exactly as Python converts an int operand of a float
+  op, and ``int / int`` divides in double as Python does (exact below 2**53).
+  ``//`` and ``%`` are rewritten only for integer results, where torch's floor
+  division and remainder match Python's.
+* ``min``/``max`` become ``clamp``/``minimum``/``maximum``; they agree with Python
+  except on NaN (Python's ``min`` depends on argument order there).
+* A tensor op given a Python number converts it to the op's dtype; a 0-d float64
+  tensor is converted the same way next to any tensor with dimensions, and the one
+  case where it would promote the result instead (next to another 0-d tensor, e.g. a
+  scalar loss) gets an explicit cast to the dtype the op had.
+
+Anything else (a Sym value returned from the graph, passed as a keyword, compared,
+used as a size, mixed with a Sym value the pass did not create, an op not listed
+below) leaves the whole connected group of scalar ops untouched, and the pass says
+so at debug level. ``.item()`` on Dynamo's own float inputs (unspecialized floats
+such as a learning rate) is never touched: AOTAutograd tensorifies those itself.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx import Node
+
+from ._dynamo_graph import annotate, fake_mode, is_dynamo_float_input, is_sym, is_tensor, value
+from .base import GraphPass, PassResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SYM_OPS", "TENSOR_CONSUMERS", "tensorify_scalar_reads"]
+
+_BINARY: dict[Any, Callable[[Any, Any], Any]] = {
+    operator.add: operator.add,
+    operator.sub: operator.sub,
+    operator.mul: operator.mul,
+    operator.truediv: operator.truediv,
+    operator.pow: operator.pow,
+    operator.floordiv: operator.floordiv,  # integer results only
+    operator.mod: operator.mod,  # integer results only
+}
+_INT_ONLY = frozenset({operator.floordiv, operator.mod})
+_MIN = frozenset({torch.sym_min, builtins.min})
+_MAX = frozenset({torch.sym_max, builtins.max})
+
+#: The Python-scalar ops on Sym values this pass turns into tensor ops.
+SYM_OPS: frozenset[Any] = frozenset(
+    {*_BINARY, operator.neg, torch.sym_float, *_MIN, *_MAX}
+)
+
+_ARITH_FUNCTIONS = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.pow,
+})
+_ARITH_METHODS = frozenset({"add", "sub", "mul", "div", "true_divide", "pow"})
+_INPLACE_METHODS = frozenset({"add_", "sub_", "mul_", "div_", "pow_"})
+_LERP = frozenset({torch.lerp, "lerp", "lerp_"})
+
+#: Tensor ops that may take the scalar: as either operand of arithmetic, as the
+#: ``other`` of an in-place update, or as the weight of ``lerp``.
+TENSOR_CONSUMERS: frozenset[Any] = _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _LERP
+
+ARITH, INPLACE, LERP = "arith", "inplace", "lerp"
+
+
+def _dtype_of(sym: Any) -> torch.dtype | None:
+    if isinstance(sym, torch.SymFloat):
+        return torch.float64
+    if isinstance(sym, torch.SymInt):
+        return torch.int64
+    return None  # SymBool: not rewritten
+
+
+def _is_root(node: Node) -> bool:
+    """``t.item()`` (also what ``float(t)`` / ``int(t)`` record) giving an int or float."""
+    return (
+        node.op == "call_method"
+        and node.target == "item"
+        and len(node.args) == 1
+        and not node.kwargs
+        and isinstance(node.args[0], Node)
+        and _dtype_of(value(node)) is not None
+    )
+
+
+def _sym_op_ok(node: Node, member: set[Node]) -> bool:
+    """A scalar op the pass can rewrite, all of whose Sym inputs it rewrites too."""
+    if node.op != "call_function" or node.target not in SYM_OPS or node.kwargs:
+        return False
+    out = _dtype_of(value(node))
+    if out is None or (node.target in _INT_ONLY and out is not torch.int64):
+        return False
+    unary = node.target in (operator.neg, torch.sym_float)
+    if len(node.args) != (1 if unary else 2):
+        return False
+    for arg in node.args:
+        if isinstance(arg, Node):
+            if arg not in member:
+                return False
+        elif not isinstance(arg, (int, float)) or isinstance(arg, bool):
+            return False
+    return True
+
+
+def _consumer_kind(user: Node, member: set[Node]) -> str | None:
+    """How a tensor op takes a Sym value (ARITH, INPLACE, LERP), or None if it cannot."""
+    target = user.target if user.op in ("call_function", "call_method") else None
+    if target in _LERP:
+        kind, positions, arity = LERP, (2,), 3
+    elif user.op == "call_method" and target in _INPLACE_METHODS:
+        kind, positions, arity = INPLACE, (1,), 2
+    elif ((user.op == "call_function" and target in _ARITH_FUNCTIONS)
+          or (user.op == "call_method" and target in _ARITH_METHODS)):
+        kind, positions, arity = ARITH, ((1,) if user.op == "call_method" else (0, 1)), 2
+    else:
+        return None
+    if len(user.args) != arity or not is_tensor(user):
+        return None
+    if any(isinstance(v, Node) and v in member for v in user.kwargs.values()):
+        return None
+    syms = [i for i, a in enumerate(user.args) if isinstance(a, Node) and a in member]
+    if len(syms) != 1 or syms[0] not in positions:
+        return None
+    if not all(is_tensor(a) for i, a in enumerate(user.args) if i != syms[0]):
+        return None
+    return kind
+
+
+def _components(nodes: list[Node], member: set[Node]) -> dict[Node, Node]:
+    """Union-find over Sym nodes linked by data flow: node -> representative."""
+    parent = {n: n for n in nodes}
+
+    def find(n: Node) -> Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in nodes:
+        for arg in n.all_input_nodes:
+            if arg in member:
+                parent[find(arg)] = find(n)
+    return {n: find(n) for n in nodes}
+
+
+def _plan(gm: torch.fx.GraphModule) -> list[Node]:
+    """The Sym nodes to rewrite, in graph order (whole groups or nothing)."""
+    member: set[Node] = set()
+    nodes: list[Node] = []
+    for node in gm.graph.nodes:
+        if _is_root(node) or (is_sym(node) and any(a in member for a in node.all_input_nodes)):
+            member.add(node)
+            nodes.append(node)
+    if not nodes:
+        return []
+    root_of = _components(nodes, member)
+    rejected: dict[Node, str] = {}
+    for node in nodes:
+        if not _is_root(node) and not _sym_op_ok(node, member):
+            rejected.setdefault(root_of[node], f"cannot rewrite {node.format_node()}")
+        for user in node.users:
+            if user in member:
+                continue
+            if _consumer_kind(user, member) is None:
+                rejected.setdefault(root_of[node], f"cannot feed a tensor to {user.format_node()}")
+    for reason in rejected.values():
+        log.debug("tensorify_scalar_reads: left a scalar read alone: %s", reason)
+    return [n for n in nodes if root_of[n] not in rejected]
+
+
+class _Emitter:
+    """Inserts tensor ops for the planned Sym nodes, tracking each result's dtype."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.graph = gm.graph
+        self.mode = fake_mode(gm)
+        self.tensor: dict[Node, Node] = {}
+        self.dtype: dict[Node, torch.dtype] = {}
+        self.created: set[Node] = set()
+
+    def node(self, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> Node:
+        new = self.graph.create_node(op, target, args, kwargs or {})
+        annotate(new, self.mode)
+        self.created.add(new)
+        return new
+
+    def cast(self, t: Node, have: torch.dtype, want: torch.dtype) -> Node:
+        return t if have == want else self.node("call_method", "to", (t, want))
+
+    def operand(self, arg: Any, want: torch.dtype) -> Any:
+        if isinstance(arg, Node):
+            return self.cast(self.tensor[arg], self.dtype[arg], want)
+        return arg  # a Python constant: tensor-op-constant keeps the tensor's dtype
+
+    def emit(self, node: Node) -> None:
+        want = _dtype_of(value(node))
+        assert want is not None
+        # inserting before the next node keeps the new nodes in the order made
+        with self.graph.inserting_before(node.next):
+            if _is_root(node) and is_dynamo_float_input(node.args[0]):
+                # Dynamo's float input already is a float64 0-d tensor. The value is
+                # taken as ones * item rather than the placeholder itself so that an op
+                # still takes the bare symbol: AOTAutograd's tensorify_python_scalars
+                # counts a float input as tensorified only then, and otherwise
+                # specializes it (a recompile per value). 1.0 * x == x exactly.
+                ones = self.node("call_function", torch.ones_like, (node.args[0],))
+                result = self.node("call_function", torch.mul, (ones, node))
+                result = self.cast(result, torch.float64, want)
+            elif _is_root(node):
+                src = self.node("call_method", "detach", (node.args[0],))
+                src = self.node("call_method", "reshape", (src, ()))
+                result = self.node("call_method", "to", (src, want))
+            elif node.target is torch.sym_float:
+                result = self.operand(node.args[0], want)
+            elif node.target is operator.neg:
+                result = self.node("call_function", operator.neg,
+                                   (self.operand(node.args[0], want),))
+            elif node.target in _BINARY:
+                a, b = (self.operand(x, want) for x in node.args)
+                result = self.node("call_function", _BINARY[node.target], (a, b))
+            else:  # min / max
+                a, b = (self.operand(x, want) for x in node.args)
+                is_min = node.target in _MIN
+                if isinstance(a, Node) and isinstance(b, Node):
+                    result = self.node("call_function", torch.minimum if is_min else torch.maximum,
+                                       (a, b))
+                else:
+                    t, c = (a, b) if isinstance(a, Node) else (b, a)
+                    bound = {"max": c} if is_min else {"min": c}
+                    result = self.node("call_function", torch.clamp, (t,), bound)
+        self.tensor[node] = result
+        self.dtype[node] = want
+
+    def feed(self, user: Node, sym: Node, member: set[Node]) -> None:
+        """Hands ``user`` the tensor for ``sym``, cast where a Python number would differ.
+
+        ``lerp`` wants its weight in the input's dtype. Elsewhere the 0-d tensor is cast
+        only when it would change the dtype the op computes in: next to another 0-d
+        tensor, where a Python number would not have promoted the result.
+        """
+        kind = _consumer_kind(user, member)
+        t, have = self.tensor[sym], self.dtype[sym]
+        if kind == LERP:
+            want = value(user.args[0]).dtype
+            wrong = have != want
+        else:
+            other = next(a for a in user.args if a is not sym)
+            want = value(user.args[0] if kind == INPLACE else user).dtype
+            wrong = _promoted(value(other), have) != want
+        if wrong:
+            with self.graph.inserting_before(user):
+                t = self.cast(t, have, want)
+        user.replace_input_with(sym, t)
+
+
+def _promoted(other: torch.Tensor, scalar_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``other OP t`` for a 0-d tensor ``t`` of ``scalar_dtype``."""
+    like = torch.empty((1,) * other.dim(), dtype=other.dtype, device="meta")
+    return torch.result_type(like, torch.empty((), dtype=scalar_dtype, device="meta"))
+
+
+def _run(gm: torch.fx.GraphModule) -> PassResult:
+    planned = _plan(gm)
+    if not planned:
+        return PassResult(gm, False)
+    member = set(planned)
+    emitter = _Emitter(gm)
+    for node in planned:
+        emitter.emit(node)
+    for node in planned:
+        for user in list(node.users):
+            if user not in member and user not in emitter.created:
+                emitter.feed(user, node, member)
+    for node in reversed(planned):
+        if not node.users:
+            gm.graph.erase_node(node)
+    roots = sum(1 for n in planned if n.op == "call_method")
+    log.debug("tensorify_scalar_reads: %d scalar reads, %d scalar ops now tensor ops",
+              roots, len(planned) - roots)
+    return PassResult(gm, True)
+
+
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=1, run=_run)
