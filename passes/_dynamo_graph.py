@@ -39,8 +39,9 @@ def is_dynamo_float_input(node: Any) -> bool:
     """A placeholder Dynamo made for a Python float it chose not to specialize.
 
     Dynamo passes such a float (``param_groups[0]["lr"]``) as a 0-d float64 tensor
-    and calls ``.item()`` on it in the graph; AOTAutograd's own
-    ``tensorify_python_scalars`` owns those and must keep seeing them.
+    and calls ``.item()`` on it in the graph; AOTAutograd's ``tensorify_python_scalars``
+    must still find that ``.item()`` and an op taking its bare result, or it
+    specializes the float (see ``tensorify_scalars``).
     """
     if not isinstance(node, Node) or node.op != "placeholder":
         return False

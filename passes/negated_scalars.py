@@ -1,6 +1,9 @@
 """A negated float scalar moves out of the tensor op it feeds (``hoist_scalar_negation``).
 
-Runs on the *Dynamo* graph, before AOTAutograd. The pattern is how SGD and RMSprop
+Runs on the *Dynamo* graph, before AOTAutograd, after ``tensorify_scalar_reads``: that
+pass turns a learning rate's whole arithmetic into tensor ops, but leaves the group
+alone when one use cannot take a tensor (a keyword argument, a graph output); this
+narrower rewrite still applies then. The pattern is how SGD and RMSprop
 apply their learning rate, ``param.add_(update, alpha=-lr)``, once Dynamo keeps
 ``lr`` symbolic (``specialize_float=False``, see ``xla_backend.dynamo_scope``)::
 

@@ -1,34 +1,44 @@
-"""Scalar reads of tensors become 0-d tensor math (``tensorify_scalar_reads``).
+"""Python scalars read from tensors become 0-d tensor math (``tensorify_scalar_reads``).
 
 Runs on the *Dynamo* graph (torch-level ops), before AOTAutograd, with Dynamo's
-``capture_scalar_outputs=True`` (see ``xla_backend.dynamo_scope``).
+``capture_scalar_outputs=True`` and ``specialize_float=False`` (see
+``xla_backend.dynamo_scope``). It covers two sources of Python numbers:
 
-The pattern: a tensor is read as a Python number and the number feeds tensor math,
-as in a warm-up driven by a step counter::
+1. A tensor read as a number feeding tensor math, as in a warm-up driven by a step
+   counter::
 
-    lr_scale = min(1.0, (step.item() + 1) / warmup)   # or float(step)
-    loss = loss_fn(model(x), y) * lr_scale
+       lr_scale = min(1.0, (step.item() + 1) / warmup)   # or float(step)
+       loss = loss_fn(model(x), y) * lr_scale
 
-Dynamo records it as::
+   Dynamo records::
 
-    s = step.item()                    # call_method item   -> SymInt (unbacked u0)
-    f = torch.sym_float(s)             # only for float(step)
-    a = f + 1; b = a / 10              # operator.add / truediv on Sym values
-    c = torch.sym_min(1.0, b)
-    loss = mse * c                     # a tensor op takes the number
+       s = step.item()                    # call_method item -> SymInt (unbacked u0)
+       f = torch.sym_float(s)             # only for float(step)
+       a = f + 1; b = a / 10              # operator.add / truediv on Sym values
+       c = torch.sym_min(1.0, b)
+       loss = mse * c                     # a tensor op takes the number
 
-and this pass rewrites it to::
+   rewritten to::
 
-    t = step.detach().reshape(()).to(torch.int64)   # SymInt -> int64, SymFloat -> float64
-    a = t.to(torch.float64) + 1; b = a / 10
-    c = torch.clamp(b, max=1.0)
-    loss = mse * c.to(mse.dtype)       # cast only where a 0-d tensor would promote differently
+       t = step.detach().reshape(()).to(torch.int64)  # SymInt -> int64, SymFloat -> float64
+       a = t.to(torch.float64) + 1; b = a / 10
+       c = torch.clamp(b, max=1.0)
+       loss = mse * c.to(mse.dtype)       # cast only where a 0-d tensor would promote
 
-Why: ``.item()`` copies a device value to the host (a sync) and, on the captured
-path, AOTAutograd's ``tensorify_python_scalars`` fails on unbacked integers turned
-into floats (``KeyError: u0``, an upstream bug). As 0-d tensors the values stay
-where the counter lives (on the device, or on the host for a CPU counter) and the
-step is one graph with no transfer.
+   Why: ``.item()`` copies a device value to the host (a sync), and on the captured
+   path AOTAutograd's ``tensorify_python_scalars`` fails on unbacked integers turned
+   into floats (``KeyError: u0``, an upstream bug). As 0-d tensors the values stay
+   where the counter lives and the step is one graph with no transfer.
+
+2. A Python float Dynamo keeps symbolic (an optimizer's ``lr``, or AdamW's
+   ``betas[0]`` that OneCycleLR changes every step). Dynamo passes it as a 0-d
+   float64 placeholder plus ``.item()``; the optimizer then uses it as ``-lr``
+   (SGD, RMSprop), ``1 - beta1`` as a ``lerp_`` weight, ``beta1 ** step``... AOTAutograd
+   tensorifies a float input only if some op takes the *bare* symbol, and otherwise
+   specializes it: a recompile every step. Here the same arithmetic becomes tensor
+   math on ``torch.mul(torch.ones_like(placeholder), lr)``: the value is exactly the
+   float (``1.0 * x == x``), and that one op takes the bare symbol, so AOTAutograd
+   turns it into the placeholder and keeps the float an input. The ``.item()`` stays.
 
 Why the semantics are kept:
 
@@ -39,19 +49,23 @@ Why the semantics are kept:
   to the result's dtype first, exactly as Python converts an int operand of a float
   op, and ``int / int`` divides in double as Python does (exact below 2**53).
   ``//`` and ``%`` are rewritten only for integer results, where torch's floor
-  division and remainder match Python's.
+  division and remainder match Python's. ``**`` is libm's ``pow`` on the host; a
+  device may round it differently in the last bit.
 * ``min``/``max`` become ``clamp``/``minimum``/``maximum``; they agree with Python
   except on NaN (Python's ``min`` depends on argument order there).
-* A tensor op given a Python number converts it to the op's dtype; a 0-d float64
-  tensor is converted the same way next to any tensor with dimensions, and the one
-  case where it would promote the result instead (next to another 0-d tensor, e.g. a
-  scalar loss) gets an explicit cast to the dtype the op had.
+* A tensor op given a Python number converts it to the dtype the op computes in; a
+  0-d float64 tensor is converted the same way next to a tensor with dimensions, and
+  where it would promote the result instead (next to another 0-d tensor, e.g. a scalar
+  loss or Adam's step count) it is cast to that dtype first. ``lerp`` weights are cast
+  to the input's dtype. ``number / tensor`` is ``tensor.reciprocal() * number`` in
+  PyTorch (two roundings), so it is rewritten to exactly that.
 
 Anything else (a Sym value returned from the graph, passed as a keyword, compared,
-used as a size, mixed with a Sym value the pass did not create, an op not listed
-below) leaves the whole connected group of scalar ops untouched, and the pass says
-so at debug level. ``.item()`` on Dynamo's own float inputs (unspecialized floats
-such as a learning rate) is never touched: AOTAutograd tensorifies those itself.
+used as a size, mixed with a Sym value from elsewhere such as a shape, an op not
+listed in ``SYM_OPS`` / ``TENSOR_CONSUMERS``) leaves the whole connected group of
+scalar ops untouched, as Dynamo and AOTAutograd would have it, and the pass says so at
+debug level. A value that must cross a graph break (used after ``loss.backward()``)
+is a graph output, so it stays a Python number, read on the host.
 """
 
 from __future__ import annotations
@@ -92,16 +106,21 @@ SYM_OPS: frozenset[Any] = frozenset(
 )
 
 _ARITH_FUNCTIONS = frozenset({
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
-    torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.pow,
+    operator.add, operator.sub, operator.mul, operator.truediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
 })
-_ARITH_METHODS = frozenset({"add", "sub", "mul", "div", "true_divide", "pow"})
-_INPLACE_METHODS = frozenset({"add_", "sub_", "mul_", "div_", "pow_"})
+_ARITH_METHODS = frozenset({"add", "sub", "mul", "div", "true_divide"})
+_INPLACE_METHODS = frozenset({"add_", "sub_", "mul_", "div_"})
+# Only ``number ** tensor`` (Adam's ``beta1 ** step``): with the number as the
+# exponent, PyTorch picks special kernels by its value (square, sqrt, ...).
+_POW_BASE = frozenset({operator.pow, torch.pow})
 _LERP = frozenset({torch.lerp, "lerp", "lerp_"})
 
-#: Tensor ops that may take the scalar: as either operand of arithmetic, as the
-#: ``other`` of an in-place update, or as the weight of ``lerp``.
-TENSOR_CONSUMERS: frozenset[Any] = _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _LERP
+#: Tensor ops that may take the scalar: either operand of arithmetic, the base of a
+#: power, the ``other`` of an in-place update, the weight of ``lerp``.
+TENSOR_CONSUMERS: frozenset[Any] = (
+    _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _POW_BASE | _LERP
+)
 
 ARITH, INPLACE, LERP = "arith", "inplace", "lerp"
 
@@ -152,6 +171,8 @@ def _consumer_kind(user: Node, member: set[Node]) -> str | None:
         kind, positions, arity = LERP, (2,), 3
     elif user.op == "call_method" and target in _INPLACE_METHODS:
         kind, positions, arity = INPLACE, (1,), 2
+    elif user.op == "call_function" and target in _POW_BASE:
+        kind, positions, arity = ARITH, (0,), 2
     elif ((user.op == "call_function" and target in _ARITH_FUNCTIONS)
           or (user.op == "call_method" and target in _ARITH_METHODS)):
         kind, positions, arity = ARITH, ((1,) if user.op == "call_method" else (0, 1)), 2
@@ -289,10 +310,19 @@ class _Emitter:
         else:
             other = next(a for a in user.args if a is not sym)
             want = value(user.args[0] if kind == INPLACE else user).dtype
-            wrong = _promoted(value(other), have) != want
-        if wrong:
-            with self.graph.inserting_before(user):
+            like = value(other)
+            if user.args[0] is sym and user.target is operator.truediv:
+                like = torch.empty((1,) * like.dim(), dtype=want, device="meta")
+            wrong = _promoted(like, have) != want
+        with self.graph.inserting_before(user):
+            if wrong:
                 t = self.cast(t, have, want)
+            if user.args[0] is sym and user.target is operator.truediv:
+                # number / tensor is Tensor.__rtruediv__: tensor.reciprocal() * number,
+                # two roundings; a tensor division would round once and differ.
+                recip = self.node("call_method", "reciprocal", (user.args[1],))
+                user.target, user.args = operator.mul, (recip, t)
+                return
         user.replace_input_with(sym, t)
 
 

@@ -114,14 +114,19 @@ def test_graph_without_tensor_inputs_and_non_tensor_outputs(xla):
 def test_outputs_that_alias_inputs(xla):
     @torch.compile(backend="syncfree_xla")
     def f(x):
-        return x, x.view(-1), x.detach(), x + 1
+        return x, x.view(-1), x.detach(), x.clone(), x + 1
 
     x = torch.randn(2, 3, device=xla)
-    a, b, c, d = f(x)
+    before = x.cpu()
+    a, b, c, snapshot, d = f(x)
     assert a is x
-    assert torch.equal(b.cpu(), x.cpu().view(-1))
-    assert torch.equal(c.cpu(), x.cpu())
-    assert torch.allclose(d.cpu(), x.cpu() + 1)
+    assert snapshot is not x
+    with torch.no_grad():
+        x.add_(1)  # views see the update, as in eager; the clone keeps the old values
+    assert torch.equal(b.cpu(), (before + 1).view(-1))
+    assert torch.equal(c.cpu(), before + 1)
+    assert torch.equal(snapshot.cpu(), before)
+    assert torch.allclose(d.cpu(), before + 1)
 
 
 def test_unused_parameter_keeps_none_gradient(xla):

@@ -70,6 +70,8 @@ def _compile_aten_graph(kind: str, opts: options_mod.Options
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         name = f"{kind} graph {next(_graph_ids)}"
         gm, seeded = rng_state.functionalize(gm)
+        if seeded:
+            example_inputs = [*example_inputs, rng_state.example_seed(gm)]
         compiled = lowering.lower(gm, example_inputs, name=name, fallback=opts.fallback,
                                   options=opts)
         if seeded:

@@ -34,7 +34,6 @@ import os
 import struct
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -464,6 +463,7 @@ class Lookup:
     def __init__(self, store: Store | None, key: key_mod.CacheKey | None,
                  inputs: Sequence[Any]) -> None:
         self.executable: _Executable | None = None
+        self.to_compile: list[torch.Tensor] = []  # a rebuilt hit still needs its XLA compile
         self._store = store
         self._key = key
         self._inputs = list(inputs)
@@ -554,7 +554,7 @@ def lookup(device_gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch
     if payload is not None:
         exe = _live.get(digest)
         if exe is None:
-            exe = _load(store, digest, payload, inputs, device)
+            exe, found.to_compile = _load(store, digest, payload, inputs, device)
         if exe is not None:
             _live[digest] = exe
             counters.incr(counters.CACHE_GRAPH_HITS)
@@ -577,8 +577,11 @@ def _explain_miss(store: Store, key: key_mod.CacheKey) -> None:
 
 
 def _load(store: Store, digest: str, payload: bytes, inputs: Sequence[Any],
-          device: torch.device) -> _Executable | None:
-    """Rebuilds the executable of an entry, or None (entry discarded) if it is unusable."""
+          device: torch.device) -> tuple[_Executable | None, list[torch.Tensor]]:
+    """Rebuilds the executable of an entry and the tensors to compile for it.
+
+    None (and the entry discarded) if it is unusable.
+    """
     try:
         entry, devices = decode_entry(payload)
         _check_against_inputs(entry, inputs)
@@ -591,7 +594,7 @@ def _load(store: Store, digest: str, payload: bytes, inputs: Sequence[Any],
             store.discard(digest, f"unusable graph entry: {e}")
         except Exception as e2:
             log.debug("cannot discard entry %s: %s", digest[:16], e2)
-        return None
+        return None, []
 
 
 def _check_against_inputs(entry: GraphEntry, inputs: Sequence[Any]) -> None:
@@ -608,8 +611,8 @@ def _check_against_inputs(entry: GraphEntry, inputs: Sequence[Any]) -> None:
 
 
 def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
-             digest: str) -> _Executable:
-    """Wraps the stored HLO into a lazy computation on stand-ins and compiles it."""
+             digest: str) -> tuple[_Executable, list[torch.Tensor]]:
+    """Wraps the stored HLO into a lazy computation on stand-ins, ready to compile."""
     from . import lowering
 
     with lowering._trace_lock, torch.no_grad():
@@ -635,7 +638,7 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
             if entry.hlo is None:
                 exe = lowering._Executable(None, [], outputs)
                 counters.incr(counters.GRAPHS_LOWERED)
-                return exe
+                return exe, []
             name = "syncfree_graph_" + digest[:16]
             computation = _XLAC._xla_op_computation_from_module_proto(name, entry.hlo)
             # operands in HLO parameter order: the constants themselves, stand-ins for inputs
@@ -660,11 +663,8 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
                 kind, value = entry.params[k]
                 params.append((kind, operands[k] if kind == "const" else value))
             graph_hash = _XLAC._get_graph_hash(results)
-            started = time.perf_counter()
-            _XLAC._xla_warm_up_cache(results, [])
-            counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
             counters.incr(counters.GRAPHS_LOWERED)
-            return lowering._Executable(graph_hash, params, outputs)
+            return lowering._Executable(graph_hash, params, outputs), list(results)
         finally:
             _XLAC._set_xla_handle_special_scalars(special_was)
             _XLAC._set_xla_enable_device_data_cache(cache_was)

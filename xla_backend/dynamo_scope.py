@@ -1,4 +1,4 @@
-"""Dynamo settings for frames compiled by *this* backend only.
+"""What Dynamo decides before our backend sees a graph, for our frames only.
 
 Why this exists: what Dynamo decides before a backend ever sees a graph is the
 backend's problem too. ``import torch_xla`` flips two process-wide Dynamo settings
@@ -8,43 +8,46 @@ every step is a guarded constant, so every step recompiles (and after
 ``recompile_limit`` the step silently runs eagerly). And with PyTorch's default
 ``capture_scalar_outputs=False`` every ``.item()`` is a graph break plus a host sync.
 
-For our frames we want PyTorch's own defaults back, plus captured scalars:
+While a function compiled by ``syncfree_xla`` runs, this module puts in force:
 
-* ``specialize_float=False`` and ``automatic_dynamic_shapes=True``: a float that
-  changes between calls (``param_groups[i]["lr"]``) becomes a 0-d float64 *input*
-  after one recompile, instead of a constant baked into the graph;
+* ``specialize_float=False`` and ``automatic_dynamic_shapes=True`` (PyTorch's own
+  defaults): a float that changes between calls (``param_groups[i]["lr"]``) becomes a
+  0-d float64 graph *input* after one recompile, instead of a constant;
 * ``capture_scalar_outputs=True``: ``.item()`` / ``float(t)`` stay in the graph as
-  symbolic scalars, which ``passes.tensorify_scalars`` turns into 0-d tensor math.
+  symbolic scalars, which ``passes.tensorify_scalar_reads`` turns into 0-d tensor math;
+* a branch-free ``GradScaler._maybe_opt_step`` (:func:`masked_maybe_opt_step`): the
+  stock one reads ``found_inf`` on the host to decide whether to step.
 
-How: Dynamo enters ``backend.backend_ctx_ctor()`` (when the backend defines one)
-around every call of the compiled function, resume frames after graph breaks
-included, which is exactly where frames are traced. ``torch.compile`` however wraps
-the backend in ``_TorchCompileWrapper`` and then in ``WrapBackendDebug``, and neither
-forwards the attribute, so the hook is lost. :func:`install` gives
+How: Dynamo enters ``backend.backend_ctx_ctor()`` (when the backend has one) around
+every call of the compiled function, resume frames after graph breaks included, which
+is exactly where frames are traced and where GradScaler runs. ``torch.compile`` however
+wraps the backend in ``_TorchCompileWrapper`` and then in ``WrapBackendDebug``, and
+neither forwards the attribute, so the hook is lost. :func:`install` gives
 ``WrapBackendDebug`` a ``__getattr__`` that forwards *only* ``backend_ctx_ctor``, and
-only when the wrapped backend function defines it. Every other backend has no such
-attribute and behaves exactly as before: ``getattr`` still raises ``AttributeError``
-and Dynamo falls back to its null context.
+only for backends :func:`install` marked (ours). For every other backend lookup fails
+with ``AttributeError`` exactly as before and Dynamo uses its null context, so their
+settings and behaviour are untouched. The forwarded hook honours the options
+``torch.compile`` passes the backend, read once per ``torch.compile`` call: with
+``options={"syncfree_passes": False}`` (or ``SYNCFREE_XLA_SYNCFREE_PASSES=0`` set
+before that call) none of this is in force.
 
-Limits (say them out loud):
+Limits (said out loud):
 
-* ``torch._dynamo.config`` is process-wide. While one of our compiled functions is
-  running (and only then) the three settings above are in effect for the whole
-  process, so a *different* ``torch.compile``'d function called from inside our
-  step (nested compile) would be traced with them too. Calls that are not nested in
-  ours, on any thread that does not overlap, see the unpatched settings.
+* ``torch._dynamo.config`` and the ``GradScaler`` class are process-wide. While one of
+  our compiled functions runs (and only then) the settings and the masked step are in
+  effect for the whole process: another ``torch.compile``'d function called from inside
+  our step (nested compile), or one traced on another thread at the same moment, sees
+  them too. Anything not overlapping our calls sees the unpatched state.
 * ``automatic_dynamic_shapes=True`` also applies to tensor shapes: a shape that
   changes between calls is retraced once with a symbolic size, as in stock PyTorch.
-* ``torch._dynamo.optimize(syncfree_xla)`` honours the hook without :func:`install`;
-  ``install`` is needed for ``torch.compile``.
+* ``torch._dynamo.optimize(syncfree_xla)`` honours the hook without the forwarder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch._dynamo
@@ -54,7 +57,7 @@ from . import options as options_mod
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DYNAMO_SETTINGS", "backend_ctx", "install", "installed"]
+__all__ = ["DYNAMO_SETTINGS", "backend_ctx", "install", "installed", "masked_maybe_opt_step"]
 
 #: The Dynamo settings our frames are traced with (see the module docstring).
 DYNAMO_SETTINGS: dict[str, Any] = {
@@ -67,39 +70,47 @@ _FORWARDED = "backend_ctx_ctor"
 _MARK = "__syncfree_xla_scoped__"
 
 
+def _enabled(options: Mapping[str, Any] | None) -> bool:
+    try:
+        return options_mod.resolve(options).syncfree_passes
+    except ValueError:
+        return True  # the backend itself reports bad options, with a clear message
+
+
+def _scope() -> contextlib.AbstractContextManager[Any]:
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(**DYNAMO_SETTINGS))
+    stack.enter_context(_masked_grad_scaler_step())
+    return stack
+
+
 def backend_ctx(options: Mapping[str, Any] | None = None,
                 **_compile_kwargs: Any) -> contextlib.AbstractContextManager[Any]:
     """The context Dynamo enters around each call of a function compiled by us.
 
     Takes the keyword arguments ``torch.compile`` passes to the backend, so that
     ``options={"syncfree_passes": False}`` (or ``SYNCFREE_XLA_SYNCFREE_PASSES=0``)
-    also keeps stock Dynamo behaviour: captured scalars without the passes that
+    keeps stock Dynamo behaviour too: captured scalars without the passes that
     rewrite them would crash AOTAutograd instead of merely syncing.
     """
-    try:
-        enabled = options_mod.resolve(options).syncfree_passes
-    except ValueError:
-        enabled = True  # the backend itself reports bad options, with a clear message
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(**DYNAMO_SETTINGS)
+    return _scope() if _enabled(options) else contextlib.nullcontext()
 
 
 def _forward_backend_ctx_ctor(self: Any, name: str) -> Any:
     """``WrapBackendDebug.__getattr__``: runs only when normal lookup failed.
 
     Forwards ``backend_ctx_ctor`` only from a backend :func:`install` marked, found as
-    the ``compiler_fn`` of ``torch.compile``'s ``_TorchCompileWrapper`` (then bound to
-    the keyword arguments torch.compile passes the backend) or as the wrapped function
-    itself. Any other name, or any other backend, raises ``AttributeError`` as before.
+    the ``compiler_fn`` of ``torch.compile``'s ``_TorchCompileWrapper`` or as the wrapped
+    function itself. The options torch.compile passes the backend are resolved here,
+    once per ``torch.compile`` call, not at every step (that costs ~20 us). Any other
+    name, or any other backend, raises ``AttributeError`` as before.
     """
     if name == _FORWARDED:
         inner = self.__dict__.get("_torchdynamo_orig_backend")
         compiler_fn = getattr(inner, "compiler_fn", None)
         if getattr(compiler_fn, _MARK, False):
-            ctor = compiler_fn.backend_ctx_ctor
-            kwargs = dict(getattr(inner, "kwargs", None) or {})
-            return functools.partial(ctor, **kwargs) if kwargs else ctor
+            kwargs = getattr(inner, "kwargs", None) or {}
+            return _scope if _enabled(kwargs.get("options")) else contextlib.nullcontext
         if getattr(inner, _MARK, False):
             return inner.backend_ctx_ctor
     raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
@@ -115,11 +126,11 @@ def installed() -> bool:
 
 
 def install(backend: Callable[..., Any]) -> None:
-    """Makes ``torch.compile(..., backend=backend)`` trace with :data:`DYNAMO_SETTINGS`.
+    """Makes ``torch.compile(..., backend=backend)`` run under this module's scope.
 
     Idempotent. Sets ``backend.backend_ctx_ctor`` to :func:`backend_ctx` and marks
-    ``backend`` as the only kind whose hook is forwarded. If some other code already
-    gave ``WrapBackendDebug`` a ``__getattr__``, that one is left alone (never replace
+    ``backend`` as one whose hook is forwarded. If some other code already gave
+    ``WrapBackendDebug`` a ``__getattr__``, that one is left alone (never replace
     someone else's hook) and a warning says the settings will not be scoped.
     """
     backend.backend_ctx_ctor = backend_ctx  # type: ignore[attr-defined]
@@ -135,3 +146,103 @@ def install(backend: Callable[..., Any]) -> None:
         return
     WrapBackendDebug.__getattr__ = _forward_backend_ctx_ctor  # type: ignore[attr-defined]
     log.debug("syncfree_xla: WrapBackendDebug now forwards %s", _FORWARDED)
+
+
+# --------------------------------------------------------------------------- GradScaler
+#
+# GradScaler.step skips optimizer.step() when the unscaled gradients hold an inf or a
+# NaN, and decides so on the host: ``if not sum(v.item() for v in found_inf...)``, one
+# device-to-host transfer per step. torch.amp is on Dynamo's skip list, so this code
+# runs eagerly (on lazy XLA tensors) between our graphs. While one of our compiled
+# functions runs, GradScaler._maybe_opt_step is swapped for a branch-free twin: take
+# the step, then keep every parameter and state tensor's old value where found_inf is
+# set. Same results, decided on the device.
+
+
+@contextlib.contextmanager
+def _masked_grad_scaler_step() -> Iterator[None]:
+    """Swaps in :func:`masked_maybe_opt_step` for the duration (re-entrant)."""
+    from torch.amp.grad_scaler import GradScaler
+
+    previous = GradScaler.__dict__["_maybe_opt_step"]
+    GradScaler._maybe_opt_step = masked_maybe_opt_step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        GradScaler._maybe_opt_step = previous  # type: ignore[method-assign]
+
+
+def _step_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None:
+    """Every tensor ``optimizer.step()`` may change, or None when masking cannot be exact.
+
+    None when a parameter with a gradient has no state yet (a skipped first step
+    must leave the state *absent*, which no mask can express), when state lives on
+    another device than its parameter (an Adam step counter on the host: reverting it
+    would need found_inf on the host), or holds a non-tensor value the step may change.
+    """
+    tensors: list[torch.Tensor] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            tensors.append(p)
+            state = optimizer.state.get(p)
+            if not state:
+                if p.grad is not None:
+                    return None
+                continue
+            for v in state.values():
+                if v is None:
+                    continue
+                if not isinstance(v, torch.Tensor) or v.device != p.device:
+                    return None
+                tensors.append(v)
+    return tensors
+
+
+# The snapshot and the revert run eagerly (lazy XLA ops, no transfer): Dynamo would
+# otherwise compile them as frames of their own, and our lowering may hand back a
+# graph's input tensor as its ``clone()`` output, so the snapshot would be the
+# parameter itself.
+@torch._dynamo.disable
+def _snapshot(optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any]
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None:
+    tensors = _step_tensors(optimizer)
+    if not tensors:
+        return None
+    device = tensors[0].device
+    with torch.no_grad():
+        found = [v.to(device) for v in optimizer_state["found_inf_per_device"].values()]
+        skip = torch.stack(found).sum() > 0
+        return tensors, [t.detach().clone() for t in tensors], skip
+
+
+@torch._dynamo.disable
+def _revert(tensors: list[torch.Tensor], old: list[torch.Tensor], skip: torch.Tensor) -> None:
+    with torch.no_grad():
+        for t, o in zip(tensors, old):
+            t.copy_(torch.where(skip, o, t))
+
+
+@torch._dynamo.disable(recursive=False)  # optimizer.step() inside is still compiled
+def masked_maybe_opt_step(self: Any, optimizer: torch.optim.Optimizer,
+                          optimizer_state: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """``GradScaler._maybe_opt_step`` deciding on the device instead of the host.
+
+    Falls back to the stock method (one host read) when :func:`_step_tensors` says a
+    mask cannot reproduce a skipped step exactly: the first step, or state kept on
+    the host (use ``capturable=True`` for Adam-style optimizers on XLA).
+    """
+    snapshot = _snapshot(optimizer, optimizer_state)
+    if snapshot is None:
+        return _STOCK_MAYBE_OPT_STEP(self, optimizer, optimizer_state, *args, **kwargs)
+    retval = optimizer.step(*args, **kwargs)
+    _revert(*snapshot)
+    return retval
+
+
+def _stock_maybe_opt_step() -> Callable[..., Any]:
+    from torch.amp.grad_scaler import GradScaler
+
+    return GradScaler.__dict__["_maybe_opt_step"]
+
+
+_STOCK_MAYBE_OPT_STEP = _stock_maybe_opt_step()

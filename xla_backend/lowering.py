@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
 import torch_xla
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from . import compile_cache, counters
+from . import compile_cache, counters, runtime
 from .graph_split import OutputSlot, SplitGraph, UnsplittableGraph, split
 from .options import Options
 
@@ -52,6 +53,18 @@ class _Computed:
 @dataclass(frozen=True)
 class _Input:
     position: int
+    copy: bool = False  # a clone of the input: the caller must get a tensor of its own
+
+
+def _is_alias(node: Any) -> bool:
+    """Whether a graph output is the input itself or a view of it, not a copy."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        target = node.target
+        returns = getattr(getattr(target, "_schema", None), "returns", ())
+        if not returns or returns[0].alias_info is None:
+            return False
+        node = node.args[0] if node.args else None
+    return isinstance(node, torch.fx.Node) and node.op == "placeholder"
 
 
 @dataclass
@@ -61,6 +74,7 @@ class _Executable:
     graph_hash: Any
     params: list[tuple[str, Any]]  # ("input", device-input position) or ("const", tensor)
     output_values: list[Any]  # per device output: _Computed, _Value or _Input
+    ready: Future | None = None  # the compile; None when there is nothing to compile
 
 
 def _signature(args: Sequence[Any], positions: Sequence[int]) -> tuple:
@@ -87,22 +101,33 @@ def _placeholder_tensor(example: torch.Tensor, device: torch.device) -> torch.Te
 # --- graph cache hook (begin): compile_cache owns everything about entries and keys ---
 def _trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
                        device: torch.device, options: Options | None = None) -> _Executable:
-    """A stored entry for this graph and inputs, else a trace + compile that is stored.
+    """A stored entry for this graph and inputs, else a trace that is stored; then a compile.
 
-    A hit skips tracing and HLO lowering; on CPU the XLA compile itself still runs.
+    A hit skips tracing and HLO lowering; on CPU the XLA compile itself still runs. The
+    compile runs on the runtime's pool and ``exe.ready`` says when it is done.
     """
     lookup = compile_cache.lookup(device_gm, inputs, device, options)
     if lookup.executable is not None:
-        return lookup.executable
-    exe = _trace(device_gm, inputs, device, lookup)
-    lookup.store(exe)
+        exe, to_compile = lookup.executable, lookup.to_compile
+    else:
+        exe, to_compile = _trace(device_gm, inputs, device, lookup)
+        lookup.store(exe)
+    if to_compile and exe.ready is None:
+        threads = (options or Options()).resolved_compile_threads()
+        exe.ready = runtime.compile_once(_hash_key(exe.graph_hash),
+                                         lambda: _XLAC._xla_warm_up_cache(to_compile, []),
+                                         threads)
     return exe
 # --- graph cache hook (end) ---
 
 
+def _hash_key(graph_hash: Any) -> str:
+    return graph_hash.hex() if isinstance(graph_hash, bytes) else str(graph_hash)
+
+
 def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.device,
-           lookup: compile_cache.Lookup) -> _Executable:
-    """Traces ``device_gm`` on stand-in buffers and compiles the result."""
+           lookup: compile_cache.Lookup) -> tuple[_Executable, list[torch.Tensor]]:
+    """Traces ``device_gm`` on stand-in buffers: the executable and the tensors to compile."""
     with _trace_lock, torch.no_grad():
         cache_was = _XLAC._get_xla_enable_device_data_cache()
         _XLAC._set_xla_enable_device_data_cache(False)
@@ -124,7 +149,8 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
                            if isinstance(r, torch.Tensor) and r.device.type == "xla"]
             needs_compute = dict(zip(map(id, xla_results),
                                      _XLAC._check_tensor_need_materialization(xla_results)))
-            for r in results:
+            output_nodes = next(n for n in device_gm.graph.nodes if n.op == "output").args[0]
+            for r, node in zip(results, output_nodes):
                 if not isinstance(r, torch.Tensor):
                     output_values.append(_Value(r))
                 elif r.device.type != "xla":
@@ -140,9 +166,12 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
                 else:
                     # already a buffer: one of the inputs passed through, or a constant
                     (data_id,), (data,) = _XLAC._get_tensors_xla_device_data_node([r])
-                    output_values.append(_Input(ids[data_id]) if data_id in ids else _Value(data))
+                    if data_id not in ids:
+                        output_values.append(_Value(data))
+                    else:
+                        output_values.append(_Input(ids[data_id], copy=not _is_alias(node)))
             if not tensors:
-                return _Executable(None, [], output_values)
+                return _Executable(None, [], output_values), []
             param_ids, param_values = _XLAC._get_tensors_xla_device_data_node(tensors)
             params = [
                 ("input", ids[pid]) if pid in ids else ("const", value)
@@ -150,11 +179,8 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
             ]
             graph_hash = _XLAC._get_graph_hash(tensors)
             lookup.capture(tensors)  # graph cache hook: the entry keeps this HLO
-            started = time.perf_counter()
-            _XLAC._xla_warm_up_cache(tensors, [])
-            counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
             counters.incr(counters.GRAPHS_LOWERED)
-            return _Executable(graph_hash, params, output_values)
+            return _Executable(graph_hash, params, output_values), tensors
         finally:
             _XLAC._set_xla_enable_device_data_cache(cache_was)
 
@@ -173,6 +199,11 @@ def _materialize(tensors: list[torch.Tensor], device: torch.device) -> None:
         _XLAC._xla_sync_live_tensors(str(device), [], False)
 
 
+def _passed_through(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    # A lazy clone costs nothing now; it only runs if the caller keeps using it.
+    return t.clone() if copy else t
+
+
 class LoweredGraph:
     """A boxed callable (takes a list of args) that runs an aten graph on XLA."""
 
@@ -180,6 +211,7 @@ class LoweredGraph:
                  name: str = "graph", options: Options | None = None) -> None:
         self.name = name
         self._options = options  # graph cache hook: where and whether to keep entries
+        self._async_dispatch = (options or Options()).async_dispatch
         self._split: SplitGraph = split(gm)
         self._device = torch_xla.device()
         self._executables: dict[tuple, _Executable] = {}
@@ -188,15 +220,24 @@ class LoweredGraph:
         self._signature_positions = self._device_arg_positions + [
             i for kind, i in self._split.device_inputs if kind == "cpu_arg"
         ] + self._split.scalar_inputs
-        self._host_signature: tuple | None = None
-        self._host_examples: list[torch.Tensor] | None = None
-        self._prepare_examples = list(example_inputs)
+        self._prepare(list(example_inputs))
 
-    def warm_up(self) -> None:
-        """Compiles for the example inputs now rather than at the first call."""
+    def _prepare(self, examples: list[Any]) -> None:
+        """Traces for the example inputs now and starts their compile on the pool.
+
+        AOTAutograd hands over the forward and the backward graph together, so both
+        compile side by side while the forward starts running. Examples carrying
+        symbolic sizes are left to the first call, which sees real ones.
+        """
+        if any(isinstance(e, torch.SymInt | torch.SymFloat | torch.SymBool) for e in examples):
+            return
+        host_examples = None
         if self._split.host is not None:
-            return  # host values are needed to know the device inputs' shapes
-        self._executable_for(self._prepare_examples, None)
+            out = next(n for n in self._split.host.graph.nodes if n.op == "output")
+            host_examples = [n.meta.get("val") for n in out.args[0]]
+            if not all(isinstance(v, torch.Tensor) for v in host_examples):
+                return
+        self._executable_for(examples, host_examples)
 
     def _device_inputs(self, args: Sequence[Any], host_values: Sequence[Any] | None) -> list[Any]:
         values: list[Any] = []
@@ -222,8 +263,11 @@ class LoweredGraph:
             exe = self._executables.get(key)
             if exe is None:
                 inputs = self._device_inputs(args, host_values)
-                exe = _trace_and_compile(self._split.device, inputs, self._device,
-                                         self._options)
+                # Dynamo may still have its fake-tensor mode active while it compiles;
+                # stand-ins must be real device buffers.
+                with unset_fake_temporarily():
+                    exe = _trace_and_compile(self._split.device, inputs, self._device,
+                                             self._options)
                 self._executables[key] = exe
         return exe
 
@@ -255,12 +299,16 @@ class LoweredGraph:
                     feed.append(t if t.device.type == "xla" else t.to(self._device))
                 else:
                     feed.append(value)
+            if exe.ready is not None:
+                runtime.wait_compiled(exe.ready)
             _materialize(feed, self._device)
-            computed = _XLAC._run_cached_graph(exe.graph_hash, feed)
+            computed = runtime.timed_wait(lambda: _XLAC._run_cached_graph(exe.graph_hash, feed))
             counters.incr(counters.EXECUTIONS)
+            runtime.dispatched(computed, self._async_dispatch)
         device_results = [
             computed[v.index] if isinstance(v, _Computed)
-            else dev_inputs[v.position] if isinstance(v, _Input) else v.value
+            else _passed_through(dev_inputs[v.position], v.copy) if isinstance(v, _Input)
+            else v.value
             for v in exe.output_values
         ]
         for arg_index, out_index in split_.device_mutations.items():

@@ -27,6 +27,15 @@ def functionalize(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, bool]
     return result.graph_module, result.modified
 
 
+def example_seed(gm: torch.fx.GraphModule) -> torch.Tensor:
+    """An example value for the seed input the pass added (its fake value when traced)."""
+    seed = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    value = seed.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.empty((), dtype=torch.int64, device="xla")
+
+
 def _current_seed(device: torch.device) -> torch.Tensor:
     key = str(device)
     initial = torch.initial_seed()
