@@ -334,3 +334,14 @@ def test_unencodable_outputs_make_a_graph_uncacheable():
     entry.outputs.append(("value", object()))
     with pytest.raises(compile_cache.Uncacheable):
         compile_cache.encode_entry(entry)
+
+
+def test_four_processes_compiling_the_same_graphs_into_one_directory(tmp_path, runs):
+    shared = tmp_path / "shared"
+    processes = [_start(shared, BATCH) for _ in range(4)]
+    results = [_finish(p)[0][BATCH] for p in processes]
+    cold_losses = runs["cold"][1]["losses"]
+    for result in results:
+        assert result["losses"] == cold_losses, "every process trains exactly as a lone one"
+    report = Store(shared).verify()
+    assert report.ok and report.checked == len(_entries(shared)) > 0
