@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bench perf-check perf-baseline
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,18 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# pytest-benchmark suites (benchmarks/test_bench_*.py); plain `pytest` collects tests/ only.
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks/ --benchmark-only -q $(PYTEST_ARGS)
+
+# The CI performance gate: exact counters and syncfree_xla/eager step-time ratios
+# against benchmarks/perf_baseline.json. `make perf-baseline` records new figures.
+perf-check: $(STAMP)
+	$(PY) benchmarks/perf_check.py
+
+perf-baseline: $(STAMP)
+	$(PY) benchmarks/perf_check.py --update
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

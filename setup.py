@@ -20,6 +20,9 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "ruff",
+            "matplotlib",  # syncfree-xla bench --plot
+            "torchvision==0.24.0",
+            "transformers==4.57.6",
         ],
     },
     entry_points={

@@ -121,3 +121,15 @@ def test_ctrl_c_stops_a_training_loop_promptly():
         proc.kill()
     assert time.monotonic() - started < 10
     assert "KeyboardInterrupt" in err
+
+
+def test_stats_report_waiting_and_how_far_the_host_ran_ahead(xla):
+    f = torch.compile(lambda x: torch.tanh(x @ x) @ x, backend="syncfree_xla")
+    x = torch.randn(256, 256, device=xla)
+    for _ in range(10):
+        x = f(x) / 256
+    settle()
+    s = xla_backend.stats()
+    assert s["compile_seconds"] > 0
+    assert s["dispatch_wait_seconds"] >= 0
+    assert s["queue_depth_max"] >= 1, "ten asynchronous calls left at least one in flight"

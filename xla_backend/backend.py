@@ -28,6 +28,11 @@ from . import lowering, rng_state  # noqa: E402
 log = logging.getLogger(__name__)
 _graph_ids = itertools.count()
 
+#: Watchers told about every graph compiled here (``on_dynamo_graph(gm, options)`` before
+#: the passes, ``on_aten_graph(name, gm)`` before lowering), so ``xla_backend.explain``
+#: can report sync points per graph. Empty unless it runs; must not modify ``gm``.
+OBSERVERS: list[Any] = []
+
 
 def _source_name(node: torch.fx.Node) -> str:
     grapharg = node.meta.get("grapharg")
@@ -70,6 +75,8 @@ def _compile_aten_graph(kind: str, opts: options_mod.Options
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         name = f"{kind} graph {next(_graph_ids)}"
         gm, seeded = rng_state.functionalize(gm)
+        for observer in list(OBSERVERS):
+            observer.on_aten_graph(name, gm)
         if seeded:
             example_inputs = [*example_inputs, rng_state.example_seed(gm)]
         compiled = lowering.lower(gm, example_inputs, name=name, fallback=opts.fallback,
@@ -87,6 +94,8 @@ def syncfree_xla(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     opts = options_mod.resolve(options)
     counters.incr(counters.GRAPHS_RECEIVED)
     check_input_devices(gm, example_inputs)
+    for observer in list(OBSERVERS):
+        observer.on_dynamo_graph(gm, opts)
     if opts.syncfree_passes:  # Dynamo-level rewrites; placeholders stay as they are
         passes.run_pipeline(gm, passes.DYNAMO_PASSES)
     compile_fn = aot_autograd(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .bench import add_bench_commands
 from .cache.store import (
     CACHE_DIR_ENV,
     DEFAULT_MAX_BYTES,
@@ -231,9 +232,94 @@ def _ask(question: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------
+# syncfree-xla explain SCRIPT
+
+
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer")
+    return number
+
+
+_STEPS_HELP = ("stop the script after N calls of a function it compiled with syncfree_xla "
+               "(default: run it to the end)")
+
+
+def add_explain_commands(subparsers: Subparsers) -> None:
+    """Register ``explain SCRIPT [--steps N] [-- SCRIPT_ARGS...]``."""
+    explain = subparsers.add_parser(
+        "explain", help="run a script; report its host syncs, graph breaks and recompiles",
+        description="Runs a Python script unchanged and reports, per graph compiled with "
+                    "syncfree_xla, each host sync point (file:line, removed by which pass or "
+                    "why kept), graph breaks, recompiles and the host syncs observed. "
+                    "Arguments for the script go after --.",
+    )
+    explain.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                         help=_STEPS_HELP)
+    explain.add_argument("script", help="the Python script to run")
+    explain.add_argument("rest", nargs=argparse.REMAINDER, metavar="[--steps N] [-- ARGS]",
+                         help="--steps may also follow the script; ARGS become its sys.argv[1:]")
+    explain.set_defaults(func=explain_script)
+
+
+def _explain_options(args: argparse.Namespace) -> tuple[int | None, list[str]] | int:
+    """(steps, script arguments) from what follows the script, or an exit status.
+
+    Leading ``--steps N`` / ``--steps=N`` are ours, then an optional ``--``; the rest
+    is the script's (argparse keeps or drops that ``--`` depending on the version).
+    """
+    rest, steps = list(args.rest), args.steps
+    while rest and (rest[0] == "--steps" or rest[0].startswith("--steps=")):
+        if "=" in rest[0]:
+            text, rest = rest[0].split("=", 1)[1], rest[1:]
+        elif len(rest) > 1:
+            text, rest = rest[1], rest[2:]
+        else:
+            print("syncfree-xla explain: --steps needs a value N", file=sys.stderr)
+            return 2
+        try:
+            steps = _positive_int(text)
+        except argparse.ArgumentTypeError as e:
+            print(f"syncfree-xla explain: --steps: {e}", file=sys.stderr)
+            return 2
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    return steps, rest
+
+
+def explain_script(args: argparse.Namespace) -> int:
+    if not Path(args.script).is_file():
+        print(f"syncfree-xla explain: no such script: {args.script}", file=sys.stderr)
+        return 2
+    options = _explain_options(args)
+    if isinstance(options, int):
+        return options
+    steps, script_args = options
+    from .explain import run_script  # imports torch_xla: only for this command
+
+    run = run_script(args.script, script_args, steps=steps)
+    print(f"\n=== syncfree-xla explain {args.script} ===")
+    print(run.report)
+    if run.error is not None:
+        if run.traceback:
+            print(run.traceback, end="", file=sys.stderr)
+        what = (f"exited with status {run.exit_code}" if isinstance(run.error, SystemExit)
+                else f"raised {type(run.error).__name__}")
+        print(f"syncfree-xla explain: {args.script} {what}; the report covers what ran "
+              "before that", file=sys.stderr)
+    return run.exit_code
+
+
+# ---------------------------------------------------------------------------
 # Entry point
 
-COMMAND_GROUPS: list[Callable[[Subparsers], None]] = [add_cache_commands]
+COMMAND_GROUPS: list[Callable[[Subparsers], None]] = [
+    add_cache_commands, add_bench_commands, add_explain_commands,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -77,11 +78,35 @@ def _enabled(options: Mapping[str, Any] | None) -> bool:
         return True  # the backend itself reports bad options, with a clear message
 
 
-def _scope() -> contextlib.AbstractContextManager[Any]:
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._dynamo.config.patch(**DYNAMO_SETTINGS))
-    stack.enter_context(_masked_grad_scaler_step())
-    return stack
+_scope_lock = threading.Lock()
+_scope_depth = 0
+_scope_stack: contextlib.ExitStack | None = None
+
+
+@contextlib.contextmanager
+def _scope() -> Iterator[None]:
+    """Puts the settings in force while at least one of our calls runs, on any thread.
+
+    Counted rather than nested: two threads entering and leaving in interleaved order
+    would otherwise each restore what the other had set, and leave the patched values
+    in force for every backend after both returned.
+    """
+    global _scope_depth, _scope_stack
+    with _scope_lock:
+        if _scope_depth == 0:
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch._dynamo.config.patch(**DYNAMO_SETTINGS))
+            stack.enter_context(_masked_grad_scaler_step())
+            _scope_stack = stack
+        _scope_depth += 1
+    try:
+        yield
+    finally:
+        with _scope_lock:
+            _scope_depth -= 1
+            if _scope_depth == 0 and _scope_stack is not None:
+                _scope_stack.close()
+                _scope_stack = None
 
 
 def backend_ctx(options: Mapping[str, Any] | None = None,

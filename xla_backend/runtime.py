@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch_xla
 
-from . import counters
+from . import counters, xla_metrics
 
 log = logging.getLogger(__name__)
 _XLAC = torch_xla._XLAC
@@ -84,12 +84,16 @@ def wait_compiled(future: Future) -> None:
 def dispatched(results: list[torch.Tensor], async_dispatch: bool) -> None:
     """Accounts one enqueued execution; without async dispatch, waits for its results.
 
-    Completion is not observed through torch_xla's ready callbacks: a Python callback
-    needs the GIL on torch_xla's execution thread while ``_run_cached_graph`` can hold
-    the GIL waiting for that same execution, a deadlock.
+    The queue depth is what was dispatched (our executions and input materializations)
+    minus what torch_xla has finished (it records ``ExecuteTime`` on completion).
+    torch_xla's ready callbacks are not used: a Python callback needs the GIL on the
+    execution thread while ``_run_cached_graph`` may hold it waiting on that execution.
     """
     if not results:
         return
+    issued = counters.counter(counters.EXECUTIONS) + counters.counter(
+        counters.INPUT_MATERIALIZATIONS)
+    counters.set_max(counters.QUEUE_DEPTH_MAX, max(0, issued - xla_metrics.executions()))
     if not async_dispatch:
         started = time.perf_counter()
         _XLAC._xla_wait_device_ops([])
