@@ -546,9 +546,6 @@ def test_float_ops_of_bool_tensors():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="a graph whose XLA compile failed keeps its traced "
-                   "tensors alive (the compile Future's exception), and every later call that "
-                   "materializes inputs syncs all live tensors, so it fails with the old error")
 def test_failed_compile_does_not_break_later_calls():
     done = _in_fresh_interpreter('''
         import pytest

@@ -115,10 +115,21 @@ def _trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
     if to_compile and exe.ready is None:
         threads = (options or Options()).resolved_compile_threads()
         exe.ready = runtime.compile_once(_hash_key(exe.graph_hash),
-                                         lambda: _XLAC._xla_warm_up_cache(to_compile, []),
-                                         threads)
+                                         lambda: _compile_and_release(to_compile), threads)
     return exe
 # --- graph cache hook (end) ---
+
+
+def _compile_and_release(tensors: list[torch.Tensor]) -> None:
+    """Compiles the traced stand-ins, then lets them go, whether or not it worked.
+
+    Their lazy IR must not outlive the compile: a later sync of all live tensors would
+    run it (and hit a failed compile's error again) and keep the memory held.
+    """
+    try:
+        _XLAC._xla_warm_up_cache(tensors, [])
+    finally:
+        tensors.clear()
 
 
 def _hash_key(graph_hash: Any) -> str:
