@@ -48,6 +48,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .argtypes import positive_float, positive_int
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -714,24 +716,6 @@ def write_plot(results: Sequence[CellResult], path: str | os.PathLike[str]) -> N
 # --------------------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 def _skip_pair(text: str) -> tuple[str, str]:
@@ -782,15 +766,15 @@ def add_bench_commands(subparsers: Any) -> None:
     bench.add_argument("--loops", nargs="+", choices=list(LOOPS), default=list(DEFAULT_LOOPS),
                        metavar="LOOP", help=f"training loops, from: {', '.join(LOOPS)} "
                                             f"(default: {' '.join(DEFAULT_LOOPS)})")
-    bench.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, metavar="N",
+    bench.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, metavar="N",
                        help=f"measured steps per cell (default: {DEFAULT_STEPS})")
-    bench.add_argument("--warmup", type=_positive_int, default=DEFAULT_WARMUP, metavar="N",
+    bench.add_argument("--warmup", type=positive_int, default=DEFAULT_WARMUP, metavar="N",
                        help=f"steps before measuring, the first included "
                             f"(default: {DEFAULT_WARMUP})")
-    bench.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
+    bench.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT_S,
                        metavar="SECONDS",
                        help=f"per-cell time limit (default: {DEFAULT_TIMEOUT_S:g})")
-    bench.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    bench.add_argument("--threads", type=positive_int, default=None, metavar="N",
                        help="torch.set_num_threads(N) in every cell (default: torch's choice)")
     bench.add_argument("--skip", type=_skip_pair, action="append", default=[],
                        metavar="MODEL:BACKEND", help="record this cell as skipped (repeatable)")

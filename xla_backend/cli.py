@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .argtypes import positive_int
 from .bench import add_bench_commands
 from .cache.store import (
     CACHE_DIR_ENV,
@@ -235,15 +236,6 @@ def _ask(question: str) -> str | None:
 # syncfree-xla explain SCRIPT
 
 
-def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer")
-    return number
-
 
 _STEPS_HELP = ("stop the script after N calls of a function it compiled with syncfree_xla "
                "(default: run it to the end)")
@@ -258,7 +250,7 @@ def add_explain_commands(subparsers: Subparsers) -> None:
                     "why kept), graph breaks, recompiles and the host syncs observed. "
                     "Arguments for the script go after --.",
     )
-    explain.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+    explain.add_argument("--steps", type=positive_int, default=None, metavar="N",
                          help=_STEPS_HELP)
     explain.add_argument("script", help="the Python script to run")
     explain.add_argument("rest", nargs=argparse.REMAINDER, metavar="[--steps N] [-- ARGS]",
@@ -282,7 +274,7 @@ def _explain_options(args: argparse.Namespace) -> tuple[int | None, list[str]] |
             print("syncfree-xla explain: --steps needs a value N", file=sys.stderr)
             return 2
         try:
-            steps = _positive_int(text)
+            steps = positive_int(text)
         except argparse.ArgumentTypeError as e:
             print(f"syncfree-xla explain: --steps: {e}", file=sys.stderr)
             return 2

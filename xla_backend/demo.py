@@ -23,6 +23,7 @@ from typing import TextIO
 import torch
 
 from xla_backend import workloads, xla_metrics
+from xla_backend.argtypes import positive_float, positive_int
 from xla_backend.device import configure_pjrt
 
 BACKENDS = ("syncfree_xla", "openxla", "inductor", "eager")
@@ -34,24 +35,6 @@ DEFAULT_LOG_EVERY = 10
 # --------------------------------------------------------------------------- arguments
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,56 +52,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=200,
         help="training steps (default: %(default)s)",
     )
     p.add_argument(
         "--d-model",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="model width (default: %(default)s)",
     )
     p.add_argument(
         "--layers",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         help="encoder layers (default: %(default)s)",
     )
     p.add_argument(
         "--heads",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         help="attention heads; must divide --d-model (default: %(default)s)",
     )
     p.add_argument(
         "--batch",
-        type=_positive_int,
+        type=positive_int,
         default=16,
         help="sequences per batch (default: %(default)s)",
     )
     p.add_argument(
         "--seq",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         help="bytes per sequence (default: %(default)s)",
     )
     p.add_argument(
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         default=1e-3,
         help="AdamW learning rate (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="init and data seed (default: %(default)s)")
     p.add_argument(
         "--log-every",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_LOG_EVERY,
         help="read the loss (one host sync) every N steps (default: %(default)s)",
     )
     p.add_argument(
         "--baseline-steps",
-        type=_positive_int,
+        type=positive_int,
         default=20,
         help="eager CPU steps timed for the comparison row (default: %(default)s)",
     )
