@@ -5,6 +5,9 @@ torch_xla's lazy IR; that IR is compiled and kept in torch_xla's computation cac
 under its graph hash. Each later call hands the real device buffers straight to
 the compiled executable (``_run_cached_graph``): no Python tracing, no IR, no sync.
 
+The trace happens when the backend compiles the graph; the XLA compile then runs on
+the runtime's thread pool, so graphs handed over together compile side by side.
+
 Mutated inputs are returned as extra outputs and the caller's tensors are rebound
 to the new device buffers, so the next computation reads them without an extra
 execution. CPU-side pieces (optimizer step counters) run eagerly on the host; see
@@ -207,7 +210,8 @@ def _materialize(tensors: list[torch.Tensor], device: torch.device) -> None:
     """
     if any(_XLAC._check_tensor_need_materialization(tensors)):
         counters.incr(counters.INPUT_MATERIALIZATIONS)
-        _XLAC._xla_sync_live_tensors(str(device), [], False)
+        with _trace_lock:  # a trace in progress on another thread must stay lazy IR
+            _XLAC._xla_sync_live_tensors(str(device), [], False)
 
 
 def _passed_through(t: torch.Tensor, copy: bool) -> torch.Tensor:
