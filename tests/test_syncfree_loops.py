@@ -74,6 +74,12 @@ def _run(xla: torch.device, opt_name: str, step_fn: Callable, compiled_args: Cal
         if after_step is not None:
             after_step(i)
 
+    window, frames = _warm_then_measure(one)
+    return model, reference, [g.cpu() for g in got], want, window, frames
+
+
+def _warm_then_measure(one) -> tuple[MetricWindow, int]:
+    """Runs WARMUP steps, then the rest under a metric window; also counts new frames."""
     for i in range(WARMUP):
         one(i)
     frames = _frames_compiled()
@@ -82,7 +88,7 @@ def _run(xla: torch.device, opt_name: str, step_fn: Callable, compiled_args: Cal
             one(i)
     frames = _frames_compiled() - frames
     settle()
-    return model, reference, [g.cpu() for g in got], want, window, frames
+    return window, frames
 
 
 def _check(model, reference, got, want, window: MetricWindow, frames: int) -> None:
@@ -198,14 +204,7 @@ def test_loop_b_grad_scaler_skips_on_device(xla, opt_name):
                                              *_amp_batch(work, i, "cpu")))
         scales.append(ref_scaler.get_scale())
 
-    for i in range(WARMUP):
-        one(i)
-    frames = _frames_compiled()
-    with MetricWindow() as window:
-        for i in range(WARMUP, STEPS):
-            one(i)
-    frames = _frames_compiled() - frames
-    settle()
+    window, frames = _warm_then_measure(one)
     finite = [i for i in range(STEPS) if i not in INF_STEPS]
     assert scales[INF_STEPS[0]] == scales[INF_STEPS[0] - 1] / 2, "the reference must back off"
     assert float(scaler.get_scale()) == ref_scaler.get_scale()
