@@ -13,19 +13,20 @@ Measured on CPU (2 cores), compiles counted by torch_xla (``CompileTime``):
   static): 5, 2, 0, 3, 0, 0 compiles; one Dynamo graph per distinct length, no recompiles
   of a length seen before.
 
-Without ``torch._dynamo.mark_static`` the second shape makes Dynamo trace the step with a
-symbolic size (the backend turns ``automatic_dynamic_shapes`` on for its frames), and
-that path is broken today: see the xfail tests below.
+Without ``torch._dynamo.mark_static`` the figures are the same: the backend keeps tensor
+shapes static for its frames (a new shape is one Dynamo recompile, reported by
+``explain``), while ``dynamic=True`` traces symbolic sizes and each concrete size gets
+its own XLA executable.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch._dynamo
 
 from tests.xla_helpers import MetricWindow
 from xla_backend import workloads
+from xla_backend.explain import ExplainSession
 
 
 def _static(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -45,8 +46,9 @@ def _compiles_per_step(step, model, opt, batches) -> tuple[list[int], list[float
     return compiles, losses
 
 
-def _mlp_batches(device, sizes: list[int], static: bool) -> list[tuple[torch.Tensor, ...]]:
-    work = workloads.get_workload("mlp", batch=16)
+def _mlp_batches(device, sizes: list[int], static: bool,
+                 hidden: int = 128) -> list[tuple[torch.Tensor, ...]]:
+    work = workloads.get_workload("mlp", batch=16, hidden=hidden)
     batches = []
     for i, n in enumerate(sizes):
         x, y = work.make_batch(i, device)
@@ -55,8 +57,10 @@ def _mlp_batches(device, sizes: list[int], static: bool) -> list[tuple[torch.Ten
     return batches
 
 
-def _mlp(device):
-    model = workloads.get_workload("mlp").build_model().to(device)
+def _mlp(device, hidden: int = 128):
+    # Tests that count compiles use a width of their own: torch_xla keeps every
+    # compiled graph for the process, so a graph another test compiled would not count.
+    model = workloads.get_workload("mlp", hidden=hidden).build_model().to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
@@ -73,33 +77,25 @@ def test_partial_last_batch_compiles_once_then_hits_the_cache_with_static_marks(
     assert all(loss == loss for loss in losses)
 
 
-@pytest.mark.xfail(strict=True, reason="the second batch size makes Dynamo trace the step "
-                   "with a symbolic batch size; graphs that use it (mean's backward) get a "
-                   "SymInt input, which lowering checks as a device tensor: "
-                   "DeviceMismatchError 'input 0 of backward graph N is <class int>'")
 def test_partial_last_batch_compiles_once_then_hits_the_cache(xla):
-    model, opt = _mlp(xla)
+    model, opt = _mlp(xla, hidden=96)
     step = torch.compile(workloads.train_step, backend="syncfree_xla")
-    compiles, _ = _compiles_per_step(step, model, opt, _mlp_batches(xla, PARTIAL, False))
+    compiles, _ = _compiles_per_step(step, model, opt,
+                                     _mlp_batches(xla, PARTIAL, False, hidden=96))
     first, warm, partial, *rest = compiles
     assert 0 < partial <= first, compiles
     assert rest == [0] * len(rest), compiles
 
 
-@pytest.mark.xfail(strict=True, reason="torch.compile(dynamic=False) is not honoured: the "
-                   "backend's Dynamo scope sets automatic_dynamic_shapes=True over it, so a "
-                   "partial batch still takes the broken symbolic-size path")
 def test_dynamic_false_recompiles_a_partial_batch_statically(xla):
-    model, opt = _mlp(xla)
+    model, opt = _mlp(xla, hidden=80)
     step = torch.compile(workloads.train_step, backend="syncfree_xla", dynamic=False)
-    compiles, _ = _compiles_per_step(step, model, opt, _mlp_batches(xla, PARTIAL, False))
+    compiles, _ = _compiles_per_step(step, model, opt,
+                                     _mlp_batches(xla, PARTIAL, False, hidden=80))
     assert compiles[3:] == [0] * len(compiles[3:]), compiles
 
 
-@pytest.mark.xfail(strict=True, reason="torch.compile(dynamic=True) fails on the first "
-                   "backward with a misleading DeviceMismatchError: the graph's SymInt "
-                   "input (the batch size) is checked as if it were a device tensor")
-def test_dynamic_true_trains_like_eager_or_raises_clearly(xla):
+def test_dynamic_true_trains_like_eager(xla):
     model, opt = _mlp(xla)
     reference = workloads.get_workload("mlp").build_model()
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
@@ -111,9 +107,6 @@ def test_dynamic_true_trains_like_eager_or_raises_clearly(xla):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="a symbolic size used in device math (x.shape[0] "
-                   "after the second shape) reaches lowering as a SymInt graph input and "
-                   "fails the device check: DeviceMismatchError")
 def test_symbolic_size_in_device_math(xla):
     fn = torch.compile(lambda x: x.sum(0) / x.shape[0], backend="syncfree_xla")
     for rows in (4, 5, 6):
@@ -154,12 +147,19 @@ def test_varying_sequence_lengths_compile_once_per_length_with_static_marks(xla)
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.xfail(strict=True, reason="a second sequence length makes Dynamo trace with a "
-                   "symbolic length, and torch_xla's layer_norm kernel, run on fake tensors "
-                   "during that trace, calls numel(): 'Cannot call numel() on tensor with "
-                   "symbolic sizes/strides'")
 def test_varying_sequence_lengths_compile_once_per_length(xla):
     work, model, opt = _gpt(xla)
     step = torch.compile(workloads.train_step, backend="syncfree_xla")
     compiles, _ = _compiles_per_step(step, model, opt, _seq_batches(work, xla, False))
     assert compiles[2] == compiles[4] == compiles[5] == 0, compiles
+
+
+def test_explain_counts_one_recompile_per_new_sequence_length(xla):
+    work, model, opt = _gpt(xla)
+    step = torch.compile(workloads.train_step, backend="syncfree_xla")
+    with ExplainSession() as session:
+        for batch in _seq_batches(work, xla, False):
+            session.call(step, model, opt, *batch)
+    recompiles = session.report().recompiles
+    assert len(recompiles) == len(set(SEQ_LENS)) - 1, [str(r) for r in recompiles]
+    assert all("size mismatch" in r.reason for r in recompiles), [str(r) for r in recompiles]

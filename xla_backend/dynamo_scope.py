@@ -38,8 +38,12 @@ Limits (said out loud):
   effect for the whole process: another ``torch.compile``'d function called from inside
   our step (nested compile), or one traced on another thread at the same moment, sees
   them too. Anything not overlapping our calls sees the unpatched state.
-* ``automatic_dynamic_shapes=True`` also applies to tensor shapes: a shape that
-  changes between calls is retraced once with a symbolic size, as in stock PyTorch.
+* ``automatic_dynamic_shapes=True`` is narrowed to Python scalars
+  (:func:`_static_tensor_shapes`): a tensor whose shape changes between calls is
+  retraced with the new static shape, as torch_xla's own setting does. XLA compiles one
+  executable per concrete shape either way, and torch_xla's autograd kernels
+  (``native_layer_norm``) cannot run on symbolic sizes. ``torch.compile(dynamic=True)``
+  still traces symbolic sizes; each concrete size then gets its own XLA executable.
 * ``torch._dynamo.optimize(syncfree_xla)`` honours the hook without the forwarder.
 """
 
@@ -96,6 +100,7 @@ def _scope() -> Iterator[None]:
         if _scope_depth == 0:
             stack = contextlib.ExitStack()
             stack.enter_context(torch._dynamo.config.patch(**DYNAMO_SETTINGS))
+            stack.enter_context(_static_tensor_shapes())
             stack.enter_context(_masked_grad_scaler_step())
             _scope_stack = stack
         _scope_depth += 1
@@ -107,6 +112,32 @@ def _scope() -> Iterator[None]:
             if _scope_depth == 0 and _scope_stack is not None:
                 _scope_stack.close()
                 _scope_stack = None
+
+
+@contextlib.contextmanager
+def _static_tensor_shapes() -> Iterator[None]:
+    """Automatic dynamism for Python scalars only; tensor shapes stay static.
+
+    Dynamo's ``automatic_dynamic_shapes`` covers both: a float learning rate needs it
+    (else it is a guarded constant), tensor sizes must not have it (see the module
+    docstring). Dynamo asks ``process_automatic_dynamic`` once per scalar and per tensor
+    it wraps; a tensor's entry is answered with its own static sizes, unmerged.
+    """
+    from torch._dynamo.pgo import auto_dynamic
+    from torch._dynamo.variables import builder
+
+    stock = builder.process_automatic_dynamic
+
+    def scalars_only(tx: Any, name: str, entry: Any, **kwargs: Any) -> Any:
+        if entry.size is auto_dynamic:  # a Python int or float
+            return stock(tx, name, entry, **kwargs)
+        return entry
+
+    builder.process_automatic_dynamic = scalars_only
+    try:
+        yield
+    finally:
+        builder.process_automatic_dynamic = stock
 
 
 def backend_ctx(options: Mapping[str, Any] | None = None,

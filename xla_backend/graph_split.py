@@ -52,7 +52,9 @@ class SplitGraph:
     host: torch.fx.GraphModule | None
     host_inputs: list[int]
     device: torch.fx.GraphModule
-    device_inputs: list[tuple[str, int]]  # ("arg", i): device arg, ("cpu_arg", i), ("host", k)
+    # ("arg", i): device tensor arg, ("cpu_arg", i), ("host", k) a host result,
+    # ("scalar", i): a Python number or symbolic size, traced in as a constant
+    device_inputs: list[tuple[str, int]]
     device_mutations: dict[int, int]  # arg index -> device output index
     outputs: list[OutputSlot]
     output_is_sequence: bool
@@ -294,7 +296,8 @@ def _build_device(
         if node.op == "placeholder" and node in needed and node not in host_to_device:
             env[node] = graph.placeholder(node.name)
             env[node].meta = dict(node.meta)
-            inputs.append(("arg", index_of[node]))
+            kind = "arg" if isinstance(_val(node), torch.Tensor) else "scalar"
+            inputs.append((kind, index_of[node]))
     for node in host_to_device:
         if node in needed:
             env[node] = graph.placeholder(f"host_{node.name}")

@@ -257,9 +257,7 @@ class LoweredGraph:
     def _device_inputs(self, args: Sequence[Any], host_values: Sequence[Any] | None) -> list[Any]:
         values: list[Any] = []
         for kind, i in self._split.device_inputs:
-            if kind == "arg":
-                values.append(args[i])
-            elif kind == "cpu_arg":
+            if kind in ("arg", "cpu_arg", "scalar"):
                 values.append(args[i])
             else:
                 values.append(host_values[i] if host_values is not None else None)
