@@ -434,10 +434,6 @@ def test_regressions(xla, program):
     run_both(program, xla)
 
 
-@pytest.mark.xfail(strict=True, reason="in-place update of a view input does not reach its "
-                   "base (see test_hostile_inputs.py::"
-                   "test_in_place_update_of_a_view_input_reaches_its_base): the graph break "
-                   "makes Dynamo compile mul_ on its own, with a view of x as its input")
 def test_fuzzer_found_view_input_update(xla):
     run_both(_program((1, 1), torch.int64, ("unsqueeze", 6, 0.5), ("reshape", 2, 0.5),
                       ("mul_", 5, 0.5), ("bool_mask", 10, 3.0)), xla)

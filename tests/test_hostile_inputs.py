@@ -108,9 +108,6 @@ def test_same_tensor_passed_twice_with_an_in_place_update(xla):
     assert a.cpu().tolist() == [3.0, 3.0, 3.0]
 
 
-@pytest.mark.xfail(strict=True, reason="an in-place update of an input that is a view lands "
-                   "only in that view: lowering rebinds the view with _replace_xla_tensor, "
-                   "so its base and sibling views keep the old values")
 @pytest.mark.parametrize("view", ["row", "transposed"])
 def test_in_place_update_of_a_view_input_reaches_its_base(xla, view):
     def make(dev):
@@ -124,10 +121,6 @@ def test_in_place_update_of_a_view_input_reaches_its_base(xla, view):
     assert_same(xla_base.cpu(), base)
 
 
-@pytest.mark.xfail(strict=True, reason="an in-place update of an expanded input raises in "
-                   "eager and with backend='aot_eager' ('more than one element of the "
-                   "written-to tensor refers to a single memory location'); syncfree_xla "
-                   "silently updates the view alone")
 def test_in_place_update_of_an_expanded_input_raises_like_eager(xla):
     def fn(t):
         return t.add_(1)
@@ -175,10 +168,6 @@ def test_a_changing_cpu_scalar_is_an_input_not_a_constant(xla):
     assert window.counts.transfers_to_host == 3  # the .cpu() reads, nothing else
 
 
-@pytest.mark.xfail(strict=True, reason="a CPU 0-d scalar holding 0 or 1 reaches the device "
-                   "as a torch_xla 'special scalar' IR constant (t.to(device)), not device "
-                   "data: one extra XLA compile and one extra execution per call to "
-                   "materialize it; _XLAC._xla_tensors_from_aten makes data for any value")
 def test_a_cpu_scalar_of_zero_costs_no_extra_execution(xla):
     step = torch.compile(lambda x, s: x * s, backend="syncfree_xla")
     x = torch.ones(2, device=xla)

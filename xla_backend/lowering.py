@@ -214,9 +214,53 @@ def _materialize(tensors: list[torch.Tensor], device: torch.device) -> None:
             _XLAC._xla_sync_live_tensors(str(device), [], False)
 
 
+def _to_device_data(feed: list[Any], device: torch.device) -> None:
+    """Moves the host tensors in ``feed`` to the device, in place, as device data.
+
+    ``Tensor.to`` turns a 0-d tensor holding 0 or 1 into a torch_xla "special scalar"
+    (an IR literal), which costs a compile and an execution to materialize on every
+    call; a direct upload is a plain buffer whatever the value.
+    """
+    host = [k for k, t in enumerate(feed) if t.device.type != "xla"]
+    if host:
+        uploaded = _XLAC._xla_tensors_from_aten([feed[k] for k in host],
+                                                [str(device)] * len(host))
+        for k, t in zip(host, uploaded):
+            feed[k] = t
+
+
 def _passed_through(t: torch.Tensor, copy: bool) -> torch.Tensor:
     # A lazy clone costs nothing now; it only runs if the caller keeps using it.
     return t.clone() if copy else t
+
+
+def _check_writable(t: torch.Tensor, position: int, name: str) -> None:
+    """Refuses an in-place update of an expanded input, as eager PyTorch does.
+
+    torch_xla reports every tensor's strides as contiguous, so overlap is found by
+    counting: a view with more elements than its base repeats some of them.
+    """
+    base = t._base if t._is_view() else None
+    if base is not None and t.numel() > base.numel():
+        raise RuntimeError(
+            f"syncfree_xla: input {position} of {name} is updated in place, but it is an "
+            f"expanded view ({tuple(base.shape)} -> {tuple(t.shape)}): more than one element "
+            f"of the written-to tensor refers to a single memory location. Clone it first."
+        )
+
+
+def _write_back(t: torch.Tensor, value: torch.Tensor) -> None:
+    """Gives an input updated in place its new value.
+
+    A whole tensor is rebound to the computation's output buffer, free of any copy.
+    A view is written through (a lazy ``copy_``), so that its base and sibling views
+    see the update too.
+    """
+    if t._is_view():
+        with torch.no_grad():
+            t.copy_(value)
+    else:
+        _XLAC._replace_xla_tensor(t, value)
 
 
 class LoweredGraph:
@@ -297,6 +341,8 @@ class LoweredGraph:
 
     def __call__(self, args: list[Any]) -> Any:
         self._check_devices(args)
+        for arg_index in self._split.device_mutations:
+            _check_writable(args[arg_index], arg_index, self.name)
         split_ = self._split
         host_values = None
         if split_.host is not None:
@@ -305,13 +351,9 @@ class LoweredGraph:
         dev_inputs = self._device_inputs(args, host_values)
         computed: list[Any] = []
         if exe.graph_hash is not None:
-            feed = []
-            for kind, value in exe.params:
-                if kind == "input":
-                    t = dev_inputs[value]
-                    feed.append(t if t.device.type == "xla" else t.to(self._device))
-                else:
-                    feed.append(value)
+            feed = [dev_inputs[value] if kind == "input" else value
+                    for kind, value in exe.params]
+            _to_device_data(feed, self._device)
             if exe.ready is not None:
                 runtime.wait_compiled(exe.ready)
             _materialize(feed, self._device)
@@ -325,7 +367,7 @@ class LoweredGraph:
             for v in exe.output_values
         ]
         for arg_index, out_index in split_.device_mutations.items():
-            _XLAC._replace_xla_tensor(args[arg_index], device_results[out_index])
+            _write_back(args[arg_index], device_results[out_index])
         outs = [self._output(slot, args, host_values, device_results) for slot in split_.outputs]
         return outs if split_.output_is_sequence else outs[0]
 
