@@ -168,3 +168,15 @@ def test_detection_agrees_with_torch_xla():
     for op in (ops.mm.default, ops.add.Tensor, ops.native_layer_norm.default,
                ops._linalg_eigh.default, ops.kthvalue.default, ops.cummax.default):
         assert partition.has_xla_lowering(op), op
+
+
+def test_explain_names_the_ops_that_run_eagerly(xla, fresh_warnings):
+    import xla_backend
+
+    def fn(x):
+        return torch.histc(x, bins=3, min=0.0, max=1.0) * 2
+
+    report = xla_backend.explain(fn, torch.rand(6, device=xla))
+    (aten,) = report.aten_graphs
+    assert aten.eager_ops == ["aten.histc"] and not aten.runs_op_by_op
+    assert "run eagerly: aten.histc" in str(aten)
