@@ -180,3 +180,26 @@ def test_explain_names_the_ops_that_run_eagerly(xla, fresh_warnings):
     (aten,) = report.aten_graphs
     assert aten.eager_ops == ["aten.histc"] and not aten.runs_op_by_op
     assert "run eagerly: aten.histc" in str(aten)
+
+
+def test_a_signature_first_traced_at_call_time_runs_op_by_op_if_it_falls_back(
+        xla, monkeypatch):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from xla_backend import lowering, xla_metrics
+
+    def fn(x):
+        return (torch.ops.aten.special_i1.default(x) * 2,)
+
+    gm = make_fx(fn, tracing_mode="fake")(torch.randn(4, device=xla))
+    # the compile-time trace for shape (4,) is let through unchecked; shape (6,) is new
+    real_check = xla_metrics.fell_back_since
+    monkeypatch.setattr(xla_metrics, "fell_back_since", lambda before: [])
+    lowered = lowering.LoweredGraph(gm, [torch.randn(4, device=xla)], "call-time")
+    monkeypatch.setattr(xla_metrics, "fell_back_since", real_check)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        x = torch.randn(6)
+        (got,) = lowered([x.to(xla)])
+        torch.testing.assert_close(got.cpu(), fn(x)[0])
+    assert stats()[counters.EAGER_FALLBACKS] == 2

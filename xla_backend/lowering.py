@@ -392,7 +392,8 @@ def xla_device() -> torch.device:
 
 def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str = "graph",
           fallback: str = "warn", options: Options | None = None) -> Callable[[list[Any]], Any]:
-    """The lowering entry point: a compiled graph, or a logged op-by-op fallback.
+    """The lowering entry point: a compiled graph, compiled segments around ops XLA
+    cannot lower (``partition``), or a logged op-by-op fallback.
 
     ``fallback="error"`` raises instead of running a graph op by op. ``options`` chooses
     the graph cache (None: defaults and ``SYNCFREE_XLA_*`` variables).
