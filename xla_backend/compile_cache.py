@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 _XLAC = torch_xla._XLAC
 
 # Bump when what an entry holds, or how lowering reads it, changes.
-ENTRY_FORMAT = 1
+ENTRY_FORMAT = 2  # 2: traces during which an op fell back to the CPU are never stored
 # The FX passes that run before lowering, in order (Dynamo-level ones, then the aten-level
 # RNG rewrite); each one's name and version is in the key. Their effect on a graph is in
 # the GRAPH component already; the versions make a changed pass an explained miss.

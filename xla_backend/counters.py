@@ -13,6 +13,10 @@ GRAPHS_LOWERED = "graphs_lowered"
 XLA_COMPILES = "xla_compiles"
 EXECUTIONS = "executions"
 EAGER_FALLBACKS = "eager_fallbacks"
+# Ops torch_xla cannot lower: graphs cut around them at compile time, and each run of
+# such an op outside a compiled computation (one per op node per call).
+GRAPHS_PARTITIONED = "graphs_partitioned"
+OP_FALLBACK_EXECUTIONS = "op_fallback_executions"
 INPUT_MATERIALIZATIONS = "input_materializations"
 HOST_TRANSFERS_TO_DEVICE = "host_to_device_transfers"
 DEVICE_TO_HOST_TRANSFERS = "device_to_host_transfers"

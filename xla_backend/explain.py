@@ -52,7 +52,7 @@ from torch._guards import CompileContext
 from passes import pipeline as pass_pipeline
 from passes._dynamo_graph import is_dynamo_float_input, is_sym, value
 
-from . import backend, counters, dynamo_scope, graph_split, xla_metrics
+from . import backend, counters, dynamo_scope, graph_split, partition, xla_metrics
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +246,17 @@ class AtenGraphReport:
     name: str
     fallback_reason: str | None
     sync_points: list[SyncPoint] = field(default_factory=list)
+    #: ops with no XLA lowering (``aten.histc``): the graph is cut around them
+    eager_ops: list[str] = field(default_factory=list)
 
     @property
     def runs_op_by_op(self) -> bool:
         return self.fallback_reason is not None
 
     def __str__(self) -> str:
+        if self.fallback_reason is None and self.eager_ops:
+            return (f"{self.name}: compiled segments around ops with no XLA lowering, "
+                    f"run eagerly: {', '.join(self.eager_ops)}")
         if self.fallback_reason is None:
             return f"{self.name}: one XLA computation"
         return f"{self.name}: op by op (op-by-op fallback: {self.fallback_reason})"
@@ -687,6 +692,8 @@ class ExplainSession:
             name=name,
             fallback_reason=_short_split_reason(failure) if failure else None,
             sync_points=_aten_syncs(gm),
+            eager_ops=list(dict.fromkeys(partition.op_name(n)
+                                         for n in partition.unsupported_nodes(gm))),
         )
         compile_id, _ = _compile_id()
         with self._lock:

@@ -27,7 +27,7 @@ import torch.fx
 import torch_xla
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from . import compile_cache, counters, runtime
+from . import compile_cache, counters, runtime, xla_metrics
 from .graph_split import OutputSlot, SplitGraph, UnsplittableGraph, split
 from .options import Options
 
@@ -41,6 +41,17 @@ _trace_lock = threading.Lock()
 
 class DeviceMismatchError(TypeError):
     """An argument is not on the XLA device the graph was compiled for."""
+
+
+class OpsFellBackInTrace(Exception):
+    """torch_xla ran ops through its CPU fallback while tracing: the trace is unusable.
+
+    On stand-in buffers the fallback's result would be baked in as a constant.
+    """
+
+    def __init__(self, ops: list[str]) -> None:
+        super().__init__("torch_xla has no lowering for " + ", ".join(ops))
+        self.ops = ops
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ class _Executable:
     params: list[tuple[str, Any]]  # ("input", device-input position) or ("const", tensor)
     output_values: list[Any]  # per device output: _Computed, _Value or _Input
     ready: Future | None = None  # the compile; None when there is nothing to compile
+    op_by_op: bool = False  # torch_xla fell back to the CPU while tracing: run eagerly
 
 
 def _signature(args: Sequence[Any], positions: Sequence[int]) -> tuple:
@@ -155,7 +167,11 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
                 for k, t in enumerate(standins)
                 if isinstance(t, torch.Tensor)
             }
+            fallbacks_before = xla_metrics.fallback_counts()
             results = device_gm(*standins)
+            fell_back = xla_metrics.fell_back_since(fallbacks_before)
+            if fell_back:
+                raise OpsFellBackInTrace(fell_back)
             tensors: list[torch.Tensor] = []
             result_index: dict[int, int] = {}
             output_values: list[Any] = []
@@ -307,8 +323,8 @@ class LoweredGraph:
                 values.append(host_values[i] if host_values is not None else None)
         return values
 
-    def _executable_for(self, args: Sequence[Any],
-                        host_values: Sequence[Any] | None) -> _Executable:
+    def _executable_for(self, args: Sequence[Any], host_values: Sequence[Any] | None,
+                        at_call: bool = False) -> _Executable:
         key = _signature(args, self._signature_positions)
         if host_values is not None:
             key += tuple((tuple(h.shape), h.dtype) for h in host_values
@@ -322,9 +338,17 @@ class LoweredGraph:
                 inputs = self._device_inputs(args, host_values)
                 # Dynamo may still have its fake-tensor mode active while it compiles;
                 # stand-ins must be real device buffers.
-                with unset_fake_temporarily():
-                    exe = _trace_and_compile(self._split.device, inputs, self._device,
-                                             self._options)
+                try:
+                    with unset_fake_temporarily():
+                        exe = _trace_and_compile(self._split.device, inputs, self._device,
+                                                 self._options)
+                except OpsFellBackInTrace as exc:
+                    if not at_call:
+                        raise  # at compile time the caller partitions the graph instead
+                    # a new signature seen only now: never replay a baked-in constant
+                    log.warning("syncfree_xla: %s runs op by op for this input signature: %s",
+                                self.name, exc)
+                    exe = _Executable(None, [], [], op_by_op=True)
                 self._executables[key] = exe
         return exe
 
@@ -347,10 +371,15 @@ class LoweredGraph:
         host_values = None
         if split_.host is not None:
             host_values = split_.host(*[args[i] for i in split_.host_inputs])
-        exe = self._executable_for(args, host_values)
+        exe = self._executable_for(args, host_values, at_call=True)
         dev_inputs = self._device_inputs(args, host_values)
         computed: list[Any] = []
-        if exe.graph_hash is not None:
+        if exe.op_by_op:
+            counters.incr(counters.EAGER_FALLBACKS)
+            with torch.no_grad():
+                computed = list(self._split.device(*dev_inputs))
+            exe = _Executable(None, [], [_Computed(i) for i in range(len(computed))])
+        elif exe.graph_hash is not None:
             feed = [dev_inputs[value] if kind == "input" else value
                     for kind, value in exe.params]
             _to_device_data(feed, self._device)
@@ -403,14 +432,17 @@ def xla_device() -> torch.device:
 
 def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str = "graph",
           fallback: str = "warn", options: Options | None = None) -> Callable[[list[Any]], Any]:
-    """The lowering entry point: a compiled graph, or a logged op-by-op fallback.
+    """The lowering entry point: a compiled graph, compiled segments around ops XLA
+    cannot lower (``partition``), or a logged op-by-op fallback.
 
     ``fallback="error"`` raises instead of running a graph op by op. ``options`` chooses
     the graph cache (None: defaults and ``SYNCFREE_XLA_*`` variables).
     """
+    from . import partition  # builds on LoweredGraph, so it imports this module
+
     fallback_gm = torch.fx.GraphModule(gm, _copy_graph(gm))
     try:
-        return LoweredGraph(gm, example_inputs, name, options)
+        return partition.lower_graph(gm, example_inputs, name, fallback, options)
     except UnsplittableGraph as exc:
         if fallback == "error":
             raise

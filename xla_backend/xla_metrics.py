@@ -35,6 +35,27 @@ def executions() -> int:
     return _metric_count("ExecuteTime")
 
 
+def fallback_counts() -> dict[str, int]:
+    """How often each op ran through torch_xla's CPU fallback (its ``aten::<op>`` counters).
+
+    An op with no XLA lowering makes torch_xla copy its inputs to the host, run it
+    there and copy the result back; inside a trace that result becomes a constant.
+    """
+    if "torch_xla" not in sys.modules:
+        return {}
+    import torch_xla
+
+    xlac = torch_xla._XLAC
+    return {name: int(xlac._xla_counter_value(name))
+            for name in xlac._xla_counter_names() if name.startswith("aten::")}
+
+
+def fell_back_since(before: dict[str, int]) -> list[str]:
+    """The ops whose fallback counter grew since ``before`` (a ``fallback_counts()``)."""
+    return sorted(name for name, count in fallback_counts().items()
+                  if count > before.get(name, 0))
+
+
 def compile_seconds() -> float:
     if "torch_xla" not in sys.modules:
         return 0.0
