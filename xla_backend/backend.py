@@ -16,7 +16,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 import passes
 
-from . import counters, dynamo_scope
+from . import counters, dynamo_scope, rewrites
 from . import options as options_mod
 from .device import configure_pjrt
 
@@ -74,6 +74,7 @@ def _compile_aten_graph(kind: str, opts: options_mod.Options
                         ) -> Callable[[torch.fx.GraphModule, Sequence[Any]], Callable]:
     def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         name = f"{kind} graph {next(_graph_ids)}"
+        passes.run_pipeline(gm, rewrites.ATEN_REWRITES)
         gm, seeded = rng_state.functionalize(gm)
         for observer in list(OBSERVERS):
             observer.on_aten_graph(name, gm)

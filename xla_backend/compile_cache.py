@@ -52,6 +52,7 @@ from . import counters
 from . import options as options_mod
 from .cache import key as key_mod
 from .cache.store import Store, default_cache_dir
+from .rewrites import ATEN_REWRITES
 
 if TYPE_CHECKING:
     from .lowering import _Executable
@@ -64,7 +65,7 @@ ENTRY_FORMAT = 2  # 2: traces during which an op fell back to the CPU are never 
 # The FX passes that run before lowering, in order (Dynamo-level ones, then the aten-level
 # RNG rewrite); each one's name and version is in the key. Their effect on a graph is in
 # the GRAPH component already; the versions make a changed pass an explained miss.
-PIPELINE = (*getattr(passes, "DYNAMO_PASSES", ()), functionalize_rng)
+PIPELINE = (*getattr(passes, "DYNAMO_PASSES", ()), *ATEN_REWRITES, functionalize_rng)
 PIPELINE_VERSION = ";".join(
     [f"{p.name}={p.version}" for p in PIPELINE] + [f"graph_entry={ENTRY_FORMAT}"]
 )

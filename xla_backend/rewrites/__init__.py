@@ -1,0 +1,18 @@
+"""FX rewrites of aten graphs around torch_xla lowerings that disagree with eager PyTorch.
+
+Each rewrite is a :class:`passes.GraphPass` over the aten graph AOTAutograd hands the
+backend, and replaces a pattern whose torch_xla lowering gives other dtypes or values
+than eager with an equivalent that lowers correctly, read off ``node.meta["val"]``.
+They import torch only; they live here, not in ``passes/``, because which patterns need
+them is a fact about torch_xla. Each module documents the bug it steps around.
+"""
+
+from __future__ import annotations
+
+from passes.base import GraphPass
+
+#: Rewrites run on every aten graph, in this order, before lowering; part of the
+#: graph-cache key through their names and versions.
+ATEN_REWRITES: tuple[GraphPass, ...] = ()
+
+__all__ = ["ATEN_REWRITES"]
