@@ -209,6 +209,8 @@ def _check_state_dict_loads_eagerly(opt: torch.optim.Optimizer, ref_opt: torch.o
             # on the host as torch keeps it, unless the user asked for capturable
             assert state["step"].device.type == ("xla" if any(flags) else "cpu")
             assert float(state["step"].cpu()) == float(want[index]["step"])
+    # the live counters stay on the device: saving copies them, never moves them
+    assert all(s["step"].device.type == "xla" for s in opt.state.values() if "step" in s)
     if any(flags):
         return  # a capturable group cannot run on the CPU, by torch's own rule
     params = [torch.nn.Parameter(p.detach().clone()) for p in reference.parameters()]
