@@ -5,6 +5,8 @@ compile (torch_xla's own counters), and 20 steps must match eager PyTorch on the
 
 Loop A: backward, clip_grad_norm_, optimizer step with a float lr that an LR
 scheduler changes every step (inside the compiled step or outside it).
+Loop B: ``torch.amp.GradScaler`` with a non-finite gradient at chosen steps, for every
+optimizer as a user creates it (no ``capturable=True``).
 Loop C: a warm-up factor read from a tensor step counter with ``.item()`` / ``float()``.
 """
 
@@ -168,23 +170,55 @@ def test_loop_c_warmup_from_step_counter(xla, step_fn, opt_name):
     assert int(counter["compiled"].cpu()) == int(counter["eager"]) == STEPS
 
 
-# Loop B: GradScaler. The steps at INF_STEPS see a non-finite input, so their
-# gradients hold NaN: both runs must skip exactly those optimizer steps and back off.
-INF_STEPS = (5, 11)
+# Loop B: GradScaler. The steps in BAD_STEPS see a non-finite input (inf, then NaN), so
+# their gradients are non-finite: both runs must skip exactly those optimizer steps and
+# back off; after GROWTH_INTERVAL good steps in a row both double the scale.
+BAD_STEPS = {5: float("inf"), 11: float("nan")}
+GROWTH_INTERVAL = 3
+# Created as a user would, with no capturable=True: Adam-style step counters start on
+# the host and the backend moves them (xla_backend/step_counters.py).
 LOOP_B_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda p, device: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-2),
-    # capturable keeps Adam's step counter on the device, so a skipped step can be
-    # undone there; eager CPU runs the same arithmetic with capturable=False.
-    "adamw": lambda p, device: torch.optim.AdamW(
+    "sgd": lambda p, device: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
+                                             weight_decay=1e-2),
+    "adam": lambda p, device: torch.optim.Adam(p, lr=1e-3),
+    "adamw-amsgrad": lambda p, device: torch.optim.AdamW(p, lr=1e-3, amsgrad=True),
+    "rmsprop": lambda p, device: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5),
+    "adagrad": lambda p, device: torch.optim.Adagrad(p, lr=1e-2),
+    # the user's own capturable=True on the device; eager CPU runs it non-capturable
+    "adamw-capturable": lambda p, device: torch.optim.AdamW(
         p, lr=1e-3, capturable=torch.device(device).type == "xla"),
 }
 
 
 def _amp_batch(work: workloads.Workload, i: int, device: torch.device | str):
     x, y = work.make_batch(i)
-    if i in INF_STEPS:
-        x[0, 0] = float("inf")
+    if i in BAD_STEPS:
+        x[0, 0] = BAD_STEPS[i]
     return x.to(device), y.to(device)
+
+
+def _check_state_dict_loads_eagerly(opt: torch.optim.Optimizer, ref_opt: torch.optim.Optimizer,
+                                    make: Callable, flags: list, reference: torch.nn.Module
+                                    ) -> None:
+    """The compiled run's state dict is what eager torch saves, and loads into an eager one."""
+    saved = opt.state_dict()
+    assert [g.get("capturable") for g in saved["param_groups"]] == flags
+    want = ref_opt.state_dict()["state"]
+    for index, state in saved["state"].items():
+        if "step" in state:
+            # on the host as torch keeps it, unless the user asked for capturable
+            assert state["step"].device.type == ("xla" if any(flags) else "cpu")
+            assert float(state["step"].cpu()) == float(want[index]["step"])
+    # the live counters stay on the device: saving copies them, never moves them
+    assert all(s["step"].device.type == "xla" for s in opt.state.values() if "step" in s)
+    if any(flags):
+        return  # a capturable group cannot run on the CPU, by torch's own rule
+    params = [torch.nn.Parameter(p.detach().clone()) for p in reference.parameters()]
+    fresh = make(params, "cpu")
+    fresh.load_state_dict(saved)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    fresh.step()  # runs eagerly on the CPU, step counters included
 
 
 @pytest.mark.parametrize("opt_name", list(LOOP_B_OPTIMIZERS))
@@ -193,8 +227,10 @@ def test_loop_b_grad_scaler_skips_on_device(xla, opt_name):
     model, reference = twin(work.build_model(), xla)
     make = LOOP_B_OPTIMIZERS[opt_name]
     opt, ref_opt = make(model.parameters(), xla), make(reference.parameters(), "cpu")
-    scaler = workloads.make_grad_scaler(xla, init_scale=2.0**8)
-    ref_scaler = workloads.make_grad_scaler("cpu", init_scale=2.0**8)
+    flags = [g.get("capturable") for g in opt.param_groups]
+    scaler = workloads.make_grad_scaler(xla, init_scale=2.0**8, growth_interval=GROWTH_INTERVAL)
+    ref_scaler = workloads.make_grad_scaler("cpu", init_scale=2.0**8,
+                                            growth_interval=GROWTH_INTERVAL)
     compiled = torch.compile(workloads.train_step_amp, backend="syncfree_xla")
     got, want, scales = [], [], []
 
@@ -205,16 +241,22 @@ def test_loop_b_grad_scaler_skips_on_device(xla, opt_name):
         scales.append(ref_scaler.get_scale())
 
     window, frames = _warm_then_measure(one)
-    finite = [i for i in range(STEPS) if i not in INF_STEPS]
-    assert scales[INF_STEPS[0]] == scales[INF_STEPS[0] - 1] / 2, "the reference must back off"
+    assert window.counts.transfers_to_host == 0, window.counts
+    assert window.counts.compiles == 0, window.counts
+    assert frames == 0, f"Dynamo traced {frames} more graphs after warm-up"
+    # the reference backs off at each bad step and grows within the measured steps
+    for i in BAD_STEPS:
+        assert scales[i] == scales[i - 1] / 2, f"step {i}: {scales}"
+    assert any(scales[i] == 2 * scales[i - 1] for i in range(WARMUP + 1, STEPS)), scales
     assert float(scaler.get_scale()) == ref_scaler.get_scale()
+    assert int(scaler._growth_tracker.cpu()) == int(ref_scaler._growth_tracker)
+    finite = [i for i in range(STEPS) if i not in BAD_STEPS]
+    assert all(not torch.isfinite(got[i].cpu()) for i in BAD_STEPS)
     got_finite = torch.stack([got[i].cpu() for i in finite])
     torch.testing.assert_close(got_finite, torch.stack([want[i] for i in finite]),
                                rtol=RTOL, atol=RTOL * 0.1)
     assert_same_state(model, reference, rtol=RTOL)
-    assert window.counts.transfers_to_host == 0, window.counts
-    assert window.counts.compiles == 0, window.counts
-    assert frames == 0, f"Dynamo traced {frames} more graphs after warm-up"
+    _check_state_dict_loads_eagerly(opt, ref_opt, make, flags, reference)
 
 
 @torch._dynamo.disable

@@ -59,6 +59,7 @@ import torch._dynamo
 from torch._dynamo.repro.after_dynamo import WrapBackendDebug
 
 from . import options as options_mod
+from . import step_counters
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,9 @@ def _step_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None
 
     None when a parameter with a gradient has no state yet (a skipped first step
     must leave the state *absent*, which no mask can express), when state lives on
-    another device than its parameter (an Adam step counter on the host: reverting it
-    would need found_inf on the host), or holds a non-tensor value the step may change.
+    another device than its parameter (reverting it would need found_inf there; step
+    counters were moved to the device before this is asked), or holds a non-tensor
+    value the step may change.
     """
     tensors: list[torch.Tensor] = []
     for group in optimizer.param_groups:
@@ -283,16 +285,22 @@ def masked_maybe_opt_step(self: Any, optimizer: torch.optim.Optimizer,
                           optimizer_state: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
     """``GradScaler._maybe_opt_step`` deciding on the device instead of the host.
 
-    Falls back to the stock method (one host read) when :func:`_step_tensors` says a
-    mask cannot reproduce a skipped step exactly: the first step, or state kept on
-    the host (use ``capturable=True`` for Adam-style optimizers on XLA).
+    Step counters kept on the host (Adam-style optimizers created without
+    ``capturable=True``) are moved to the device first, and the groups run this step
+    as capturable (see :mod:`xla_backend.step_counters`). Falls back to the stock
+    method (one host read) when :func:`_step_tensors` says a mask cannot reproduce a
+    skipped step exactly: the first step, or state that is not a device tensor.
     """
-    snapshot = _snapshot(optimizer, optimizer_state)
-    if snapshot is None:
-        return _STOCK_MAYBE_OPT_STEP(self, optimizer, optimizer_state, *args, **kwargs)
-    retval = optimizer.step(*args, **kwargs)
-    _revert(*snapshot)
-    return retval
+    flipped = step_counters.device_step_counters(optimizer)
+    try:
+        snapshot = _snapshot(optimizer, optimizer_state)
+        if snapshot is None:
+            return _STOCK_MAYBE_OPT_STEP(self, optimizer, optimizer_state, *args, **kwargs)
+        retval = optimizer.step(*args, **kwargs)
+        _revert(*snapshot)
+        return retval
+    finally:
+        step_counters.restore_capturable(flipped)
 
 
 def _stock_maybe_opt_step() -> Callable[..., Any]:

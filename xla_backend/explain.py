@@ -810,8 +810,8 @@ def _why_not_masked(optimizer: torch.optim.Optimizer) -> str:
             if p.grad is not None and not optimizer.state.get(p):
                 return ("the optimizer has no state yet (its first step): a skipped step "
                         "must leave the state absent, which a mask cannot express")
-    return ("optimizer state is not a device tensor next to its parameter (an Adam "
-            "step counter on the host? use capturable=True): the stock step reads "
+    return ("optimizer state is not a device tensor next to its parameter (a "
+            "non-tensor value, or a parameter on the host): the stock step reads "
             "found_inf on the host")
 
 

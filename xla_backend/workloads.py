@@ -502,11 +502,16 @@ def make_adamw(
 
 
 def make_grad_scaler(
-    device: torch.device | str, init_scale: float = 2.0**16
+    device: torch.device | str, init_scale: float = 2.0**16, growth_interval: int = 2000
 ) -> torch.amp.GradScaler:
-    """A GradScaler for ``device``'s type ("cpu", "xla", ...), for ``train_step_amp``."""
+    """A GradScaler for ``device``'s type ("cpu", "xla", ...), for ``train_step_amp``.
+
+    ``growth_interval`` (good steps before the scale doubles) is torch's default; tests
+    shorten it so that growth happens within a short run.
+    """
     device_type = torch.device(device).type
-    return torch.amp.GradScaler(device_type, init_scale=init_scale)
+    return torch.amp.GradScaler(device_type, init_scale=init_scale,
+                                growth_interval=growth_interval)
 
 
 # --------------------------------------------------------------------------- workloads

@@ -1,0 +1,116 @@
+"""Optimizer step counters on the device, so a masked GradScaler step needs no host read.
+
+Why: Adam, AdamW, RMSprop (and Adagrad, from its constructor) created normally, without
+``capturable=True``, keep ``state["step"]`` in a 0-d CPU tensor ("special device hosting
+for step" in ``torch/optim/adam.py``). Our branch-free ``GradScaler._maybe_opt_step``
+(:func:`xla_backend.dynamo_scope.masked_maybe_opt_step`) undoes a skipped step by masking
+every tensor the step changed with ``found_inf``; a counter on the host could only be
+masked after reading ``found_inf`` there, one device-to-host transfer per step.
+
+What :func:`device_step_counters` does, for each param group whose parameters are all on
+a non-CPU device, and only while the masked step runs (which is only while one of our
+compiled functions runs):
+
+* moves each CPU ``step`` tensor to its parameter's device, once (a host-to-device copy;
+  it stays there afterwards). Dynamo's own ``OptimizerVariable.move_step_if_cpu`` does
+  the same when it traces ``_init_group`` for state that already exists;
+* sets ``group["capturable"] = True`` (when the group has that key and is neither fused
+  nor differentiable) for the duration of the step, then restores the user's value.
+  That is what torch's own optimizers need for device counters: state created in this
+  step gets its counter on the device, and any eager part of the step does its bias
+  correction as tensor math instead of ``step.item()``. Under ``torch.compile`` Dynamo
+  already traces optimizer steps as capturable (``OptimizerVariable._set_capturable``),
+  so the traced arithmetic is the same either way. Adagrad has no such flag; its traced
+  step reads a device counter as a tensor.
+
+State dicts: the first time it moves a counter or flips a group, the optimizer gets a
+``state_dict`` post-hook that returns the ``step`` of every group that is not (by the
+user's own choice) capturable as a CPU copy, and the groups carry the user's own
+``capturable``. So ``opt.state_dict()`` looks as it would
+without this backend and loads into an eager (non-capturable) optimizer on the CPU;
+the copy is one small device-to-host read per counter when a checkpoint is taken.
+Loading a state dict back puts the counters on the host again; the next masked step
+moves them (and Dynamo recompiles the optimizer step once for the new device).
+
+Eager steps outside our backend still work with counters on the device: a
+non-capturable torch optimizer reads them with ``.item()``, as it would a CPU counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import torch
+import torch._dynamo
+
+log = logging.getLogger(__name__)
+
+__all__ = ["device_step_counters", "restore_capturable"]
+
+_hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+
+
+def _on_device(group: dict[str, Any]) -> bool:
+    params = group["params"]
+    return bool(params) and all(p.device.type != "cpu" for p in params)
+
+
+@torch._dynamo.disable  # plain eager bookkeeping; Dynamo must not make a frame of it
+def device_step_counters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Moves host step counters to the device and marks device groups capturable.
+
+    Returns the groups whose ``capturable`` was flipped; hand them to
+    :func:`restore_capturable` when the step is done.
+    """
+    flipped: list[dict[str, Any]] = []
+    moved = 0
+    for group in optimizer.param_groups:
+        if not _on_device(group):
+            continue
+        if (group.get("capturable") is False and not group.get("fused")
+                and not group.get("differentiable")):
+            group["capturable"] = True
+            flipped.append(group)
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            step = state.get("step") if state else None
+            if isinstance(step, torch.Tensor) and step.device != p.device:
+                state["step"] = step.to(p.device)
+                moved += 1
+    if moved:
+        log.debug("syncfree_xla: moved %d step counters of %s to the device", moved,
+                  type(optimizer).__name__)
+    if (moved or flipped) and optimizer not in _hooked:
+        optimizer.register_state_dict_post_hook(_host_step_counters)
+        _hooked.add(optimizer)
+    return flipped
+
+
+@torch._dynamo.disable
+def restore_capturable(groups: list[dict[str, Any]]) -> None:
+    """Gives back the ``capturable=False`` that :func:`device_step_counters` flipped."""
+    for group in groups:
+        group["capturable"] = False
+
+
+def _host_step_counters(optimizer: torch.optim.Optimizer,
+                        state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` post-hook: device ``step`` counters saved as the CPU tensors torch
+    keeps for groups that are neither capturable nor fused (a user's own
+    ``capturable=True`` group keeps its counters on the device, as torch saves them).
+
+    ``state_dict["state"]`` is a fresh dict but its per-parameter dicts are the live
+    optimizer's, so those are replaced, never changed in place.
+    """
+    packed = state_dict["state"]
+    for group in state_dict["param_groups"]:
+        if group.get("capturable") or group.get("fused"):
+            continue
+        for index in group["params"]:
+            state = packed.get(index)
+            step = state.get("step") if state else None
+            if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+                packed[index] = {**state, "step": step.detach().cpu()}
+    return state_dict
