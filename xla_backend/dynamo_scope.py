@@ -13,6 +13,7 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
 * ``specialize_float=False`` and ``automatic_dynamic_shapes=True`` (PyTorch's own
   defaults): a float that changes between calls (``param_groups[i]["lr"]``) becomes a
   0-d float64 graph *input* after one recompile, instead of a constant;
+* ``enable_cpp_symbolic_shape_guards=False``: see :data:`DYNAMO_SETTINGS`;
 * ``capture_scalar_outputs=True``: ``.item()`` / ``float(t)`` stay in the graph as
   symbolic scalars, which ``passes.tensorify_scalar_reads`` turns into 0-d tensor math;
 * a branch-free ``GradScaler._maybe_opt_step`` (:func:`masked_maybe_opt_step`): the
@@ -70,6 +71,10 @@ DYNAMO_SETTINGS: dict[str, Any] = {
     "capture_scalar_outputs": True,
     "specialize_float": False,
     "automatic_dynamic_shapes": True,
+    # A float lr made a graph input brings a symbolic-shape guard; Dynamo would build
+    # it as a C++ extension with the system compiler, 10-14 s in every fresh process
+    # on two cores. Its Python form costs microseconds per call.
+    "enable_cpp_symbolic_shape_guards": False,
 }
 
 _FORWARDED = "backend_ctx_ctor"
