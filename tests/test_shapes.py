@@ -163,3 +163,20 @@ def test_explain_counts_one_recompile_per_new_sequence_length(xla):
     recompiles = session.report().recompiles
     assert len(recompiles) == len(set(SEQ_LENS)) - 1, [str(r) for r in recompiles]
     assert all("size mismatch" in r.reason for r in recompiles), [str(r) for r in recompiles]
+
+
+def test_dynamic_true_trains_a_transformer_like_eager(xla):
+    # LayerNorm: torch_xla's autograd kernel needs concrete sizes; the backend traces
+    # PyTorch's reference one while dynamic=True is in force.
+    work, model, opt = _gpt(xla)
+    reference = work.build_model()
+    reference.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    step = torch.compile(workloads.train_step, backend="syncfree_xla", dynamic=True)
+    for batch, ref_batch in zip(_seq_batches(work, xla, False)[:4],
+                                _seq_batches(work, "cpu", False)[:4]):
+        got = step(model, opt, *batch)
+        want = workloads.train_step(reference, ref_opt, *ref_batch)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+    # leaving the step gave torch_xla its own kernel back
+    assert "RegisterAutogradXLA.cpp" in torch._C._dispatch_dump("aten::native_layer_norm")

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -107,6 +108,8 @@ def _scope() -> Iterator[None]:
             stack = contextlib.ExitStack()
             stack.enter_context(torch._dynamo.config.patch(**DYNAMO_SETTINGS))
             stack.enter_context(_static_tensor_shapes())
+            if not torch._dynamo.config.assume_static_by_default:  # dynamic=True
+                stack.enter_context(_norms_for_symbolic_sizes())
             stack.enter_context(_masked_grad_scaler_step())
             _scope_stack = stack
         _scope_depth += 1
@@ -144,6 +147,32 @@ def _static_tensor_shapes() -> Iterator[None]:
         yield
     finally:
         builder.process_automatic_dynamic = stock
+
+
+#: torch_xla's own autograd kernels that ask for concrete sizes (``numel()``), so that
+#: Dynamo cannot trace them with symbolic ones; PyTorch's reference implementations of
+#: the same ops can be traced either way and differentiate through plain aten ops.
+_SYMBOLIC_SIZE_REFS = ("native_layer_norm", "native_group_norm")
+
+
+@contextlib.contextmanager
+def _norms_for_symbolic_sizes() -> Iterator[None]:
+    """Layer and group norm traceable under ``torch.compile(dynamic=True)``.
+
+    While in force, the ``AutogradXLA`` kernels of :data:`_SYMBOLIC_SIZE_REFS` are the
+    ``torch._refs`` ones; leaving removes them, and torch_xla's come back.
+    """
+    import torch._refs
+
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            for name in _SYMBOLIC_SIZE_REFS:
+                lib.impl(name, getattr(torch._refs, name), "AutogradXLA")
+        yield
+    finally:
+        lib._destroy()
 
 
 def backend_ctx(options: Mapping[str, Any] | None = None,
