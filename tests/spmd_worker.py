@@ -188,6 +188,30 @@ def _errors_case() -> dict[str, str]:
     return messages
 
 
+def _reshard_case() -> dict[str, Any]:
+    """shard_optimizer_state lays state out like its parameter, whatever it had before."""
+    import torch_xla.distributed.spmd as xs
+
+    mesh = sharding.data_parallel_mesh()
+    n = sharding.enable_spmd()
+    p = torch.nn.Parameter(sharding.shard_batch(torch.randn(4 * n, 3), mesh))
+    values = {"replicated": torch.randn(4 * n, 3), "cols": torch.randn(4 * n, 2 * n)}
+    state = {"replicated": values["replicated"].to(p.device),
+             "cols": values["cols"].to(p.device), "step": torch.tensor(3.0).to(p.device)}
+    xs.mark_sharding(state["cols"], mesh, (None, "data"))
+    q = torch.nn.Parameter(sharding.shard_batch(torch.randn(4 * n, 2 * n), mesh))
+    opt = torch.optim.SGD([p, q], lr=0.1)
+    opt.state[p] = {"exp_avg": state["replicated"], "step": state["step"]}
+    opt.state[q] = {"exp_avg": state["cols"]}
+    moved = sharding.shard_optimizer_state(opt, mesh)
+    return {
+        "moved": moved,
+        "specs": {k: sharding.spec_of(v) for k, v in state.items()},
+        "param_specs": [sharding.spec_of(p), sharding.spec_of(q)],
+        "values_kept": all(torch.equal(state[k].cpu(), v) for k, v in values.items()),
+    }
+
+
 def main(cases: list[str]) -> None:
     results: dict[str, Any] = {"devices": sharding.enable_spmd()}
     for case in cases:
@@ -195,6 +219,8 @@ def main(cases: list[str]) -> None:
             results[case] = _key_case()
         elif case == "errors":
             results[case] = _errors_case()
+        elif case == "reshard":
+            results[case] = _reshard_case()
         else:
             loop, layout = case.split("-")
             results[case] = _train(loop, fsdp=layout == "fsdp")

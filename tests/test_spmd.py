@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RTOL = 1e-4
 # (devices, cases) per worker process: loop A and loop B, data parallel and FSDP,
 # each at both device counts between the two; the cache-key checks on 4 devices.
-PLAN = {2: ("A-dp", "B-fsdp"), 4: ("A-fsdp", "B-dp", "key", "errors")}
+PLAN = {2: ("A-dp", "B-fsdp"), 4: ("A-fsdp", "B-dp", "key", "errors", "reshard")}
 
 
 @functools.cache
@@ -90,6 +90,17 @@ def test_sharding_is_a_cache_key_component_and_selects_a_new_executable():
     assert lowered[1] == lowered[0] + 1 and lowered[2] == lowered[1], r
     assert misses[1] == misses[0] + 1 and misses[2] == misses[1], r
     assert r["outputs_match"], r
+
+
+def test_optimizer_state_is_laid_out_like_its_parameter():
+    r = worker(4)["reshard"]
+    rows = r["param_specs"][0]
+    assert rows == "{devices=[4,1]0,1,2,3}", r
+    # replicated state and state split on the other dimension both move; values do not
+    assert r["moved"] == 2, r
+    assert r["specs"]["replicated"] == rows and r["specs"]["cols"] == r["param_specs"][1], r
+    assert r["specs"]["step"] == "", r
+    assert r["values_kept"], r
 
 
 def test_bad_meshes_and_batches_get_clear_errors():
