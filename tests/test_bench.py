@@ -59,6 +59,8 @@ def _fake_runner(spec: bench.CellSpec, timeout_s: float) -> bench.CellResult:
     (["--steps", "0"], ["--steps", "positive integer", "'0'"]),
     (["--steps", "ten"], ["--steps", "positive integer", "'ten'"]),
     (["--timeout", "-1"], ["--timeout", "positive number"]),
+    (["--devices", "0"], ["--devices", "positive integer", "'0'"]),
+    (["--devices", "two"], ["--devices", "positive integer", "'two'"]),
     (["--skip", "mlp"], ["--skip", "MODEL:BACKEND", "'mlp'", "resnet", "openxla"]),
     (["--skip", "mlp:tvm"], ["--skip", "MODEL:BACKEND"]),
     (["--plot", "chart.jpg"], ["--plot", ".png", "'chart.jpg'"]),
@@ -190,6 +192,37 @@ def test_bench_command_writes_table_json_and_plot(tmp_path, monkeypatch, capsys)
     failed = next(c for c in report["cells"] if c["backend"] == "openxla")
     assert failed["status"] == "failed" and failed["vs_eager"] is None
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_devices_reach_xla_cells_and_their_process_environment(monkeypatch):
+    specs = []
+
+    def runner(spec: bench.CellSpec, timeout_s: float) -> bench.CellResult:
+        specs.append(spec)
+        return _fake_result(spec)
+
+    bench.run_matrix(["mlp"], ["A"], ["eager", "syncfree_xla"], devices=4, runner=runner)
+    assert {s.backend: s.devices for s in specs} == {"eager": None, "syncfree_xla": 4}
+
+    seen = {}
+
+    class FakeProcess:
+        pid, returncode = 0, 0
+
+        def __init__(self, argv, env, **kwargs):
+            seen.update(argv=argv, env=env)
+
+        def communicate(self, timeout=None):
+            spec = bench.CellSpec.from_json(seen["argv"][-1])
+            result = json.dumps(dataclasses.asdict(_fake_result(spec)))
+            return "\n" + bench.RESULT_PREFIX + result + "\n", ""
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(bench.subprocess, "Popen", FakeProcess)
+    assert bench.run_cell(specs[1]).ok
+    assert seen["env"]["CPU_NUM_DEVICES"] == "4"
 
 
 def test_cell_json_round_trip():

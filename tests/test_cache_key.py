@@ -30,7 +30,7 @@ def _backend_values(**overrides: str) -> dict[str, str]:
 def test_component_names_are_the_documented_fixed_order():
     assert COMPONENT_NAMES == (
         "graph", "input_signature", "passes_version", "torch_version", "torch_xla_version",
-        "xla_flags", "device_kind", "device_count", "options",
+        "xla_flags", "device_kind", "device_count", "sharding", "options",
     )
     assert key_module.GRAPH == "graph" and key_module.OPTIONS == "options"
 

@@ -108,7 +108,9 @@ class CellSpec:
     checks); without it the cache is off, so first steps are cold. ``paired="eager"``
     interleaves eager's steps with the measured ones in the same process: both see the
     same machine load, so their ratio holds still on a busy machine where the timings
-    of two separate processes do not.
+    of two separate processes do not. ``devices=N`` runs XLA backends data-parallel over
+    an SPMD mesh of N devices (N virtual CPU devices on the CPU client), each batch
+    split over them (``xla_backend.sharding``); None is the plain single-device run.
     """
 
     model: str
@@ -120,6 +122,7 @@ class CellSpec:
     cache_dir: str | None = None
     pipelined: bool = True
     paired: str | None = None
+    devices: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -237,10 +240,15 @@ def prepare(spec: CellSpec, batches: int) -> PreparedStep:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     on_xla = spec.backend in XLA_BACKENDS
+    mesh = None
     if on_xla:
         import torch_xla
         import torch_xla.core.xla_model as xm
 
+        if spec.devices is not None:
+            from . import sharding
+
+            mesh = sharding.data_parallel_mesh(spec.devices)  # before any device tensor
         # Autograd sizes its per-device queues at the first backward of the process.
         device = torch_xla.device()
 
@@ -260,10 +268,16 @@ def prepare(spec: CellSpec, batches: int) -> PreparedStep:
     model = work.build_model().to(device)
     # A plain AdamW everywhere: syncfree_xla moves its step counter to the device itself.
     notes: list[str] = []
+    if mesh is not None:
+        notes.append(f"SPMD data parallel over {spec.devices} devices")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     fn, extra_args, extra_kwargs = _loop_parts(spec.loop, opt, device)
     compiled = _compile(fn, spec)
-    data = [work.make_batch(i, device) for i in range(batches)]
+    if mesh is None:
+        data = [work.make_batch(i, device) for i in range(batches)]
+    else:
+        data = [tuple(sharding.shard_batch(t, mesh) for t in work.make_batch(i))
+                for i in range(batches)]
     barrier()
 
     def step(i: int) -> Any:
@@ -443,6 +457,9 @@ def run_cell(spec: CellSpec, timeout_s: float = DEFAULT_TIMEOUT_S,
     (inductor's compile workers included) is killed, not only the child.
     """
     env = dict(os.environ)
+    if spec.devices is not None:
+        # The CPU client's device count; read once, when torch_xla starts in the child.
+        env["CPU_NUM_DEVICES"] = str(spec.devices)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="syncfree-bench-") as scratch:
         if spec.backend == "inductor":
@@ -516,12 +533,14 @@ def run_matrix(
     skip: Mapping[tuple[str, str], str] | None = None,
     progress: Callable[[CellResult, int, int], None] | None = None,
     runner: Callable[[CellSpec, float], CellResult] | None = None,
+    devices: int | None = None,
 ) -> list[CellResult]:
     """Every cell, one fresh process each; failures are results and the run goes on.
 
     ``skip`` maps (model, backend) to a reason: those cells are recorded as skipped.
     A (model, backend) that timed out on one loop is skipped on the later loops
     (its compile would most likely time out again and cost another timeout).
+    ``devices`` runs the XLA backends over an SPMD mesh of that many devices.
     """
     skip = dict(skip or {})
     cells = plan(models, loops, backends)
@@ -531,7 +550,8 @@ def run_matrix(
         if reason is not None:
             result = CellResult(model, loop, backend, status="skipped", error=reason)
         else:
-            spec = CellSpec(model, loop, backend, steps=steps, warmup=warmup, threads=threads)
+            spec = CellSpec(model, loop, backend, steps=steps, warmup=warmup, threads=threads,
+                            devices=devices if backend in XLA_BACKENDS else None)
             logger.debug("running %s", spec)
             result = (runner or run_cell)(spec, timeout_s)
             if is_timeout(result):
@@ -772,6 +792,11 @@ def add_bench_commands(subparsers: Any) -> None:
                        help=f"per-cell time limit (default: {DEFAULT_TIMEOUT_S:g})")
     bench.add_argument("--threads", type=positive_int, default=None, metavar="N",
                        help="torch.set_num_threads(N) in every cell (default: torch's choice)")
+    bench.add_argument("--devices", type=positive_int, default=None, metavar="N",
+                       help="run the XLA backends data-parallel over an SPMD mesh of N "
+                            "devices (on the CPU: N virtual devices); each batch is split "
+                            "over them, so N must divide the batch (default: one device, "
+                            "no SPMD)")
     bench.add_argument("--skip", type=_skip_pair, action="append", default=[],
                        metavar="MODEL:BACKEND", help="record this cell as skipped (repeatable)")
     bench.add_argument("--json", type=_output_path, metavar="FILE",
@@ -785,7 +810,7 @@ def bench_command(args: argparse.Namespace) -> int:
     """Runs the matrix; exit status 1 only when no cell at all succeeded."""
     config = {"models": args.models, "backends": args.backends, "loops": args.loops,
               "steps": args.steps, "warmup": args.warmup, "timeout_s": args.timeout,
-              "threads": args.threads}
+              "threads": args.threads, "devices": args.devices}
     skip = {pair: "skipped on request (--skip)" for pair in args.skip}
     done: list[CellResult] = []
 
@@ -799,7 +824,7 @@ def bench_command(args: argparse.Namespace) -> int:
           f"({args.warmup} warm-up + {args.steps} measured steps)", file=sys.stderr, flush=True)
     results = run_matrix(args.models, args.loops, args.backends, steps=args.steps,
                          warmup=args.warmup, timeout_s=args.timeout, threads=args.threads,
-                         skip=skip, progress=report_progress)
+                         skip=skip, progress=report_progress, devices=args.devices)
     print(format_table(results))
     print(f"\nfirst step and warm-up ({args.warmup} steps) are cold: no on-disk graph cache. "
           f"steady = median step time with a device barrier after each step; pipelined = "

@@ -16,7 +16,8 @@ The key is built from named components (``cache.key``): the device graph in a
 canonical form (ops, structure, literal and constant values; never node names or
 source locations, so renaming a user variable still hits), the input signature, the
 pass pipeline and entry format, library versions, scrubbed XLA_FLAGS, the device kind
-and count, and the options that change generated code.
+and count, the SPMD shardings of the inputs (``sharding.signature``), and the options
+that change generated code.
 
 Entries are a small binary container (JSON header + raw blobs, never pickle). Any
 trouble building, storing or loading an entry is logged once and the graph is traced
@@ -48,7 +49,7 @@ import torch_xla.runtime as xr
 import passes
 from passes.rng import functionalize_rng
 
-from . import counters
+from . import counters, sharding
 from . import options as options_mod
 from .cache import key as key_mod
 from .cache.store import Store, default_cache_dir
@@ -225,8 +226,13 @@ def _environment_components() -> dict[str, str]:
 
 
 def graph_key(gm: torch.fx.GraphModule, inputs: Sequence[Any],
-              opts: options_mod.Options) -> key_mod.CacheKey:
-    """The cache key of ``gm`` traced on ``inputs``; Uncacheable if it has none."""
+              opts: options_mod.Options,
+              pinned: dict[int, int] | None = None) -> key_mod.CacheKey:
+    """The cache key of ``gm`` traced on ``inputs``; Uncacheable if it has none.
+
+    ``pinned`` (device output -> the input it updates) decides output shardings under
+    SPMD, so it is part of the sharding component.
+    """
     codegen = {name: getattr(opts, name) for name in CODEGEN_OPTIONS}
     codegen["env"] = {name: os.environ[name] for name in CODEGEN_ENV if name in os.environ}
     components = _environment_components()
@@ -234,6 +240,7 @@ def graph_key(gm: torch.fx.GraphModule, inputs: Sequence[Any],
         key_mod.GRAPH: _dumps(canonical_graph(gm)),
         key_mod.INPUT_SIGNATURE: _dumps(input_signature(inputs)),
         key_mod.XLA_FLAGS: key_mod.scrub_xla_flags(os.environ.get("XLA_FLAGS")),
+        key_mod.SHARDING: _dumps(sharding.signature(inputs, pinned)),
         key_mod.OPTIONS: _dumps(codegen),
     })
     return key_mod.backend_key(components)
@@ -531,12 +538,13 @@ class Lookup:
 
 
 def lookup(device_gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.device,
-           opts: options_mod.Options | None) -> Lookup:
+           opts: options_mod.Options | None,
+           pinned: dict[int, int] | None = None) -> Lookup:
     """Looks ``device_gm`` up; on a usable entry, ``.executable`` is ready to run."""
     try:
         opts = opts if opts is not None else options_mod.resolve(None)
         store = store_for(opts)
-        key = graph_key(device_gm, inputs, opts)
+        key = graph_key(device_gm, inputs, opts, pinned)
     except Uncacheable as e:
         counters.incr(counters.CACHE_GRAPH_UNCACHEABLE)
         log.debug("graph not cacheable: %s", e)
@@ -586,7 +594,7 @@ def _load(store: Store, digest: str, payload: bytes, inputs: Sequence[Any],
     try:
         entry, devices = decode_entry(payload)
         _check_against_inputs(entry, inputs)
-        return _rebuild(entry, devices, device, digest)
+        return _rebuild(entry, devices, device, digest, inputs)
     except Exception as e:  # a bad entry must only cost a compile
         counters.incr(counters.CACHE_GRAPH_REJECTED)
         _warn_once("load", "syncfree-xla graph cache: entry %s is unusable (%s: %s); "
@@ -612,8 +620,12 @@ def _check_against_inputs(entry: GraphEntry, inputs: Sequence[Any]) -> None:
 
 
 def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
-             digest: str) -> tuple[_Executable, list[torch.Tensor]]:
-    """Wraps the stored HLO into a lazy computation on stand-ins, ready to compile."""
+             digest: str, inputs: Sequence[Any]) -> tuple[_Executable, list[torch.Tensor]]:
+    """Wraps the stored HLO into a lazy computation on stand-ins, ready to compile.
+
+    Stand-ins take the shapes, dtypes and SPMD shardings of the inputs they stand for
+    (``_check_against_inputs`` made sure those match the entry).
+    """
     from . import lowering
 
     with lowering._trace_lock, torch.no_grad():
@@ -644,10 +656,8 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
             computation = _XLAC._xla_op_computation_from_module_proto(name, entry.hlo)
             # operands in HLO parameter order: the constants themselves, stand-ins for inputs
             operands = [value.to(device) if kind == "const" else
-                        lowering._placeholder_tensor(torch.empty(shape, dtype=dtype,
-                                                                 device="meta"), device)
-                        for (kind, value), (shape, dtype) in zip(entry.params,
-                                                                  entry.hlo_params)]
+                        lowering._placeholder_tensor(inputs[value], device)
+                        for kind, value in entry.params]
             _expect(not any(_XLAC._check_tensor_need_materialization(operands)),
                     "a parameter did not become a device buffer")
             ids = {_XLAC._xla_get_tensor_id(t): k for k, t in enumerate(operands)}

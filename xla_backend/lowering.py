@@ -27,7 +27,7 @@ import torch.fx
 import torch_xla
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from . import compile_cache, counters, runtime, xla_metrics
+from . import compile_cache, counters, runtime, sharding, xla_metrics
 from .graph_split import OutputSlot, SplitGraph, UnsplittableGraph, split
 from .options import Options
 
@@ -92,7 +92,12 @@ class _Executable:
     op_by_op: bool = False  # torch_xla fell back to the CPU while tracing: run eagerly
 
 
-def _signature(args: Sequence[Any], positions: Sequence[int]) -> tuple:
+def _signature(args: Sequence[Any], positions: Sequence[int], spmd: bool = False) -> tuple:
+    """What selects an executable: shapes and dtypes, and under SPMD each input's sharding.
+
+    A compiled SPMD executable takes its parameters in the sharding it was compiled for
+    and does not reshard them, so a resharded input must get an executable of its own.
+    """
     sig = []
     for i in positions:
         a = args[i]
@@ -100,32 +105,39 @@ def _signature(args: Sequence[Any], positions: Sequence[int]) -> tuple:
             sig.append((tuple(a.shape), a.dtype))
         else:
             sig.append(a)
+    if spmd:
+        sig.append(tuple(sharding.spec_of(args[i]) for i in positions))
     return tuple(sig)
 
 
 def _placeholder_tensor(example: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A device buffer that traces as a computation parameter.
+    """A device buffer that traces as a computation parameter, sharded as ``example`` is.
 
     torch_xla inlines 0-d tensors holding 0 or 1 as literals ("special scalars"),
-    which would bake a stand-in's value into the computation; 2 never is.
+    which would bake a stand-in's value into the computation; 2 never is. Under SPMD
+    the stand-in carries the example's sharding, so the computation is partitioned for
+    the buffers it will be fed.
     """
     fill = False if example.dtype == torch.bool else 2
-    return torch.full(tuple(example.shape), fill, dtype=example.dtype).to(device)
+    standin = torch.full(tuple(example.shape), fill, dtype=example.dtype).to(device)
+    sharding.copy_sharding(example, standin)
+    return standin
 
 
 # --- graph cache hook (begin): compile_cache owns everything about entries and keys ---
 def _trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
-                       device: torch.device, options: Options | None = None) -> _Executable:
+                       device: torch.device, options: Options | None = None,
+                       pinned: dict[int, int] | None = None) -> _Executable:
     """A stored entry for this graph and inputs, else a trace that is stored; then a compile.
 
     A hit skips tracing and HLO lowering; on CPU the XLA compile itself still runs. The
     compile runs on the runtime's pool and ``exe.ready`` says when it is done.
     """
-    lookup = compile_cache.lookup(device_gm, inputs, device, options)
+    lookup = compile_cache.lookup(device_gm, inputs, device, options, pinned)
     if lookup.executable is not None:
         exe, to_compile = lookup.executable, lookup.to_compile
     else:
-        exe, to_compile = _trace(device_gm, inputs, device, lookup)
+        exe, to_compile = _trace(device_gm, inputs, device, lookup, pinned)
         lookup.store(exe)
     if to_compile and exe.ready is None:
         threads = (options or Options()).resolved_compile_threads()
@@ -152,8 +164,13 @@ def _hash_key(graph_hash: Any) -> str:
 
 
 def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.device,
-           lookup: compile_cache.Lookup) -> tuple[_Executable, list[torch.Tensor]]:
-    """Traces ``device_gm`` on stand-in buffers: the executable and the tensors to compile."""
+           lookup: compile_cache.Lookup, pinned: dict[int, int] | None = None
+           ) -> tuple[_Executable, list[torch.Tensor]]:
+    """Traces ``device_gm`` on stand-in buffers: the executable and the tensors to compile.
+
+    ``pinned`` maps a device output to the input it updates in place; under SPMD that
+    output keeps the input's sharding, so a parameter rebound to it stays sharded.
+    """
     with _trace_lock, torch.no_grad():
         cache_was = _XLAC._get_xla_enable_device_data_cache()
         _XLAC._set_xla_enable_device_data_cache(False)
@@ -172,6 +189,11 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
             fell_back = xla_metrics.fell_back_since(fallbacks_before)
             if fell_back:
                 raise OpsFellBackInTrace(fell_back)
+            for out_index, position in (pinned or {}).items():
+                r = results[out_index]
+                if isinstance(r, torch.Tensor) and r.device.type == "xla" and \
+                        _XLAC._check_tensor_need_materialization([r])[0]:
+                    sharding.copy_sharding(standins[position], r)
             tensors: list[torch.Tensor] = []
             result_index: dict[int, int] = {}
             output_values: list[Any] = []
@@ -292,6 +314,11 @@ class LoweredGraph:
         self._executables: dict[tuple, _Executable] = {}
         self._compile_lock = threading.Lock()
         self._device_arg_positions = [i for kind, i in self._split.device_inputs if kind == "arg"]
+        self._spmd = sharding.spmd_active()
+        # device output -> the device input it updates in place (kept sharded alike)
+        self._pinned = {out: self._split.device_inputs.index(("arg", arg))
+                        for arg, out in self._split.device_mutations.items()
+                        if ("arg", arg) in self._split.device_inputs}
         self._signature_positions = self._device_arg_positions + [
             i for kind, i in self._split.device_inputs if kind == "cpu_arg"
         ] + self._split.scalar_inputs
@@ -325,7 +352,7 @@ class LoweredGraph:
 
     def _executable_for(self, args: Sequence[Any], host_values: Sequence[Any] | None,
                         at_call: bool = False) -> _Executable:
-        key = _signature(args, self._signature_positions)
+        key = _signature(args, self._signature_positions, self._spmd)
         if host_values is not None:
             key += tuple((tuple(h.shape), h.dtype) for h in host_values
                          if isinstance(h, torch.Tensor))
@@ -341,7 +368,7 @@ class LoweredGraph:
                 try:
                     with unset_fake_temporarily():
                         exe = _trace_and_compile(self._split.device, inputs, self._device,
-                                                 self._options)
+                                                 self._options, self._pinned)
                 except OpsFellBackInTrace as exc:
                     if not at_call:
                         raise  # at compile time the caller partitions the graph instead

@@ -32,7 +32,8 @@ def compiles() -> int:
 
 
 def executions() -> int:
-    return _metric_count("ExecuteTime")
+    """Single-device executions plus SPMD ones (one replicated run over the whole mesh)."""
+    return _metric_count("ExecuteTime") + _metric_count("ExecuteReplicatedTime")
 
 
 def fallback_counts() -> dict[str, int]:

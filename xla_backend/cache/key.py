@@ -31,6 +31,7 @@ TORCH_XLA_VERSION = "torch_xla_version"
 XLA_FLAGS = "xla_flags"
 DEVICE_KIND = "device_kind"
 DEVICE_COUNT = "device_count"
+SHARDING = "sharding"  # SPMD on or off, each input's sharding (mesh and layout)
 OPTIONS = "options"
 
 COMPONENT_NAMES: tuple[str, ...] = (
@@ -42,6 +43,7 @@ COMPONENT_NAMES: tuple[str, ...] = (
     XLA_FLAGS,
     DEVICE_KIND,
     DEVICE_COUNT,
+    SHARDING,
     OPTIONS,
 )
 
