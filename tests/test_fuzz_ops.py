@@ -65,10 +65,7 @@ def _partner(t: torch.Tensor, y: torch.Tensor, k: int) -> Any:
 
 
 def _div(t: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    other = _partner(t, y, k)
-    if AVOID_KNOWN_BUGS and isinstance(other, torch.Tensor):  # test_nan_and_inf_like_eager
-        other = torch.where(other == 0, 1, other)  # no inf or nan to take max or clamp of
-    return t / other
+    return t / _partner(t, y, k)
 
 
 def _where(t: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
@@ -566,10 +563,8 @@ NAN_AND_INF = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="XLA:CPU min/max drop NaN (fast min/max; "
-                   "XLA_FLAGS=--xla_cpu_enable_fast_min_max=false fixes amax/max/maximum), "
-                   "argmax skips NaN, clamp drops NaN and clamp(min=) turns +inf into "
-                   "float32 max; eager propagates NaN and keeps inf")
+# configure_pjrt's XLA flag and xla_backend/rewrites/nan_semantics.py; more cases in
+# test_rewrites_nan.py.
 @pytest.mark.parametrize("case", sorted(NAN_AND_INF))
 def test_nan_and_inf_like_eager(xla, case):
     x = torch.tensor([1.0, float("nan"), float("inf"), 3.0])

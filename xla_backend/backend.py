@@ -19,6 +19,7 @@ import passes
 from . import counters, dynamo_scope, rewrites
 from . import options as options_mod
 from .device import configure_pjrt
+from .rewrites.norms import norm_decompositions
 
 configure_pjrt()
 
@@ -104,6 +105,7 @@ def syncfree_xla(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
         bw_compiler=_compile_aten_graph("backward", opts),
         inference_compiler=_compile_aten_graph("inference", opts),
         keep_inference_input_mutations=True,
+        decompositions=norm_decompositions(),
     )
     return compile_fn(gm, example_inputs)
 

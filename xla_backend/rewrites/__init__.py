@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from passes.base import GraphPass
 
+from .nan_semantics import NAN_SEMANTICS
+
 #: Rewrites run on every aten graph, in this order, before lowering; part of the
 #: graph-cache key through their names and versions.
-ATEN_REWRITES: tuple[GraphPass, ...] = ()
+ATEN_REWRITES: tuple[GraphPass, ...] = (NAN_SEMANTICS,)
 
 __all__ = ["ATEN_REWRITES"]
