@@ -1,0 +1,164 @@
+"""Rewrites for 0-d tensors and zero-sized dims that torch_xla cannot lower.
+
+``unsqueeze_0d_dims``. The torch_xla bug (2.9): an op given ``dim=0`` (or ``-1``) of a
+0-d tensor (``sum``, ``amax``, ``argmax``, ``squeeze``, ``index_select``, ``gather``,
+``index_copy``, ...) fails to lower with "Value out of range (expected to be in range of
+[0, -1], but got 0)". Eager PyTorch treats a 0-d tensor as having one dim of size 1
+there. The rewrite makes that explicit: each 0-d tensor operand becomes a 1-d view of
+size 1 (``aten.unsqueeze(x, 0)``), the op runs on it with its dim argument unchanged
+(0 and -1 name that one dim of a 1-d tensor, as they name the implied dim of a 0-d
+one), and where the op's result then has another shape than ``node.meta["val"]`` (a
+reduction with ``keepdim``, ``index_select``, ``index_copy``) it is viewed back to that
+shape. A 1-d tensor of size 1 holds the same single element as the 0-d one, so the
+values, the dtype and, for ``squeeze``, the aliasing (a chain of views of the input)
+are those of eager.
+
+``zeros_for_empty_gather``. The torch_xla bug (2.9): ``gather`` from a tensor with a
+zero-sized dim fails to lower ("Slice size at index 0 in gather op is out of range").
+Eager's result has the index's shape, and for any index eager accepts it has no
+elements: every index size must fit the input's size in the other dims, and no index
+value fits a zero-sized gathered dim. The rewrite replaces the gather by
+``aten.new_zeros(input, index.shape)``: the same shape, dtype and device, no elements,
+and no constant baked into the computation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx import Node
+from torch.utils import _pytree as pytree
+
+from passes.base import GraphPass, PassResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["unsqueeze_0d_dims", "zeros_for_empty_gather"]
+
+aten = torch.ops.aten
+
+#: op -> positions of the tensor operands that share the input's rank (each is made
+#: 1-d when it is 0-d). Every op here takes its dim argument at position 1 or as
+#: keyword ``dim``; an absent, None or empty dim means "all dims" and is left alone.
+_DIM_OPS: dict[Any, tuple[int, ...]] = {
+    aten.sum.dim_IntList: (0,),
+    aten.mean.dim: (0,),
+    aten.amax.default: (0,),
+    aten.amin.default: (0,),
+    aten.prod.dim_int: (0,),
+    aten.any.dim: (0,),
+    aten.any.dims: (0,),
+    aten.all.dim: (0,),
+    aten.all.dims: (0,),
+    aten.argmax.default: (0,),
+    aten.argmin.default: (0,),
+    aten.logsumexp.default: (0,),
+    aten.cumsum.default: (0,),
+    aten.cumprod.default: (0,),
+    aten._softmax.default: (0,),
+    aten._log_softmax.default: (0,),
+    aten.squeeze.dim: (0,),
+    aten.squeeze.dims: (0,),
+    aten.index_select.default: (0, 2),
+    aten.gather.default: (0, 2),
+    aten.index_copy.default: (0, 2, 3),
+    aten.index_add.default: (0, 2, 3),
+    aten.index_fill.int_Scalar: (0, 2),
+    aten.scatter.src: (0, 2, 3),
+    aten.scatter.value: (0, 2),
+    aten.scatter_add.default: (0, 2, 3),
+}
+
+
+def _val(arg: Any) -> Any:
+    return arg.meta.get("val") if isinstance(arg, Node) else None
+
+
+def _dim_arg(node: Node) -> Any:
+    if "dim" in node.kwargs:
+        return node.kwargs["dim"]
+    return node.args[1] if len(node.args) > 1 else None
+
+
+def _is_0d(arg: Any) -> bool:
+    val = _val(arg)
+    return isinstance(val, torch.Tensor) and val.dim() == 0
+
+
+def _static_shape(val: Any) -> list[int] | None:
+    if not isinstance(val, torch.Tensor):
+        return None
+    shape = list(val.shape)
+    return shape if all(isinstance(s, int) for s in shape) else None
+
+
+def _new_node(graph: torch.fx.Graph, like: Node, target: Any, args: tuple,
+              kwargs: dict | None = None) -> Node:
+    """A call of ``target`` whose ``meta["val"]`` is computed on the operands' values."""
+    node = graph.call_function(target, args, kwargs or {})
+    vals_args, vals_kwargs = pytree.tree_map_only(Node, _val, (args, kwargs or {}))
+    node.meta["val"] = target(*vals_args, **vals_kwargs)
+    if "stack_trace" in like.meta:
+        node.meta["stack_trace"] = like.meta["stack_trace"]
+    return node
+
+
+def _rewrite_0d(graph: torch.fx.Graph, node: Node) -> bool:
+    positions = _DIM_OPS[node.target]
+    dim = _dim_arg(node)
+    if not _is_0d(node.args[0]) or dim is None or dim == []:
+        return False
+    want = _static_shape(_val(node))
+    if want is None:
+        return False
+    args = list(node.args)
+    with graph.inserting_before(node):
+        for i in positions:
+            if i < len(args) and _is_0d(args[i]):
+                args[i] = _new_node(graph, node, aten.unsqueeze.default, (args[i], 0))
+        op = _new_node(graph, node, node.target, tuple(args), dict(node.kwargs))
+        result = op
+        if list(op.meta["val"].shape) != want:
+            result = _new_node(graph, node, aten.view.default, (op, want))
+    node.replace_all_uses_with(result)
+    graph.erase_node(node)
+    return True
+
+
+def _run_0d(gm: torch.fx.GraphModule) -> PassResult:
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_function" and node.target in _DIM_OPS and node.args
+                and _rewrite_0d(gm.graph, node)):
+            rewritten += 1
+    if rewritten:
+        log.debug("unsqueeze_0d_dims: %d ops over dim 0 of a 0-d tensor", rewritten)
+    return PassResult(gm, bool(rewritten))
+
+
+def _run_empty_gather(gm: torch.fx.GraphModule) -> PassResult:
+    rewritten = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.gather.default:
+            continue
+        source, index = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs["index"]
+        source_shape, index_shape = _static_shape(_val(source)), _static_shape(_val(index))
+        if source_shape is None or index_shape is None or 0 not in source_shape:
+            continue
+        with graph.inserting_before(node):
+            zeros = _new_node(graph, node, aten.new_zeros.default, (source, index_shape))
+        node.replace_all_uses_with(zeros)
+        graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        log.debug("zeros_for_empty_gather: %d gathers from empty tensors", rewritten)
+    return PassResult(gm, bool(rewritten))
+
+
+unsqueeze_0d_dims = GraphPass(name="unsqueeze_0d_dims", version=1, run=_run_0d)
+zeros_for_empty_gather = GraphPass(name="zeros_for_empty_gather", version=1,
+                                   run=_run_empty_gather)
