@@ -36,9 +36,21 @@ DTYPES = (torch.float32, torch.bfloat16, torch.int64, torch.bool)
 SCALARS = (0.5, 2.0, -1.5, 3.0)
 
 
-# Known library bugs, each pinned by an xfail regression test below. While this is True
-# the generated programs step around them, so that one known bug cannot hide others.
-AVOID_KNOWN_BUGS = True
+# Known library bugs, each pinned by a regression test below (xfail while unfixed),
+# named after it. The generated programs step around the ones named here, so that one
+# known bug cannot hide others; a fixed bug leaves the set and is fuzzed again.
+AVOIDED_BUGS = frozenset({
+    "nan_and_inf_like_eager",
+    "failed_compile_does_not_break_later_calls",
+    "in_place_update_of_a_view_input_reaches_its_base",
+    "squeeze_of_a_0d_input",
+})
+# Fixed (by xla_backend.rewrites) and fuzzed: test_type_promotion,
+# test_float_ops_of_bool_tensors, test_dim_0_of_a_0d_tensor, test_gather_of_an_empty_tensor.
+
+
+def _avoid(bug: str) -> bool:
+    return bug in AVOIDED_BUGS
 
 
 def _dim(t: torch.Tensor, k: int) -> int:
@@ -47,15 +59,11 @@ def _dim(t: torch.Tensor, k: int) -> int:
 
 def _reduce(t: torch.Tensor, k: int, over_dim: Callable[[torch.Tensor, int, bool], Any],
             over_all: Callable[[torch.Tensor], Any]) -> Any:
-    if AVOID_KNOWN_BUGS and t.dim() == 0:  # test_dim_0_of_a_0d_tensor
-        return over_all(t)
     return over_dim(t, _dim(t, k), bool((k // 5) % 2))
 
 
 def _floating(t: torch.Tensor) -> torch.Tensor:
     """The input of a floating-point-only op (exp, sin, ...)."""
-    if AVOID_KNOWN_BUGS and t.dtype == torch.bool:  # test_float_ops_of_bool_tensors
-        return t.to(torch.float32)
     return t
 
 
@@ -66,33 +74,23 @@ def _partner(t: torch.Tensor, y: torch.Tensor, k: int) -> Any:
 
 def _div(t: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     other = _partner(t, y, k)
-    if AVOID_KNOWN_BUGS and isinstance(other, torch.Tensor):  # test_nan_and_inf_like_eager
+    if _avoid("nan_and_inf_like_eager") and isinstance(other, torch.Tensor):
         other = torch.where(other == 0, 1, other)  # no inf or nan to take max or clamp of
     return t / other
 
 
 def _where(t: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     other = _partner(t, y, k)
-    if AVOID_KNOWN_BUGS:  # test_type_promotion
-        if isinstance(other, torch.Tensor):
-            other = other.to(t.dtype)
-        elif not t.is_floating_point():
-            other = int(other)
     return torch.where(t > 0, t, other)
 
 
 def _join(join: Callable[..., torch.Tensor], t: torch.Tensor, u: torch.Tensor,
           dim: int) -> torch.Tensor:
-    if AVOID_KNOWN_BUGS and t.numel() == 0:  # test_type_promotion
-        u = u.to(t.dtype)
     return join([t, u], dim)
 
 
 def _clamp(t: torch.Tensor, c: float, upper: bool = True) -> torch.Tensor:
     bound: float = abs(c)
-    if AVOID_KNOWN_BUGS and not t.is_floating_point():  # test_type_promotion
-        t = t.long()
-        bound = int(bound) + 1
     return t.clamp(min=-bound, max=bound if upper else None)
 
 
@@ -104,8 +102,6 @@ def _perm_index(n: int, k: int, device: torch.device) -> torch.Tensor:
 
 
 def _index_select(t: torch.Tensor, k: int) -> torch.Tensor:
-    if AVOID_KNOWN_BUGS and t.dim() == 0:  # test_dim_0_of_a_0d_tensor
-        return t.clone()
     d = _dim(t, k)
     n = t.shape[d] if t.dim() else 1
     if n == 0:
@@ -116,13 +112,9 @@ def _index_select(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _gather(t: torch.Tensor, k: int) -> torch.Tensor:
-    if AVOID_KNOWN_BUGS and t.dim() == 0:  # test_dim_0_of_a_0d_tensor
-        return t.clone()
     d = _dim(t, k)
     n = t.shape[d] if t.dim() else 1
     if t.numel() == 0:
-        if AVOID_KNOWN_BUGS:  # test_gather_of_an_empty_tensor
-            return t.clone()
         index = torch.zeros(t.shape, dtype=torch.long, device=t.device)
     else:
         index = (torch.arange(t.numel(), device=t.device).reshape(t.shape) * (k + 1)) % n
@@ -142,8 +134,6 @@ def _setitem(t: torch.Tensor, k: int, c: float) -> torch.Tensor:
 
 
 def _index_copy(t: torch.Tensor, k: int) -> torch.Tensor:
-    if AVOID_KNOWN_BUGS and t.dim() == 0:  # test_dim_0_of_a_0d_tensor
-        return t
     d = _dim(t, k)
     n = t.shape[d] if t.dim() else 1
     index = _perm_index(n, k, t.device)
@@ -159,28 +149,28 @@ def _expand(t: torch.Tensor) -> torch.Tensor:
 
 
 def _squeeze(t: torch.Tensor, k: int) -> torch.Tensor:
-    if AVOID_KNOWN_BUGS and t.dim() == 0:  # test_dim_0_of_a_0d_tensor
-        return t.squeeze()
+    if _avoid("squeeze_of_a_0d_input") and t.dim() == 0:
+        t = t.clone()  # still a squeeze of a 0-d tensor, no longer an alias of an input
     return t.squeeze(_dim(t, k))
 
 
 def _not_bits(t: torch.Tensor) -> torch.Tensor:
     # bitwise_not of a float raises in both, but the compiled error comes late and
     # poisons later programs: test_failed_compile_does_not_break_later_calls
-    if AVOID_KNOWN_BUGS and t.is_floating_point():
+    if _avoid("failed_compile_does_not_break_later_calls") and t.is_floating_point():
         return -t
     return t.bitwise_not()
 
 
 def _abs(t: torch.Tensor) -> torch.Tensor:
-    if AVOID_KNOWN_BUGS and t.dtype == torch.bool:  # as _not_bits
-        return t.clone()
+    if _avoid("failed_compile_does_not_break_later_calls") and t.dtype == torch.bool:
+        return t.clone()  # as _not_bits
     return t.abs()
 
 
 def _floor(t: torch.Tensor) -> torch.Tensor:
-    if AVOID_KNOWN_BUGS and t.dtype == torch.bool:  # as _not_bits
-        return t.clone()
+    if _avoid("failed_compile_does_not_break_later_calls") and t.dtype == torch.bool:
+        return t.clone()  # as _not_bits
     return t.floor()
 
 
@@ -262,7 +252,8 @@ _OUT_OF_PLACE = {"add_": "add", "mul_": "mul", "masked_fill_": "where",
 def without_known_bugs(steps: Sequence[tuple[str, int, float]]
                        ) -> tuple[tuple[str, int, float], ...]:
     """``steps``, with in-place ops made out-of-place where they would meet a known bug."""
-    if not AVOID_KNOWN_BUGS or all(name != "bool_mask" for name, _, _ in steps):
+    if (not _avoid("in_place_update_of_a_view_input_reaches_its_base")
+            or all(name != "bool_mask" for name, _, _ in steps)):
         return tuple(steps)
     # test_hostile_inputs.py::test_in_place_update_of_a_view_input_reaches_its_base
     return tuple((_OUT_OF_PLACE.get(name, name), k, c) for name, k, c in steps)
@@ -484,23 +475,37 @@ DIM_0_OF_0D = {
     "sum": lambda t: t.sum(0),
     "amax": lambda t: t.amax(0),
     "argmax": lambda t: t.argmax(0),
-    "squeeze": lambda t: t.squeeze(0),
+    "squeeze": lambda t: (t * 2).squeeze(0),
     "index_select": lambda t: t.index_select(0, _zero(t, (1,))),
     "gather": lambda t: torch.gather(t, 0, _zero(t)),
     "index_copy_": lambda t: t.index_copy_(0, _zero(t), t * 2),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="torch_xla rejects dim=0 of a 0-d tensor "
-                   "(Value out of range (expected to be in range of [0, -1], but got 0)); "
-                   "eager treats a 0-d tensor as having one dim of size 1")
 @pytest.mark.parametrize("op", sorted(DIM_0_OF_0D))
 def test_dim_0_of_a_0d_tensor(xla, op):
     assert_compiles_like_eager(DIM_0_OF_0D[op], torch.tensor(1.5), device=xla)
 
 
-@pytest.mark.xfail(strict=True, reason="gather from a tensor with a zero-sized dim fails "
-                   "to lower: 'Slice size at index 0 in gather op is out of range'")
+@pytest.mark.xfail(strict=True, reason="an output that is a view of an input is rebuilt "
+                   "by AOTAutograd outside the compiled graph, replaying squeeze(0) on the "
+                   "XLA input, and torch_xla's squeeze rejects dim 0 of a 0-d tensor; a "
+                   "graph rewrite cannot reach it")
+def test_squeeze_of_a_0d_input(xla):
+    assert_compiles_like_eager(lambda t: t.squeeze(0), torch.tensor(1.5), device=xla)
+
+
+def test_wrong_dtype_from_a_lowering_is_refused(xla, monkeypatch):
+    """Without the rewrites torch_xla truncates the float bound: an error, not a wrong value."""
+    from xla_backend import lowering, rewrites
+
+    monkeypatch.setattr(rewrites, "ATEN_REWRITES", ())
+    fn = torch.compile(lambda t: t.clamp(min=-1.5), backend="syncfree_xla")
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="clamp.*float32") as e:
+        fn(torch.tensor([3, -2], device=xla))
+    assert isinstance(e.value.inner_exception, lowering.LoweredDtypeMismatch)
+
+
 def test_gather_of_an_empty_tensor(xla):
     def fn(t):
         return torch.gather(t, 1, torch.zeros(t.shape, dtype=torch.long, device=t.device))
@@ -519,19 +524,12 @@ TYPE_PROMOTION = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="torch_xla ignores type promotion in these "
-                   "lowerings: an integer/bool result where eager gives float/int, with the "
-                   "float scalar truncated (silently wrong values)")
 @pytest.mark.parametrize("case", sorted(TYPE_PROMOTION))
 def test_type_promotion(xla, case):
     fn, x = TYPE_PROMOTION[case]
     assert_compiles_like_eager(fn, x, device=xla)
 
 
-@pytest.mark.xfail(strict=True, reason="float-only ops of a bool tensor fail to lower "
-                   "('Expected element type ... to be floating ...; got PRED'), and clamp of "
-                   "a bool tensor returns bool or raises 'Clamp unimplemented for PRED'; "
-                   "eager promotes")
 def test_float_ops_of_bool_tensors():
     done = _in_fresh_interpreter('''
         b = torch.tensor([True, False])
