@@ -25,6 +25,7 @@ and no constant baked into the computation.
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -41,27 +42,21 @@ __all__ = ["unsqueeze_0d_dims", "zeros_for_empty_gather"]
 aten = torch.ops.aten
 
 #: op -> positions of the tensor operands that share the input's rank (each is made
-#: 1-d when it is 0-d). Every op here takes its dim argument at position 1 or as
-#: keyword ``dim``; an absent, None or empty dim means "all dims" and is left alone.
+#: 1-d when it is 0-d). The dim argument is the one the schema calls ``dim`` or
+#: ``dims``; an absent, None or empty one means "all dims" and is left alone.
 _DIM_OPS: dict[Any, tuple[int, ...]] = {
-    aten.sum.dim_IntList: (0,),
-    aten.mean.dim: (0,),
-    aten.amax.default: (0,),
-    aten.amin.default: (0,),
-    aten.prod.dim_int: (0,),
-    aten.any.dim: (0,),
-    aten.any.dims: (0,),
-    aten.all.dim: (0,),
-    aten.all.dims: (0,),
-    aten.argmax.default: (0,),
-    aten.argmin.default: (0,),
-    aten.logsumexp.default: (0,),
-    aten.cumsum.default: (0,),
-    aten.cumprod.default: (0,),
-    aten._softmax.default: (0,),
-    aten._log_softmax.default: (0,),
-    aten.squeeze.dim: (0,),
-    aten.squeeze.dims: (0,),
+    **dict.fromkeys((
+        aten.sum.dim_IntList, aten.nansum.default, aten.mean.dim, aten.prod.dim_int,
+        aten.amax.default, aten.amin.default, aten.aminmax.default, aten.max.dim,
+        aten.min.dim, aten.argmax.default, aten.argmin.default, aten.any.dim, aten.any.dims,
+        aten.all.dim, aten.all.dims, aten.count_nonzero.default, aten.var.correction,
+        aten.std.correction, aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim,
+        aten.norm.ScalarOpt_dim_dtype, aten.logsumexp.default,
+        aten.cumsum.default, aten.cumprod.default, aten.cummax.default, aten.cummin.default,
+        aten.logcumsumexp.default, aten._softmax.default, aten._log_softmax.default,
+        aten.sort.default, aten.topk.default, aten.kthvalue.default, aten.median.dim,
+        aten.mode.default, aten.flip.default, aten.squeeze.dim, aten.squeeze.dims,
+    ), (0,)),
     aten.index_select.default: (0, 2),
     aten.gather.default: (0, 2),
     aten.index_copy.default: (0, 2, 3),
@@ -78,9 +73,10 @@ def _val(arg: Any) -> Any:
 
 
 def _dim_arg(node: Node) -> Any:
-    if "dim" in node.kwargs:
-        return node.kwargs["dim"]
-    return node.args[1] if len(node.args) > 1 else None
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.name in ("dim", "dims"):
+            return node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+    return None
 
 
 def _is_0d(arg: Any) -> bool:
@@ -106,13 +102,24 @@ def _new_node(graph: torch.fx.Graph, like: Node, target: Any, args: tuple,
     return node
 
 
+def _back_to(graph: torch.fx.Graph, like: Node, value: Node, want: Any) -> Node:
+    """``value``, viewed as ``want``'s shape where the 1-d operand changed it."""
+    if list(value.meta["val"].shape) == list(want.shape):
+        return value
+    return _new_node(graph, like, aten.view.default, (value, list(want.shape)))
+
+
 def _rewrite_0d(graph: torch.fx.Graph, node: Node) -> bool:
     positions = _DIM_OPS[node.target]
     dim = _dim_arg(node)
     if not _is_0d(node.args[0]) or dim is None or dim == []:
         return False
-    want = _static_shape(_val(node))
-    if want is None:
+    want = _val(node)
+    wants = list(want) if isinstance(want, (tuple, list)) else [want]
+    if any(_static_shape(w) is None for w in wants):
+        return False
+    if isinstance(want, (tuple, list)) and not all(
+            user.target is operator.getitem for user in node.users):
         return False
     args = list(node.args)
     with graph.inserting_before(node):
@@ -120,10 +127,15 @@ def _rewrite_0d(graph: torch.fx.Graph, node: Node) -> bool:
             if i < len(args) and _is_0d(args[i]):
                 args[i] = _new_node(graph, node, aten.unsqueeze.default, (args[i], 0))
         op = _new_node(graph, node, node.target, tuple(args), dict(node.kwargs))
-        result = op
-        if list(op.meta["val"].shape) != want:
-            result = _new_node(graph, node, aten.view.default, (op, want))
-    node.replace_all_uses_with(result)
+        if not isinstance(want, (tuple, list)):
+            node.replace_all_uses_with(_back_to(graph, node, op, want))
+    if isinstance(want, (tuple, list)):  # a values/indices pair, read by getitem nodes
+        for user in list(node.users):
+            index = user.args[1]
+            with graph.inserting_before(user):
+                part = _new_node(graph, user, operator.getitem, (op, index))
+                user.replace_all_uses_with(_back_to(graph, user, part, want[index]))
+            graph.erase_node(user)
     graph.erase_node(node)
     return True
 
