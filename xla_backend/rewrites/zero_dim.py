@@ -9,9 +9,12 @@ size 1 (``aten.unsqueeze(x, 0)``), the op runs on it with its dim argument uncha
 (0 and -1 name that one dim of a 1-d tensor, as they name the implied dim of a 0-d
 one), and where the op's result then has another shape than ``node.meta["val"]`` (a
 reduction with ``keepdim``, ``index_select``, ``index_copy``) it is viewed back to that
-shape. A 1-d tensor of size 1 holds the same single element as the 0-d one, so the
-values, the dtype and, for ``squeeze``, the aliasing (a chain of views of the input)
-are those of eager.
+shape; ops returning a (values, indices) pair (``max.dim``, ``sort``, ``topk``) are
+rewritten through their ``getitem`` users. A 1-d tensor of size 1 holds the same single
+element as the 0-d one, so the values, the dtype and, for ``squeeze``, the aliasing (a
+chain of views of the input) are those of eager. Out of reach: a graph output that is
+``squeeze(0)`` of a 0-d *input*, which AOTAutograd rebuilds outside the graph by
+replaying the squeeze on the XLA input (``test_squeeze_of_a_0d_input``).
 
 ``zeros_for_empty_gather``. The torch_xla bug (2.9): ``gather`` from a tensor with a
 zero-sized dim fails to lower ("Slice size at index 0 in gather op is out of range").
@@ -114,6 +117,8 @@ def _rewrite_0d(graph: torch.fx.Graph, node: Node) -> bool:
     dim = _dim_arg(node)
     if not _is_0d(node.args[0]) or dim is None or dim == []:
         return False
+    if any(_val(arg) is None for arg in node.all_input_nodes):
+        return False  # new nodes' meta["val"] is computed from their operands'
     want = _val(node)
     wants = list(want) if isinstance(want, (tuple, list)) else [want]
     if any(_static_shape(w) is None for w in wants):
