@@ -203,6 +203,7 @@ OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, int, float], Any]] = {
     "pow2": lambda t, y, k, c: t ** 2,
     "pow_frac": lambda t, y, k, c: _abs(t) ** abs(c),
     "lt": lambda t, y, k, c: t < _partner(t, y, k),
+    "remainder": lambda t, y, k, c: t % abs(c),
     # reductions
     "sum_all": lambda t, y, k, c: t.sum(),
     "sum": lambda t, y, k, c: _reduce(t, k, torch.sum, torch.sum),
@@ -210,6 +211,10 @@ OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, int, float], Any]] = {
     "amax": lambda t, y, k, c: _reduce(t, k, torch.amax, torch.amax),
     "argmax": lambda t, y, k, c: _reduce(t, k, torch.argmax, torch.argmax),
     "any": lambda t, y, k, c: _reduce(t, k, lambda u, d, _: u.any(d), torch.any),
+    "max_dim": lambda t, y, k, c: _reduce(t, k, lambda u, d, keep: u.max(d, keep).values,
+                                          torch.max),
+    "cumsum": lambda t, y, k, c: t.cumsum(_dim(t, k)),
+    "sort": lambda t, y, k, c: t.sort(_dim(t, k), descending=bool(k % 2)).values,
     # linear algebra
     "matmul": lambda t, y, k, c: _matmul(t),
     "bmm": lambda t, y, k, c: torch.bmm(t, t.transpose(1, 2)),
@@ -240,7 +245,7 @@ OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, int, float], Any]] = {
 # Ops whose result a last-bit difference upstream may flip (argmax, comparisons,
 # rounding, casts to integers): left out of bfloat16 programs, which agree only loosely.
 DISCRETE = {"floor", "argmax", "lt", "where", "bool_mask", "masked_fill_", "cast", "relu",
-            "maximum", "clamp", "any", "logical_not"}
+            "maximum", "clamp", "any", "logical_not", "remainder"}
 
 
 # A data-dependent op (bool_mask) breaks the graph inside the program's loop, and Dynamo
@@ -527,6 +532,12 @@ def test_gather_of_an_empty_tensor(xla):
         return torch.gather(t, 1, torch.zeros(t.shape, dtype=torch.long, device=t.device))
 
     assert_compiles_like_eager(fn, torch.zeros(0, 4), device=xla)
+
+
+@pytest.mark.parametrize("op", ["cumsum", "cumprod"])
+def test_scan_over_an_empty_dim(xla, op):
+    """Found by the fuzzer: XLA's builder rejected the window ("non-positive dimension")."""
+    assert_compiles_like_eager(lambda t: getattr(t, op)(1), torch.zeros(2, 0), device=xla)
 
 
 TYPE_PROMOTION = {

@@ -18,7 +18,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from xla_backend.rewrites import ATEN_REWRITES
 from xla_backend.rewrites.type_promotion import promote_dtypes
-from xla_backend.rewrites.zero_dim import unsqueeze_0d_dims, zeros_for_empty_gather
+from xla_backend.rewrites.zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 
 aten = torch.ops.aten
 
@@ -179,7 +179,14 @@ def test_gather_from_an_empty_tensor_is_zeros_of_the_index_shape(shape, dim):
     assert zeros.meta["val"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool])
+@pytest.mark.parametrize("op", ["cumsum", "cumprod"])
+def test_scan_over_an_empty_dim_is_zeros_of_its_shape(op, dtype):
+    gm = _rewrites_like_eager(lambda t: getattr(t, op)(1), torch.zeros(2, 0, dtype=dtype))
+    assert not _calls(gm, getattr(aten, op).default), gm.code
+
+
 def test_gather_from_a_nonempty_tensor_is_left_alone():
     gm = _graph(lambda t: torch.gather(t, 1, torch.zeros((2, 0), dtype=torch.long)),
                 torch.ones(2, 3))
-    assert not zeros_for_empty_gather(gm).modified
+    assert not zeros_for_empty_inputs(gm).modified

@@ -12,12 +12,12 @@ from __future__ import annotations
 from passes.base import GraphPass
 
 from .type_promotion import promote_dtypes
-from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_gather
+from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 
 #: Rewrites run on every aten graph, in this order, before lowering; part of the
 #: graph-cache key through their names and versions.
 ATEN_REWRITES: tuple[GraphPass, ...] = (
-    zeros_for_empty_gather,
+    zeros_for_empty_inputs,
     unsqueeze_0d_dims,
     promote_dtypes,
 )

@@ -16,13 +16,16 @@ chain of views of the input) are those of eager. Out of reach: a graph output th
 ``squeeze(0)`` of a 0-d *input*, which AOTAutograd rebuilds outside the graph by
 replaying the squeeze on the XLA input (``test_squeeze_of_a_0d_input``).
 
-``zeros_for_empty_gather``. The torch_xla bug (2.9): ``gather`` from a tensor with a
-zero-sized dim fails to lower ("Slice size at index 0 in gather op is out of range").
-Eager's result has the index's shape, and for any index eager accepts it has no
-elements: every index size must fit the input's size in the other dims, and no index
-value fits a zero-sized gathered dim. The rewrite replaces the gather by
-``aten.new_zeros(input, index.shape)``: the same shape, dtype and device, no elements,
-and no constant baked into the computation.
+``zeros_for_empty_inputs``. The torch_xla bugs (2.9): ``gather`` from a tensor with a
+zero-sized dim fails to lower ("Slice size at index 0 in gather op is out of range"),
+and ``cumsum`` / ``cumprod`` over a zero-sized dim fail in the XLA builder ("Window
+... has a non-positive dimension"). Eager's result then has no elements: a scan keeps
+its input's shape, and a gather's result has the index's shape, which for any index
+eager accepts has no elements (every index size must fit the input's size in the other
+dims, and no index value fits a zero-sized gathered dim). The rewrite replaces the op by
+``aten.new_zeros(input, shape, dtype=...)`` with the result's shape and dtype from
+``node.meta["val"]``: the same shape, dtype and device, no elements, and no constant
+baked into the computation.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from passes.base import GraphPass, PassResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["unsqueeze_0d_dims", "zeros_for_empty_gather"]
+__all__ = ["unsqueeze_0d_dims", "zeros_for_empty_inputs"]
 
 aten = torch.ops.aten
 
@@ -156,26 +159,30 @@ def _run_0d(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, bool(rewritten))
 
 
-def _run_empty_gather(gm: torch.fx.GraphModule) -> PassResult:
+#: Ops of a tensor with a zero-sized dim that fail to lower; their input is argument 0.
+_EMPTY_INPUT_OPS = frozenset({aten.gather.default, aten.cumsum.default, aten.cumprod.default})
+
+
+def _run_empty(gm: torch.fx.GraphModule) -> PassResult:
     rewritten = 0
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not aten.gather.default:
+        if node.op != "call_function" or node.target not in _EMPTY_INPUT_OPS or not node.args:
             continue
-        source, index = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs["index"]
-        source_shape, index_shape = _static_shape(_val(source)), _static_shape(_val(index))
-        if source_shape is None or index_shape is None or 0 not in source_shape:
+        source, result = node.args[0], _val(node)
+        source_shape, shape = _static_shape(_val(source)), _static_shape(result)
+        if source_shape is None or shape is None or 0 not in source_shape:
             continue
         with graph.inserting_before(node):
-            zeros = _new_node(graph, node, aten.new_zeros.default, (source, index_shape))
+            zeros = _new_node(graph, node, aten.new_zeros.default, (source, shape),
+                              {"dtype": result.dtype})
         node.replace_all_uses_with(zeros)
         graph.erase_node(node)
         rewritten += 1
     if rewritten:
-        log.debug("zeros_for_empty_gather: %d gathers from empty tensors", rewritten)
+        log.debug("zeros_for_empty_inputs: %d gathers or scans of empty tensors", rewritten)
     return PassResult(gm, bool(rewritten))
 
 
 unsqueeze_0d_dims = GraphPass(name="unsqueeze_0d_dims", version=1, run=_run_0d)
-zeros_for_empty_gather = GraphPass(name="zeros_for_empty_gather", version=1,
-                                   run=_run_empty_gather)
+zeros_for_empty_inputs = GraphPass(name="zeros_for_empty_inputs", version=1, run=_run_empty)
