@@ -422,6 +422,9 @@ REGRESSIONS = [
                           ("argmax", 8, 0.5)), id="cpu-only-dtype-checks"),
     pytest.param(_program((2, 2, 3), torch.bfloat16, ("matmul", 0, 0.5), ("tanh", 0, 0.5),
                           ("mean", 1, 0.5)), id="bf16-matmul-tanh-mean"),
+    # eager refuses bool - 0.5; a cast to float in front of sub must not let it through
+    pytest.param(_program((), torch.bool, ("bool_mask", 0, 0.5), ("sub", 0, 0.5)),
+                 id="bool-minus-float-raises"),
 ]
 
 

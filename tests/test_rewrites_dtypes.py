@@ -123,6 +123,13 @@ def test_ops_of_one_dtype_and_comparisons_are_left_alone():
     assert not _calls(gm, aten._to_copy.default)
 
 
+def test_subtraction_of_a_bool_tensor_still_raises_as_in_eager():
+    gm = _graph(lambda t: t - 0.5, BOOL)  # the meta kernel lets it through
+    assert not promote_dtypes(gm).modified
+    with pytest.raises(RuntimeError, match="Subtraction"):
+        gm(BOOL)
+
+
 ZERO_D = {
     "sum": (lambda t: t.sum(0), aten.sum.dim_IntList),
     "sum-keepdim": (lambda t: t.sum(-1, keepdim=True), aten.sum.dim_IntList),

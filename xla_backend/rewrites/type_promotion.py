@@ -47,6 +47,10 @@ _PROMOTING = frozenset({
     aten.cat.default,
 })
 
+#: Ops that eager refuses for bool operands ("Subtraction ... with a bool tensor is not
+#: supported"), which their meta kernels let through: a cast would make them succeed.
+_REFUSE_BOOL = frozenset({aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Tensor, aten.rsub.Scalar})
+
 #: Schema argument names that are not part of type promotion.
 _NOT_PROMOTED = frozenset({"condition", "mask"})
 
@@ -67,7 +71,7 @@ def _should_cast(target: Any, operand: torch.Tensor, result: torch.dtype) -> boo
 def _applies(node: Node) -> bool:
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return False
-    if node.target is torch.ops.prims.convert_element_type.default:  # a cast itself
+    if node.target is torch.ops.prims.convert_element_type.default or node.target in _REFUSE_BOOL:
         return False
     if node.target not in _PROMOTING and torch.Tag.pointwise not in node.target.tags:
         return False
