@@ -19,7 +19,8 @@ exactly those casts (``aten._to_copy`` with the result's dtype), so the lowering
 operands of one dtype and nothing is left to promote. Scalars are left as they are: once
 the tensor has the result's dtype, a float bound is applied as a float, as in eager.
 Operands that are not promoted (a ``where`` condition, a ``masked_fill`` mask) are left
-alone, and so are ops whose operands already all have the result's dtype.
+alone, and so are ops whose operands already all have the result's dtype. So is
+subtraction of a bool tensor, which eager refuses: a cast would make it succeed.
 """
 
 from __future__ import annotations
