@@ -561,6 +561,10 @@ TYPE_PROMOTION = {
     "where-bool-and-int": (lambda t: torch.where(t > 0, t > 1, t), torch.tensor([3, -2])),
     "where-int-and-float": (lambda t: torch.where(t > 0, t, t * 0.5), torch.tensor([3, -2])),
     "cat-empty-bool-and-int": (lambda t: torch.cat([t > 0, t]), torch.zeros(0, dtype=torch.long)),
+    # found by the fuzzer (a 0-d bool; the trace's dtype check refused it)
+    "cumsum-of-bool": (lambda t: (t > 0).cumsum(0), torch.tensor([3, -2, 1])),
+    "cumsum-of-0d-bool": (lambda t: (t > 0).cumsum(0), torch.tensor(3)),
+    "cumprod-of-bool": (lambda t: (t > 0).cumprod(0), torch.tensor([3, -2, 1])),
 }
 
 

@@ -87,6 +87,8 @@ PROMOTION = {
     "sigmoid-of-bool": (torch.sigmoid, BOOL, aten.sigmoid.default),
     "sqrt-of-bool": (torch.sqrt, BOOL, aten.sqrt.default),
     "mul-bool-by-float": (lambda t: t * 0.5, BOOL, aten.mul.Tensor),
+    "cumsum-of-bool": (lambda t: t.cumsum(0), BOOL, aten.cumsum.default),
+    "cumprod-of-bool": (lambda t: t.cumprod(0), BOOL, aten.cumprod.default),
 }
 
 

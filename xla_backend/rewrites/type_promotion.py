@@ -6,6 +6,7 @@ The torch_xla bugs stepped around (torch_xla 2.9):
   operands of mixed dtypes compute in the first tensor's dtype: ``int.clamp(min=-1.5)``
   gives an integer result with the bound truncated, ``where(c, bool, int)`` a bool,
   ``cat([empty bool, int])`` a bool. Eager promotes to the common dtype first.
+* ``cumsum`` / ``cumprod`` of a bool tensor give bool; eager accumulates in int64.
 * Floating-only pointwise ops (``exp``, ``sin``, ``sigmoid``, ``sqrt``, ...) of a bool
   tensor fail to lower (XLA's ``PRED`` is not a floating type), and ``clamp`` of a bool
   tensor raises "Clamp unimplemented for PRED"; eager converts the bool to the result's
@@ -46,6 +47,8 @@ _PROMOTING = frozenset({
     aten.clamp_max.default, aten.clamp_max.Tensor, aten.remainder.Scalar,
     aten.remainder.Tensor, aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther,
     aten.cat.default,
+    # a scan of bool gives bool in torch_xla; eager accumulates integers in int64
+    aten.cumsum.default, aten.cumprod.default,
 })
 
 #: Ops that eager refuses for bool operands ("Subtraction ... with a bool tensor is not
