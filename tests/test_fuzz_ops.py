@@ -57,14 +57,9 @@ def _dim(t: torch.Tensor, k: int) -> int:
     return k % t.dim() if t.dim() else 0
 
 
-def _reduce(t: torch.Tensor, k: int, over_dim: Callable[[torch.Tensor, int, bool], Any],
-            over_all: Callable[[torch.Tensor], Any]) -> Any:
+def _reduce(t: torch.Tensor, k: int, over_dim: Callable[[torch.Tensor, int, bool], Any]
+            ) -> Any:
     return over_dim(t, _dim(t, k), bool((k // 5) % 2))
-
-
-def _floating(t: torch.Tensor) -> torch.Tensor:
-    """The input of a floating-point-only op (exp, sin, ...)."""
-    return t
 
 
 def _partner(t: torch.Tensor, y: torch.Tensor, k: int) -> Any:
@@ -82,11 +77,6 @@ def _div(t: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
 def _where(t: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     other = _partner(t, y, k)
     return torch.where(t > 0, t, other)
-
-
-def _join(join: Callable[..., torch.Tensor], t: torch.Tensor, u: torch.Tensor,
-          dim: int) -> torch.Tensor:
-    return join([t, u], dim)
 
 
 def _clamp(t: torch.Tensor, c: float, upper: bool = True) -> torch.Tensor:
@@ -186,13 +176,13 @@ OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, int, float], Any]] = {
     # elementwise unary
     "neg": lambda t, y, k, c: -t,
     "abs": lambda t, y, k, c: _abs(t),
-    "exp": lambda t, y, k, c: _floating(t).exp(),
+    "exp": lambda t, y, k, c: t.exp(),
     "log1p_abs": lambda t, y, k, c: (_abs(t) + 1).log(),
-    "sin": lambda t, y, k, c: _floating(t).sin(),
-    "tanh": lambda t, y, k, c: torch.tanh(_floating(t)),
-    "sigmoid": lambda t, y, k, c: torch.sigmoid(_floating(t)),
+    "sin": lambda t, y, k, c: t.sin(),
+    "tanh": lambda t, y, k, c: torch.tanh(t),
+    "sigmoid": lambda t, y, k, c: torch.sigmoid(t),
     "relu": lambda t, y, k, c: torch.relu(t),
-    "sqrt_abs": lambda t, y, k, c: _floating(_abs(t)).sqrt(),
+    "sqrt_abs": lambda t, y, k, c: _abs(t).sqrt(),
     "floor": lambda t, y, k, c: _floor(t),
     "logical_not": lambda t, y, k, c: t.logical_not(),
     "bitwise_not": lambda t, y, k, c: _not_bits(t),
@@ -212,13 +202,12 @@ OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, int, float], Any]] = {
     "remainder": lambda t, y, k, c: _remainder(t, c),
     # reductions
     "sum_all": lambda t, y, k, c: t.sum(),
-    "sum": lambda t, y, k, c: _reduce(t, k, torch.sum, torch.sum),
-    "mean": lambda t, y, k, c: _reduce(t, k, torch.mean, torch.mean),
-    "amax": lambda t, y, k, c: _reduce(t, k, torch.amax, torch.amax),
-    "argmax": lambda t, y, k, c: _reduce(t, k, torch.argmax, torch.argmax),
-    "any": lambda t, y, k, c: _reduce(t, k, lambda u, d, _: u.any(d), torch.any),
-    "max_dim": lambda t, y, k, c: _reduce(t, k, lambda u, d, keep: u.max(d, keep).values,
-                                          torch.max),
+    "sum": lambda t, y, k, c: _reduce(t, k, torch.sum),
+    "mean": lambda t, y, k, c: _reduce(t, k, torch.mean),
+    "amax": lambda t, y, k, c: _reduce(t, k, torch.amax),
+    "argmax": lambda t, y, k, c: _reduce(t, k, torch.argmax),
+    "any": lambda t, y, k, c: _reduce(t, k, lambda u, d, _: u.any(d)),
+    "max_dim": lambda t, y, k, c: _reduce(t, k, lambda u, d, keep: u.max(d, keep).values),
     "cumsum": lambda t, y, k, c: t.cumsum(_dim(t, k)),
     "sort": lambda t, y, k, c: t.sort(_dim(t, k), descending=bool(k % 2)).values,
     # linear algebra
@@ -244,8 +233,8 @@ OPS: dict[str, Callable[[torch.Tensor, torch.Tensor, int, float], Any]] = {
     "index_copy_": lambda t, y, k, c: _index_copy(t, k),
     "setitem": lambda t, y, k, c: _setitem(t, k, c),
     # joins
-    "cat": lambda t, y, k, c: _join(torch.cat, t, t * 2, _dim(t, k)),
-    "stack": lambda t, y, k, c: _join(torch.stack, t, t + 1, k % (t.dim() + 1)),
+    "cat": lambda t, y, k, c: torch.cat([t, t * 2], _dim(t, k)),
+    "stack": lambda t, y, k, c: torch.stack([t, t + 1], k % (t.dim() + 1)),
 }
 
 # Ops whose result a last-bit difference upstream may flip (argmax, comparisons,
