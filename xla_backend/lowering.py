@@ -202,6 +202,7 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
             needs_compute = dict(zip(map(id, xla_results),
                                      _XLAC._check_tensor_need_materialization(xla_results)))
             output_nodes = next(n for n in device_gm.graph.nodes if n.op == "output").args[0]
+            _check_dtypes(results, output_nodes)
             for r, node in zip(results, output_nodes):
                 if not isinstance(r, torch.Tensor):
                     output_values.append(_Value(r))
@@ -235,6 +236,24 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
             return _Executable(graph_hash, params, output_values), tensors
         finally:
             _XLAC._set_xla_enable_device_data_cache(cache_was)
+
+
+class LoweredDtypeMismatch(TypeError):
+    """torch_xla lowered an op to another dtype than eager gives (``xla_backend.rewrites``)."""
+
+
+def _check_dtypes(results: Sequence[Any], output_nodes: Sequence[Any]) -> None:
+    """Refuses a trace whose outputs have other dtypes than the graph's metadata says.
+
+    Such a result is silently wrong (a float truncated to an integer): an op whose
+    torch_xla lowering skips type promotion and that no rewrite steps around yet.
+    """
+    for r, node in zip(results, output_nodes):
+        want = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if isinstance(r, torch.Tensor) and isinstance(want, torch.Tensor) and r.dtype != want.dtype:
+            raise LoweredDtypeMismatch(
+                f"syncfree_xla: torch_xla lowered {node.name} ({node.target}) to {r.dtype}, "
+                f"but eager PyTorch gives {want.dtype}; please report this op")
 
 
 def _materialize(tensors: list[torch.Tensor], device: torch.device) -> None:

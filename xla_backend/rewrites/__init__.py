@@ -12,9 +12,17 @@ from __future__ import annotations
 from passes.base import GraphPass
 
 from .nan_semantics import NAN_SEMANTICS
+from .type_promotion import promote_dtypes
+from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 
 #: Rewrites run on every aten graph, in this order, before lowering; part of the
-#: graph-cache key through their names and versions.
-ATEN_REWRITES: tuple[GraphPass, ...] = (NAN_SEMANTICS,)
+#: graph-cache key through their names and versions. Promotion runs before the NaN
+#: rewrite, so that clamp's operands already share one dtype there.
+ATEN_REWRITES: tuple[GraphPass, ...] = (
+    zeros_for_empty_inputs,
+    unsqueeze_0d_dims,
+    promote_dtypes,
+    NAN_SEMANTICS,
+)
 
 __all__ = ["ATEN_REWRITES"]
