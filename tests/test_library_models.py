@@ -85,8 +85,7 @@ def test_torchvision_resnet18(xla):
     got, want = _train(step, model, opt, reference, ref_opt, batches, xla, steps=4)
     torch.testing.assert_close(got, want, rtol=5e-3, atol=0)
     # BatchNorm's running statistics and num_batches_tracked are buffers updated in place.
-    # running_var is biased on XLA: test_batch_norm_running_var_is_unbiased.
-    assert_state_close(model, reference, rtol=5e-3, skip=("running_var",))
+    assert_state_close(model, reference, rtol=5e-3)
 
 
 def _hf_step(model, opt, input_ids, labels):
@@ -165,16 +164,17 @@ def test_transformers_gpt2_warm_steps_are_sync_free(xla):
 # torch_xla's own lowerings compute the variance as E[x^2] - E[x]^2 and update BatchNorm's
 # running_var with the biased variance. LayerNorm and BatchNorm without running stats are
 # lowered through PyTorch's reference decompositions (xla_backend/rewrites/norms.py);
-# BatchNorm with running stats is not yet: decomposing it made ResNet-18's gradients
-# 3e-3 off (see norms.py), so these stay known bugs (xfail strict).
+# BatchNorm with running stats gets its running_var recomputed
+# (rewrites/batch_norm_stats.py) but keeps torch_xla's normalization: decomposing it made
+# ResNet-18's gradients 3e-3 off (see norms.py), so its large-mean precision stays a
+# known bug (xfail strict).
 
 BN_KNOWN_BUG = pytest.mark.xfail(
-    strict=True, reason="torch_xla's batch_norm with running stats: running_var is "
-    "updated with the biased batch variance (N, not N-1), and the variance is "
-    "E[x^2] - E[x]^2 (off by up to 0.3, or NaN, when the mean is large next to the spread)")
+    strict=True, reason="torch_xla's batch_norm with running stats computes the variance "
+    "as E[x^2] - E[x]^2 (off by up to 0.3, or NaN, when the mean is large next to the "
+    "spread)")
 
 
-@BN_KNOWN_BUG
 def test_batch_norm_running_var_is_unbiased(xla):
     bn = torch.nn.BatchNorm2d(2, momentum=1.0)  # running_var becomes the batch's variance
     bn_xla = copy.deepcopy(bn).to(xla)

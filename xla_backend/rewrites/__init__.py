@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from passes.base import GraphPass
 
+from .batch_norm_stats import UNBIASED_RUNNING_VAR
 from .nan_semantics import NAN_SEMANTICS
 from .type_promotion import promote_dtypes
 from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
@@ -23,6 +24,7 @@ ATEN_REWRITES: tuple[GraphPass, ...] = (
     unsqueeze_0d_dims,
     promote_dtypes,
     NAN_SEMANTICS,
+    UNBIASED_RUNNING_VAR,
 )
 
 __all__ = ["ATEN_REWRITES"]

@@ -25,7 +25,6 @@ no NaN and lower correctly), by ops whose lowering agrees with eager:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import operator
@@ -33,9 +32,10 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 
 from passes.base import GraphPass, PassResult
+
+from ._fx import call
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -59,26 +59,18 @@ def _floating(node: Any) -> torch.Tensor | None:
 
 
 class _Builder:
-    """Adds nodes one after another, each with its ``meta["val"]`` computed as the
-    other passes and the lowering expect (under the graph's fake mode, if any)."""
+    """Adds calls one after another, after ``after``, located at ``like``'s line."""
 
-    def __init__(self, graph: torch.fx.Graph, after: torch.fx.Node, like: torch.fx.Node,
-                 x: torch.Tensor) -> None:
+    def __init__(self, graph: torch.fx.Graph, after: torch.fx.Node,
+                 like: torch.fx.Node) -> None:
         self.graph = graph
         self.cursor = after
-        self.fake_mode = detect_fake_mode([x])
-        self.meta = {k: like.meta[k] for k in ("stack_trace", "nn_module_stack", "seq_nr")
-                     if k in like.meta}
+        self.like = like
 
     def __call__(self, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
-        vals = torch.fx.node.map_arg((args, kwargs), _val)
         with self.graph.inserting_after(self.cursor):
-            node = self.graph.call_function(target, args, kwargs)
-        node.meta.update(self.meta)
-        with self.fake_mode or contextlib.nullcontext():
-            node.meta["val"] = target(*vals[0], **vals[1])
-        self.cursor = node
-        return node
+            self.cursor = call(self.graph, self.like, target, args, kwargs)
+        return self.cursor
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
@@ -91,7 +83,7 @@ def _first_nan_wins(graph: torch.fx.Graph, x: torch.fx.Node, dim: int | None, ke
                     indices: torch.fx.Node) -> None:
     """Makes every use of ``indices`` (argmax-like over ``x``) see the first NaN's index."""
     x_val = _val(x)
-    b = _Builder(graph, indices, indices, x_val)
+    b = _Builder(graph, indices, indices)
     nan = b(aten.isnan.default, x)
     nan_as_x = b(aten._to_copy.default, nan, dtype=x_val.dtype)
     first_nan = b(aten.argmax.default, nan_as_x, dim, keepdim)
@@ -146,7 +138,7 @@ def _rewrite_clamp(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
         return False
     if any(isinstance(b, torch.fx.Node) and _val(b).dtype != x_val.dtype for b in bounds):
         return False  # mixed dtypes: leave type promotion to clamp itself
-    b = _Builder(graph, node, node, x_val)
+    b = _Builder(graph, node, node)
     out = x
     for bound, target in zip(bounds, (aten.maximum.default, aten.minimum.default)):
         if bound is None:

@@ -35,6 +35,8 @@ from torch.fx import Node
 
 from passes.base import GraphPass, PassResult
 
+from ._fx import meta_val
+
 log = logging.getLogger(__name__)
 
 __all__ = ["promote_dtypes"]
@@ -59,10 +61,6 @@ _REFUSE_BOOL = frozenset({aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Tensor, at
 _NOT_PROMOTED = frozenset({"condition", "mask"})
 
 
-def _val(arg: Any) -> Any:
-    return arg.meta.get("val") if isinstance(arg, Node) else None
-
-
 def _should_cast(target: Any, operand: torch.Tensor, result: torch.dtype) -> bool:
     if operand.dtype == result:
         return False
@@ -79,14 +77,14 @@ def _applies(node: Node) -> bool:
         return False
     if node.target not in _PROMOTING and torch.Tag.pointwise not in node.target.tags:
         return False
-    result = _val(node)
+    result = meta_val(node)
     return isinstance(result, torch.Tensor)
 
 
 def _cast(graph: torch.fx.Graph, node: Node, operand: Node, dtype: torch.dtype) -> Node:
     with graph.inserting_before(node):
         cast = graph.call_function(aten._to_copy.default, (operand,), {"dtype": dtype})
-    cast.meta["val"] = _val(operand).to(dtype)
+    cast.meta["val"] = meta_val(operand).to(dtype)
     if "stack_trace" in node.meta:
         cast.meta["stack_trace"] = node.meta["stack_trace"]
     return cast
@@ -94,7 +92,7 @@ def _cast(graph: torch.fx.Graph, node: Node, operand: Node, dtype: torch.dtype) 
 
 def _rewrite(graph: torch.fx.Graph, node: Node) -> int:
     """Casts the promoted tensor operands of ``node``; returns how many it cast."""
-    dtype = _val(node).dtype
+    dtype = meta_val(node).dtype
     schema = node.target._schema
     casts = 0
 
@@ -102,7 +100,7 @@ def _rewrite(graph: torch.fx.Graph, node: Node) -> int:
         nonlocal casts
         if isinstance(arg, (list, tuple)):
             return type(arg)(promote(a, name) for a in arg)
-        operand = _val(arg)
+        operand = meta_val(arg)
         if (name in _NOT_PROMOTED or not isinstance(operand, torch.Tensor)
                 or not _should_cast(node.target, operand, dtype)):
             return arg

@@ -37,9 +37,10 @@ from typing import Any
 import torch
 import torch.fx
 from torch.fx import Node
-from torch.utils import _pytree as pytree
 
 from passes.base import GraphPass, PassResult
+
+from ._fx import call, meta_val
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,6 @@ _DIM_OPS: dict[Any, tuple[int, ...]] = {
 }
 
 
-def _val(arg: Any) -> Any:
-    return arg.meta.get("val") if isinstance(arg, Node) else None
-
-
 def _dim_arg(node: Node) -> Any:
     for i, arg in enumerate(node.target._schema.arguments):
         if arg.name in ("dim", "dims"):
@@ -86,7 +83,7 @@ def _dim_arg(node: Node) -> Any:
 
 
 def _is_0d(arg: Any) -> bool:
-    val = _val(arg)
+    val = meta_val(arg)
     return isinstance(val, torch.Tensor) and val.dim() == 0
 
 
@@ -97,22 +94,11 @@ def _static_shape(val: Any) -> list[int] | None:
     return shape if all(isinstance(s, int) for s in shape) else None
 
 
-def _new_node(graph: torch.fx.Graph, like: Node, target: Any, args: tuple,
-              kwargs: dict | None = None) -> Node:
-    """A call of ``target`` whose ``meta["val"]`` is computed on the operands' values."""
-    node = graph.call_function(target, args, kwargs or {})
-    vals_args, vals_kwargs = pytree.tree_map_only(Node, _val, (args, kwargs or {}))
-    node.meta["val"] = target(*vals_args, **vals_kwargs)
-    if "stack_trace" in like.meta:
-        node.meta["stack_trace"] = like.meta["stack_trace"]
-    return node
-
-
 def _back_to(graph: torch.fx.Graph, like: Node, value: Node, want: Any) -> Node:
     """``value``, viewed as ``want``'s shape where the 1-d operand changed it."""
     if list(value.meta["val"].shape) == list(want.shape):
         return value
-    return _new_node(graph, like, aten.view.default, (value, list(want.shape)))
+    return call(graph, like, aten.view.default, (value, list(want.shape)))
 
 
 def _rewrite_0d(graph: torch.fx.Graph, node: Node) -> bool:
@@ -120,9 +106,9 @@ def _rewrite_0d(graph: torch.fx.Graph, node: Node) -> bool:
     dim = _dim_arg(node)
     if not _is_0d(node.args[0]) or dim is None or dim == []:
         return False
-    if any(_val(arg) is None for arg in node.all_input_nodes):
+    if any(meta_val(arg) is None for arg in node.all_input_nodes):
         return False  # new nodes' meta["val"] is computed from their operands'
-    want = _val(node)
+    want = meta_val(node)
     wants = list(want) if isinstance(want, (tuple, list)) else [want]
     if any(_static_shape(w) is None for w in wants):
         return False
@@ -133,15 +119,15 @@ def _rewrite_0d(graph: torch.fx.Graph, node: Node) -> bool:
     with graph.inserting_before(node):
         for i in positions:
             if i < len(args) and _is_0d(args[i]):
-                args[i] = _new_node(graph, node, aten.unsqueeze.default, (args[i], 0))
-        op = _new_node(graph, node, node.target, tuple(args), dict(node.kwargs))
+                args[i] = call(graph, node, aten.unsqueeze.default, (args[i], 0))
+        op = call(graph, node, node.target, tuple(args), dict(node.kwargs))
         if not isinstance(want, (tuple, list)):
             node.replace_all_uses_with(_back_to(graph, node, op, want))
     if isinstance(want, (tuple, list)):  # a values/indices pair, read by getitem nodes
         for user in list(node.users):
             index = user.args[1]
             with graph.inserting_before(user):
-                part = _new_node(graph, user, operator.getitem, (op, index))
+                part = call(graph, user, operator.getitem, (op, index))
                 user.replace_all_uses_with(_back_to(graph, user, part, want[index]))
             graph.erase_node(user)
     graph.erase_node(node)
@@ -169,12 +155,12 @@ def _run_empty(gm: torch.fx.GraphModule) -> PassResult:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _EMPTY_INPUT_OPS or not node.args:
             continue
-        source, result = node.args[0], _val(node)
-        source_shape, shape = _static_shape(_val(source)), _static_shape(result)
+        source, result = node.args[0], meta_val(node)
+        source_shape, shape = _static_shape(meta_val(source)), _static_shape(result)
         if source_shape is None or shape is None or 0 not in source_shape:
             continue
         with graph.inserting_before(node):
-            zeros = _new_node(graph, node, aten.new_zeros.default, (source, shape),
+            zeros = call(graph, node, aten.new_zeros.default, (source, shape),
                               {"dtype": result.dtype})
         node.replace_all_uses_with(zeros)
         graph.erase_node(node)

@@ -1,0 +1,35 @@
+"""Node-building helpers the rewrites share: values from ``meta["val"]``, new calls with theirs."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch._guards import detect_fake_mode
+
+_COPIED_META = ("stack_trace", "nn_module_stack", "seq_nr")
+
+
+def meta_val(arg: Any) -> Any:
+    """The value a node stands for (a fake tensor, a SymInt...), or None for a literal."""
+    return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+
+
+def call(graph: torch.fx.Graph, like: torch.fx.Node, target: Any, args: tuple,
+         kwargs: dict | None = None) -> torch.fx.Node:
+    """A call of ``target`` at the graph's insertion point, with the ``meta["val"]`` later
+    rewrites and the lowering read, computed under the graph's fake mode when it has one,
+    and ``like``'s source location, so reports still point at the user's line."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    node.meta.update({k: like.meta[k] for k in _COPIED_META if k in like.meta})
+    vals_args, vals_kwargs = pytree.tree_map_only(torch.fx.Node, meta_val, (args, kwargs))
+    # ``like``'s value too: a call with no tensor operand (scalar_tensor) must still
+    # make a fake value
+    fake_mode = detect_fake_mode(pytree.tree_leaves((vals_args, vals_kwargs, meta_val(like))))
+    with fake_mode or contextlib.nullcontext():
+        node.meta["val"] = target(*vals_args, **vals_kwargs)
+    return node
