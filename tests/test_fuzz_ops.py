@@ -509,8 +509,6 @@ def test_squeeze_of_a_0d_input(xla):
     assert_compiles_like_eager(lambda t: t.squeeze(0), torch.tensor(1.5), device=xla)
 
 
-@pytest.mark.xfail(strict=True, reason="cummax runs outside the computation (op "
-                   "fallback partition) and its indices come back int32; eager gives int64")
 def test_cummax_indices_are_int64(xla):
     assert_compiles_like_eager(lambda t: t.cummax(0), torch.tensor([1.0, 3.0, 2.0]), device=xla)
 

@@ -90,6 +90,9 @@ class _Executable:
     output_values: list[Any]  # per device output: _Computed, _Value or _Input
     ready: Future | None = None  # the compile; None when there is nothing to compile
     op_by_op: bool = False  # torch_xla fell back to the CPU while tracing: run eagerly
+    # per computed output, the dtype the traced tensor had; a few torch_xla lowerings
+    # (cummax's indices) emit a narrower one in the HLO, which replay would hand out
+    dtypes: tuple[torch.dtype, ...] = ()
 
 
 def _signature(args: Sequence[Any], positions: Sequence[int], spmd: bool = False) -> tuple:
@@ -233,7 +236,8 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
             graph_hash = _XLAC._get_graph_hash(tensors)
             lookup.capture(tensors)  # graph cache hook: the entry keeps this HLO
             counters.incr(counters.GRAPHS_LOWERED)
-            return _Executable(graph_hash, params, output_values), tensors
+            return _Executable(graph_hash, params, output_values,
+                               dtypes=tuple(t.dtype for t in tensors)), tensors
         finally:
             _XLAC._set_xla_enable_device_data_cache(cache_was)
 
@@ -284,6 +288,12 @@ def _to_device_data(feed: list[Any], device: torch.device) -> None:
                                                 [str(device)] * len(host))
         for k, t in zip(host, uploaded):
             feed[k] = t
+
+
+def _as_traced(computed: list[torch.Tensor], dtypes: Sequence[torch.dtype]
+               ) -> list[torch.Tensor]:
+    """The outputs in the dtypes the trace promised (a lazy cast where the HLO differs)."""
+    return [c if not dtypes or c.dtype == d else c.to(d) for c, d in zip(computed, dtypes)]
 
 
 def _passed_through(t: torch.Tensor, copy: bool) -> torch.Tensor:
@@ -435,6 +445,7 @@ class LoweredGraph:
             computed = runtime.timed_wait(lambda: _XLAC._run_cached_graph(exe.graph_hash, feed))
             counters.incr(counters.EXECUTIONS)
             runtime.dispatched(computed, self._async_dispatch)
+            computed = _as_traced(computed, exe.dtypes)
         device_results = [
             computed[v.index] if isinstance(v, _Computed)
             else _passed_through(dev_inputs[v.position], v.copy) if isinstance(v, _Input)
