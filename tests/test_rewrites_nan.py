@@ -8,6 +8,7 @@ compile through the backend and compare with eager on the CPU.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -140,6 +141,19 @@ def test_configure_pjrt_adds_the_nan_flag_without_clobbering(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     device.configure_pjrt()
     assert "XLA_FLAGS" not in os.environ
+
+
+def test_configure_pjrt_warns_when_the_runtime_started_first(xla, monkeypatch, caplog):
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    torch.ones(1, device=xla).cpu()  # the runtime is up, with the flags it started with
+    with caplog.at_level(logging.WARNING, logger="xla_backend.device"):
+        device.configure_pjrt()
+    assert [r.message for r in caplog.records if "cannot take effect" in r.message]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xla_backend.device"):
+        device.configure_pjrt()  # the flag is in XLA_FLAGS now: nothing more to say
+    assert not caplog.records
 
 
 # --- compiled on XLA vs eager ---------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,26 @@ def configure_pjrt() -> None:
     """
     if "PJRT_DEVICE" not in os.environ and importlib.util.find_spec("libtpu") is None:
         os.environ["PJRT_DEVICE"] = "CPU"
-    if os.environ.get("PJRT_DEVICE") == "CPU":
-        _add_xla_flag(CPU_NAN_FLAG)
+    if os.environ.get("PJRT_DEVICE") == "CPU" and _add_xla_flag(CPU_NAN_FLAG) \
+            and _runtime_started():
+        log.warning(
+            "syncfree_xla: torch_xla's runtime started before this backend was imported, "
+            "so XLA_FLAGS %s cannot take effect: XLA:CPU max/min may drop NaN. Import "
+            "xla_backend before using the XLA device, or set that flag in XLA_FLAGS "
+            "yourself.", CPU_NAN_FLAG)
 
 
-def _add_xla_flag(flag: str) -> None:
+def _runtime_started() -> bool:
+    torch_xla = sys.modules.get("torch_xla")
+    return torch_xla is not None and bool(torch_xla._XLAC._xla_runtime_is_initialized())
+
+
+def _add_xla_flag(flag: str) -> bool:
+    """Adds ``flag`` to XLA_FLAGS unless they name it already; whether it was added."""
     name = flag.split("=", 1)[0]
     flags = os.environ.get("XLA_FLAGS", "")
     if name in flags:  # the user chose; theirs wins
-        return
+        return False
     os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
     log.debug("XLA_FLAGS += %s", flag)
+    return True
