@@ -17,7 +17,9 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
 * ``capture_scalar_outputs=True``: ``.item()`` / ``float(t)`` stay in the graph as
   symbolic scalars, which ``passes.tensorify_scalar_reads`` turns into 0-d tensor math;
 * a branch-free ``GradScaler._maybe_opt_step`` (:func:`masked_maybe_opt_step`): the
-  stock one reads ``found_inf`` on the host to decide whether to step.
+  stock one reads ``found_inf`` on the host to decide whether to step;
+* under ``torch.compile(dynamic=True)`` only, PyTorch's reference layer and group norm
+  as their ``AutogradXLA`` kernels (:func:`_norms_for_symbolic_sizes`).
 
 How: Dynamo enters ``backend.backend_ctx_ctor()`` (when the backend has one) around
 every call of the compiled function, resume frames after graph breaks included, which
