@@ -93,6 +93,8 @@ class _Executable:
     # per computed output, the dtype the traced tensor had; a few torch_xla lowerings
     # (cummax's indices) emit a narrower one in the HLO, which replay would hand out
     dtypes: tuple[torch.dtype, ...] = ()
+    # (output index, dtype) for each replayed output to cast back; found on the first run
+    casts: list[tuple[int, torch.dtype]] | None = None
 
 
 def _signature(args: Sequence[Any], positions: Sequence[int], spmd: bool = False) -> tuple:
@@ -290,40 +292,34 @@ def _to_device_data(feed: list[Any], device: torch.device) -> None:
             feed[k] = t
 
 
-def _as_traced(computed: list[torch.Tensor], dtypes: Sequence[torch.dtype]
-               ) -> list[torch.Tensor]:
-    """The outputs in the dtypes the trace promised (a lazy cast where the HLO differs)."""
-    return [c if not dtypes or c.dtype == d else c.to(d) for c, d in zip(computed, dtypes)]
-
-
 def _passed_through(t: torch.Tensor, copy: bool) -> torch.Tensor:
     # A lazy clone costs nothing now; it only runs if the caller keeps using it.
     return t.clone() if copy else t
 
 
-def _check_writable(t: torch.Tensor, position: int, name: str) -> None:
+def _check_writable(view: torch.Tensor, position: int, name: str) -> None:
     """Refuses an in-place update of an expanded input, as eager PyTorch does.
 
     torch_xla reports every tensor's strides as contiguous, so overlap is found by
     counting: a view with more elements than its base repeats some of them.
     """
-    base = t._base if t._is_view() else None
-    if base is not None and t.numel() > base.numel():
+    base = view._base
+    if base is not None and view.numel() > base.numel():
         raise RuntimeError(
             f"syncfree_xla: input {position} of {name} is updated in place, but it is an "
-            f"expanded view ({tuple(base.shape)} -> {tuple(t.shape)}): more than one element "
+            f"expanded view ({tuple(base.shape)} -> {tuple(view.shape)}): more than one element "
             f"of the written-to tensor refers to a single memory location. Clone it first."
         )
 
 
-def _write_back(t: torch.Tensor, value: torch.Tensor) -> None:
+def _write_back(t: torch.Tensor, value: torch.Tensor, is_view: bool) -> None:
     """Gives an input updated in place its new value.
 
     A whole tensor is rebound to the computation's output buffer, free of any copy.
     A view is written through (a lazy ``copy_``), so that its base and sibling views
     see the update too.
     """
-    if t._is_view():
+    if is_view:
         with torch.no_grad():
             t.copy_(value)
     else:
@@ -421,7 +417,9 @@ class LoweredGraph:
 
     def __call__(self, args: list[Any]) -> Any:
         self._check_devices(args)
-        for arg_index in self._split.device_mutations:
+        # inputs updated in place that are views: written through, checked first
+        views = {i for i in self._split.device_mutations if args[i]._is_view()}
+        for arg_index in views:
             _check_writable(args[arg_index], arg_index, self.name)
         split_ = self._split
         host_values = None
@@ -445,7 +443,11 @@ class LoweredGraph:
             computed = runtime.timed_wait(lambda: _XLAC._run_cached_graph(exe.graph_hash, feed))
             counters.incr(counters.EXECUTIONS)
             runtime.dispatched(computed, self._async_dispatch)
-            computed = _as_traced(computed, exe.dtypes)
+            if exe.casts is None:
+                exe.casts = [(k, d) for k, (c, d) in enumerate(zip(computed, exe.dtypes))
+                             if c.dtype != d]
+            for k, dtype in exe.casts:
+                computed[k] = computed[k].to(dtype)  # lazy
         device_results = [
             computed[v.index] if isinstance(v, _Computed)
             else _passed_through(dev_inputs[v.position], v.copy) if isinstance(v, _Input)
@@ -453,7 +455,7 @@ class LoweredGraph:
             for v in exe.output_values
         ]
         for arg_index, out_index in split_.device_mutations.items():
-            _write_back(args[arg_index], device_results[out_index])
+            _write_back(args[arg_index], device_results[out_index], arg_index in views)
         outs = [self._output(slot, args, host_values, device_results) for slot in split_.outputs]
         return outs if split_.output_is_sequence else outs[0]
 

@@ -35,7 +35,7 @@ import torch.fx
 
 from passes.base import GraphPass, PassResult
 
-from ._fx import call
+from ._fx import call, meta_val
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -46,13 +46,9 @@ _CLAMP_OPS = {aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default,
               aten.clamp_min.Tensor, aten.clamp_max.default, aten.clamp_max.Tensor}
 
 
-def _val(arg: Any) -> Any:
-    return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
-
-
 def _floating(node: Any) -> torch.Tensor | None:
     """The node's example value if it is a floating-point tensor (NaN can occur)."""
-    val = _val(node)
+    val = meta_val(node)
     if not isinstance(val, torch.Tensor) or not val.is_floating_point():
         return None
     return val
@@ -82,7 +78,7 @@ def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
 def _first_nan_wins(graph: torch.fx.Graph, x: torch.fx.Node, dim: int | None, keepdim: bool,
                     indices: torch.fx.Node) -> None:
     """Makes every use of ``indices`` (argmax-like over ``x``) see the first NaN's index."""
-    x_val = _val(x)
+    x_val = meta_val(x)
     b = _Builder(graph, indices, indices)
     nan = b(aten.isnan.default, x)
     nan_as_x = b(aten._to_copy.default, nan, dtype=x_val.dtype)
@@ -130,13 +126,13 @@ def _clamp_bounds(node: torch.fx.Node) -> tuple[Any, Any]:
 
 def _rewrite_clamp(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     x = node.args[0]
-    x_val, out_val = _floating(x), _val(node)
+    x_val, out_val = _floating(x), meta_val(node)
     if x_val is None or not isinstance(out_val, torch.Tensor) or out_val.dtype != x_val.dtype:
         return False
     bounds = _clamp_bounds(node)
     if any(isinstance(b, (int, float)) and math.isnan(b) for b in bounds):
         return False
-    if any(isinstance(b, torch.fx.Node) and _val(b).dtype != x_val.dtype for b in bounds):
+    if any(isinstance(b, torch.fx.Node) and meta_val(b).dtype != x_val.dtype for b in bounds):
         return False  # mixed dtypes: leave type promotion to clamp itself
     b = _Builder(graph, node, node)
     out = x

@@ -161,7 +161,7 @@ def _run_empty(gm: torch.fx.GraphModule) -> PassResult:
             continue
         with graph.inserting_before(node):
             zeros = call(graph, node, aten.new_zeros.default, (source, shape),
-                              {"dtype": result.dtype})
+                         {"dtype": result.dtype})
         node.replace_all_uses_with(zeros)
         graph.erase_node(node)
         rewritten += 1
