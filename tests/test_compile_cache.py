@@ -179,6 +179,7 @@ def fresh_cache_state(monkeypatch):
 
     monkeypatch.setattr(compile_cache, "_stores", {})
     monkeypatch.setattr(compile_cache, "_live", weakref.WeakValueDictionary())
+    monkeypatch.setattr(compile_cache, "_warned", set())  # warnings said once per process
 
 
 def _matmul_relu(options: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
@@ -254,6 +255,26 @@ def test_structurally_bad_entry_is_rejected_and_rebuilt(xla, tmp_path, caplog,
     assert s["cache_graph_rejected"] == 1
     assert s["cache_graph_misses"] == 2
     assert Store(directory).get(digest).startswith(b"SFXGRPH")  # rebuilt and rewritten
+
+
+def test_a_computation_that_reads_no_buffer_is_not_stored(xla, tmp_path, caplog,
+                                                          fresh_cache_state):
+    # gather from an empty tensor becomes new_zeros: the HLO has no parameter, and
+    # torch_xla cannot run such a module as a user computation when rebuilding it
+    options = {"cache_dir": str(tmp_path / "c")}
+    index = torch.zeros(0, 4, dtype=torch.long)
+
+    def run() -> torch.Tensor:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda t, i: torch.gather(t, 1, i) + 1, backend="syncfree_xla",
+                           options=options)
+        return fn(torch.zeros(0, 4, device=xla), index.to(xla)).cpu()
+
+    first = run()
+    assert xla_backend.stats().get("cache_graph_uncacheable", 0) >= 1
+    assert _entries(tmp_path / "c") == []
+    assert torch.equal(run(), first)
+    assert "is unusable" not in caplog.text
 
 
 # ---------------------------------------------------------------------------

@@ -516,6 +516,9 @@ class Lookup:
     def _entry_of(self, exe: _Executable) -> GraphEntry:
         from .lowering import _Computed, _Input
 
+        if exe.graph_hash is not None and not exe.params:
+            # a rebuild runs the HLO as a user computation, which needs an operand
+            raise Uncacheable("the computation reads no buffer")
         hlo_params = []
         for kind, value in exe.params:
             t = self._inputs[value] if kind == "input" else value
@@ -665,7 +668,7 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
             _expect(len(results) == len(entry.computed), "computation has other outputs")
             for r, (shape, dtype) in zip(results, entry.computed):
                 # the HLO may hold a narrower integer than the trace (cummax's indices);
-                # replay casts it back (lowering._as_traced)
+                # replay casts it back (LoweredGraph.__call__, _Executable.casts)
                 same_kind = r.dtype == dtype or not (r.dtype.is_floating_point
                                                      or dtype.is_floating_point)
                 _expect(tuple(r.shape) == shape and same_kind,
