@@ -60,6 +60,10 @@ Why the semantics are kept:
   to the input's dtype. ``number / tensor`` is ``tensor.reciprocal() * number`` in
   PyTorch (two roundings), so it is rewritten to exactly that.
 
+A foreach ``mul``/``div``/``add`` of a tensor list by the scalar (Adam's foreach path:
+``torch._foreach_div_(bias_correction1, lr)``) takes the 0-d tensor, cast to the list's
+dtype, through the overload PyTorch has for it.
+
 Anything else (a Sym value returned from the graph, passed as a keyword, compared,
 used as a size, mixed with a Sym value from elsewhere such as a shape, an op not
 listed in ``SYM_OPS`` / ``TENSOR_CONSUMERS``) leaves the whole connected group of
@@ -115,14 +119,25 @@ _INPLACE_METHODS = frozenset({"add_", "sub_", "mul_", "div_"})
 # exponent, PyTorch picks special kernels by its value (square, sqrt, ...).
 _POW_BASE = frozenset({operator.pow, torch.pow})
 _LERP = frozenset({torch.lerp, "lerp", "lerp_"})
+# ``torch._foreach_mul_(tensors, lr)`` and friends, as Adam's foreach path applies a
+# learning rate; these three have an overload taking a 0-d tensor for the scalar.
+_FOREACH = frozenset({
+    torch._foreach_mul, torch._foreach_mul_, torch._foreach_div, torch._foreach_div_,
+    torch._foreach_add, torch._foreach_add_,
+})
 
 #: Tensor ops that may take the scalar: either operand of arithmetic, the base of a
-#: power, the ``other`` of an in-place update, the weight of ``lerp``.
+#: power, the ``other`` of an in-place update, the weight of ``lerp``, the scalar of
+#: a foreach ``mul``/``div``/``add``.
 TENSOR_CONSUMERS: frozenset[Any] = (
-    _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _POW_BASE | _LERP
+    _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _POW_BASE | _LERP | _FOREACH
 )
 
-ARITH, INPLACE, LERP = "arith", "inplace", "lerp"
+ARITH, INPLACE, LERP, FOREACH = "arith", "inplace", "lerp", "foreach"
+
+
+def _tensor_list(arg: Any) -> bool:
+    return isinstance(arg, (list, tuple)) and bool(arg) and all(is_tensor(a) for a in arg)
 
 
 def _dtype_of(sym: Any) -> torch.dtype | None:
@@ -167,6 +182,11 @@ def _sym_op_ok(node: Node, member: set[Node]) -> bool:
 def _consumer_kind(user: Node, member: set[Node]) -> str | None:
     """How a tensor op takes a Sym value (ARITH, INPLACE, LERP), or None if it cannot."""
     target = user.target if user.op in ("call_function", "call_method") else None
+    if user.op == "call_function" and target in _FOREACH:
+        ok = (len(user.args) == 2 and not user.kwargs and user.args[1] in member
+              and _tensor_list(user.args[0])
+              and len({value(a).dtype for a in user.args[0]}) == 1)
+        return FOREACH if ok else None
     if target in _LERP:
         kind, positions, arity = LERP, (2,), 3
     elif user.op == "call_method" and target in _INPLACE_METHODS:
@@ -304,7 +324,12 @@ class _Emitter:
         """
         kind = _consumer_kind(user, member)
         t, have = self.tensor[sym], self.dtype[sym]
-        if kind == LERP:
+        if kind == FOREACH:
+            # the Tensor overload casts the 0-d tensor to each tensor's dtype, as a
+            # Python number is; cast first so no backend can promote instead
+            want = value(user.args[0][0]).dtype
+            wrong = have != want
+        elif kind == LERP:
             want = value(user.args[0]).dtype
             wrong = have != want
         else:
@@ -353,4 +378,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=1, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=2, run=_run)

@@ -87,3 +87,32 @@ def train_both(step: Callable, compiled_args: Callable[[int], tuple],
         want.append(step(*eager_args(i)))
     settle()
     return [g.cpu() for g in got], want
+
+
+def assert_same_optimizer_state(opt: torch.optim.Optimizer, reference: torch.optim.Optimizer,
+                                rtol: float, host_steps: bool = True) -> None:
+    """``state_dict()`` of both optimizers agree: every group's settings, every state entry.
+
+    Tensors compare as in :func:`assert_same_state`. With ``host_steps``, step counters
+    must be on the host, where eager torch keeps them for a non-capturable optimizer,
+    so a checkpoint of the compiled run loads where an eager one would (ASGD keeps its
+    counter on the parameter's device even eagerly).
+    """
+    got, want = opt.state_dict(), reference.state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    assert got["state"].keys() == want["state"].keys()
+    for index, entries in want["state"].items():
+        assert got["state"][index].keys() == entries.keys(), index
+        for key, value in entries.items():
+            mine = got["state"][index][key]
+            where = f"state[{index}][{key!r}]"
+            if not isinstance(value, torch.Tensor):
+                assert mine == value, f"{where}: {mine!r} != {value!r}"
+                continue
+            want_host = host_steps and value.dim() == 0 and key == "step"
+            assert not want_host or mine.device.type == "cpu", f"{where} is on {mine.device}"
+            mine = mine.detach().cpu()
+            assert mine.dtype == value.dtype, f"{where}: {mine.dtype} != {value.dtype}"
+            scale = max(float(value.double().norm()), 1e-12)
+            error = float((mine.double() - value.double()).norm()) / scale
+            assert error <= rtol, f"{where}: relative error {error:.3g} > {rtol}"

@@ -14,6 +14,13 @@ log = logging.getLogger(__name__)
 #: (see ``xla_backend.rewrites.nan_semantics`` for what the flag leaves to fix).
 CPU_NAN_FLAG = "--xla_cpu_enable_fast_min_max=false"
 
+#: torch_xla's switch for "special scalars": with it unset, a 0-d tensor holding 0 or
+#: +-1 is an IR literal, not a buffer. A flag or mask tensor that is 0 on most steps and
+#: inf on some (a poisoned gradient, a GradScaler test) then needs an extra execution
+#: on the 0 steps and recompiles the first time it is not 0. Set to "1" unless the
+#: user chose; ``lowering`` applies it even when torch_xla was imported first.
+NO_SPECIAL_SCALARS = "XLA_NO_SPECIAL_SCALARS"
+
 
 def configure_pjrt() -> None:
     """Chooses CPU when nothing else is configured, before torch_xla is imported.
@@ -21,10 +28,11 @@ def configure_pjrt() -> None:
     torch_xla warns and guesses when PJRT_DEVICE is unset; users of this backend
     should not have to set it on a CPU machine, while a TPU host (libtpu installed)
     keeps torch_xla's own choice. On CPU, XLA_FLAGS gains :data:`CPU_NAN_FLAG` unless
-    it already sets that flag either way.
+    it already sets that flag either way; :data:`NO_SPECIAL_SCALARS` defaults to on.
     """
     if "PJRT_DEVICE" not in os.environ and importlib.util.find_spec("libtpu") is None:
         os.environ["PJRT_DEVICE"] = "CPU"
+    os.environ.setdefault(NO_SPECIAL_SCALARS, "1")
     if os.environ.get("PJRT_DEVICE") == "CPU" and _add_xla_flag(CPU_NAN_FLAG) \
             and _runtime_started():
         log.warning(

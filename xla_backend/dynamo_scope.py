@@ -113,6 +113,7 @@ def _scope() -> Iterator[None]:
             if not torch._dynamo.config.assume_static_by_default:  # dynamic=True
                 stack.enter_context(_norms_for_symbolic_sizes())
             stack.enter_context(_masked_grad_scaler_step())
+            stack.enter_context(step_counters.counters_on_device_when_traced())
             _scope_stack = stack
         _scope_depth += 1
     try:

@@ -17,6 +17,7 @@ execution. CPU-side pieces (optimizer step counters) run eagerly on the host; se
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -28,11 +29,14 @@ import torch_xla
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import compile_cache, counters, runtime, sharding, xla_metrics
+from .device import NO_SPECIAL_SCALARS
 from .graph_split import OutputSlot, SplitGraph, UnsplittableGraph, split
 from .options import Options
 
 log = logging.getLogger(__name__)
 _XLAC = torch_xla._XLAC
+# torch_xla reads its environment variable at import, which may precede ours
+_XLAC._set_xla_handle_special_scalars(os.environ.get(NO_SPECIAL_SCALARS, "1") != "1")
 
 # Tracing enters torch_xla's global lazy-tensor state (RNG seed, device data cache);
 # one trace at a time keeps traces from seeing each other's pending IR.
