@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.fx
+import torch_xla
 
 import xla_backend
 from tests.xla_helpers import settle
@@ -257,10 +258,21 @@ def test_structurally_bad_entry_is_rejected_and_rebuilt(xla, tmp_path, caplog,
     assert Store(directory).get(digest).startswith(b"SFXGRPH")  # rebuilt and rewritten
 
 
+@pytest.fixture
+def special_scalars(monkeypatch):
+    """torch_xla's 0/1 literals, as with ``XLA_NO_SPECIAL_SCALARS=0`` (the backend's
+    default turns them off, so that a 0-d 0 or 1 is a buffer)."""
+    monkeypatch.setenv("XLA_NO_SPECIAL_SCALARS", "0")
+    torch_xla._XLAC._set_xla_handle_special_scalars(True)
+    yield
+    torch_xla._XLAC._set_xla_handle_special_scalars(False)
+
+
 def test_a_computation_that_reads_no_buffer_is_not_stored(xla, tmp_path, caplog,
-                                                          fresh_cache_state):
-    # gather from an empty tensor becomes new_zeros: the HLO has no parameter, and
-    # torch_xla cannot run such a module as a user computation when rebuilding it
+                                                          fresh_cache_state, special_scalars):
+    # gather from an empty tensor becomes new_zeros, and with the literal 1 the HLO has
+    # no parameter: torch_xla cannot run such a module as a user computation when
+    # rebuilding it
     options = {"cache_dir": str(tmp_path / "c")}
     index = torch.zeros(0, 4, dtype=torch.long)
 
