@@ -151,7 +151,7 @@ def _issue_repro(device: torch.device | str, compiled: bool) -> tuple[list[float
     for _ in range(4):
         run(torch.ones(1, 4, device=device))
         sched.step()
-        out += [float(a.weight[0, 0].cpu()), float(b.weight[0, 0].cpu())]
+        out += [float(a.weight[0, 0].detach().cpu()), float(b.weight[0, 0].detach().cpu())]
     return out, opt
 
 

@@ -446,7 +446,14 @@ _warned: set[str] = set()
 
 
 def _warn_once(kind: str, message: str, *args: object) -> None:
-    """Warn the first time ``kind`` of trouble happens in this process; debug after that."""
+    """Warn the first time ``kind`` of trouble happens in this process; debug after that.
+
+    Exceptions are logged as their text. A record keeps its arguments for as long as a
+    handler keeps the record (pytest's log capture, a memory handler), and an exception
+    raised inside a trace keeps the trace's frames alive through its traceback: the
+    stand-ins and the lazy results, which the next ``lowering._materialize`` would sync.
+    """
+    args = tuple(str(a) if isinstance(a, BaseException) else a for a in args)
     with _stores_lock:
         first = kind not in _warned
         _warned.add(kind)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -184,68 +185,84 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
         cache_was = _XLAC._get_xla_enable_device_data_cache()
         _XLAC._set_xla_enable_device_data_cache(False)
         try:
-            standins = [
-                _placeholder_tensor(x, device) if isinstance(x, torch.Tensor) else x
-                for x in inputs
-            ]
-            ids = {
-                _XLAC._xla_get_tensor_id(t): k
-                for k, t in enumerate(standins)
-                if isinstance(t, torch.Tensor)
-            }
-            fallbacks_before = xla_metrics.fallback_counts()
-            results = device_gm(*standins)
-            fell_back = xla_metrics.fell_back_since(fallbacks_before)
-            if fell_back:
-                raise OpsFellBackInTrace(fell_back)
-            for out_index, position in (pinned or {}).items():
-                r = results[out_index]
-                if isinstance(r, torch.Tensor) and r.device.type == "xla" and \
-                        _XLAC._check_tensor_need_materialization([r])[0]:
-                    sharding.copy_sharding(standins[position], r)
-            tensors: list[torch.Tensor] = []
-            result_index: dict[int, int] = {}
-            output_values: list[Any] = []
-            xla_results = [r for r in results
-                           if isinstance(r, torch.Tensor) and r.device.type == "xla"]
-            needs_compute = dict(zip(map(id, xla_results),
-                                     _XLAC._check_tensor_need_materialization(xla_results)))
-            output_nodes = next(n for n in device_gm.graph.nodes if n.op == "output").args[0]
-            _check_dtypes(results, output_nodes)
-            for r, node in zip(results, output_nodes):
-                if not isinstance(r, torch.Tensor):
-                    output_values.append(_Value(r))
-                elif r.device.type != "xla":
-                    output_values.append(_Value(r.clone()))
-                elif needs_compute[id(r)]:
-                    # torch_xla returns one result per distinct lazy tensor: outputs that
-                    # alias one (detach of a result) share it.
-                    tid = _XLAC._xla_get_tensor_id(r)
-                    if tid not in result_index:
-                        result_index[tid] = len(tensors)
-                        tensors.append(r)
-                    output_values.append(_Computed(result_index[tid]))
-                else:
-                    # already a buffer: one of the inputs passed through, or a constant
-                    (data_id,), (data,) = _XLAC._get_tensors_xla_device_data_node([r])
-                    if data_id not in ids:
-                        output_values.append(_Value(data))
-                    else:
-                        output_values.append(_Input(ids[data_id], copy=not _is_alias(node)))
-            if not tensors:
-                return _Executable(None, [], output_values), []
-            param_ids, param_values = _XLAC._get_tensors_xla_device_data_node(tensors)
-            params = [
-                ("input", ids[pid]) if pid in ids else ("const", value)
-                for pid, value in zip(param_ids, param_values)
-            ]
-            graph_hash = _XLAC._get_graph_hash(tensors)
-            lookup.capture(tensors)  # graph cache hook: the entry keeps this HLO
-            counters.incr(counters.GRAPHS_LOWERED)
-            return _Executable(graph_hash, params, output_values,
-                               dtypes=tuple(t.dtype for t in tensors)), tensors
+            return _trace_on_standins(device_gm, inputs, device, lookup, pinned)
+        except BaseException as exc:
+            # The trace's frames hold its stand-ins and lazy results. An exception kept
+            # anywhere (by the caller, in a log record) would keep them alive, and the
+            # next _materialize would sync that IR again: re-raising this error in an
+            # unrelated call, after which torch_xla's half-done sync crashes the next
+            # one ("Check failed: tensor_data"). The traceback's text is unchanged.
+            traceback.clear_frames(exc.__traceback__)
+            raise
         finally:
             _XLAC._set_xla_enable_device_data_cache(cache_was)
+
+
+def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
+                       device: torch.device, lookup: compile_cache.Lookup,
+                       pinned: dict[int, int] | None
+                       ) -> tuple[_Executable, list[torch.Tensor]]:
+    """``_trace``'s work, under its lock and settings; its own frame, cleared on failure."""
+    standins = [
+        _placeholder_tensor(x, device) if isinstance(x, torch.Tensor) else x
+        for x in inputs
+    ]
+    ids = {
+        _XLAC._xla_get_tensor_id(t): k
+        for k, t in enumerate(standins)
+        if isinstance(t, torch.Tensor)
+    }
+    fallbacks_before = xla_metrics.fallback_counts()
+    results = device_gm(*standins)
+    fell_back = xla_metrics.fell_back_since(fallbacks_before)
+    if fell_back:
+        raise OpsFellBackInTrace(fell_back)
+    for out_index, position in (pinned or {}).items():
+        r = results[out_index]
+        if isinstance(r, torch.Tensor) and r.device.type == "xla" and \
+                _XLAC._check_tensor_need_materialization([r])[0]:
+            sharding.copy_sharding(standins[position], r)
+    tensors: list[torch.Tensor] = []
+    result_index: dict[int, int] = {}
+    output_values: list[Any] = []
+    xla_results = [r for r in results
+                   if isinstance(r, torch.Tensor) and r.device.type == "xla"]
+    needs_compute = dict(zip(map(id, xla_results),
+                             _XLAC._check_tensor_need_materialization(xla_results)))
+    output_nodes = next(n for n in device_gm.graph.nodes if n.op == "output").args[0]
+    _check_dtypes(results, output_nodes)
+    for r, node in zip(results, output_nodes):
+        if not isinstance(r, torch.Tensor):
+            output_values.append(_Value(r))
+        elif r.device.type != "xla":
+            output_values.append(_Value(r.clone()))
+        elif needs_compute[id(r)]:
+            # torch_xla returns one result per distinct lazy tensor: outputs that
+            # alias one (detach of a result) share it.
+            tid = _XLAC._xla_get_tensor_id(r)
+            if tid not in result_index:
+                result_index[tid] = len(tensors)
+                tensors.append(r)
+            output_values.append(_Computed(result_index[tid]))
+        else:
+            # already a buffer: one of the inputs passed through, or a constant
+            (data_id,), (data,) = _XLAC._get_tensors_xla_device_data_node([r])
+            if data_id not in ids:
+                output_values.append(_Value(data))
+            else:
+                output_values.append(_Input(ids[data_id], copy=not _is_alias(node)))
+    if not tensors:
+        return _Executable(None, [], output_values), []
+    param_ids, param_values = _XLAC._get_tensors_xla_device_data_node(tensors)
+    params = [
+        ("input", ids[pid]) if pid in ids else ("const", value)
+        for pid, value in zip(param_ids, param_values)
+    ]
+    graph_hash = _XLAC._get_graph_hash(tensors)
+    lookup.capture(tensors)  # graph cache hook: the entry keeps this HLO
+    counters.incr(counters.GRAPHS_LOWERED)
+    return _Executable(graph_hash, params, output_values,
+                       dtypes=tuple(t.dtype for t in tensors)), tensors
 
 
 class LoweredDtypeMismatch(TypeError):
@@ -403,7 +420,7 @@ class LoweredGraph:
                         raise  # at compile time the caller partitions the graph instead
                     # a new signature seen only now: never replay a baked-in constant
                     log.warning("syncfree_xla: %s runs op by op for this input signature: %s",
-                                self.name, exc)
+                                self.name, str(exc))  # text: see compile_cache._warn_once
                     exe = _Executable(None, [], [], op_by_op=True)
                 self._executables[key] = exe
         return exe

@@ -142,7 +142,8 @@ def lower_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: s
         try:
             return lowering.LoweredGraph(gm, example_inputs, name, options)
         except lowering.OpsFellBackInTrace as exc:
-            log.debug("syncfree_xla: %s fell back while tracing (%s); probing", name, exc)
+            log.debug("syncfree_xla: %s fell back while tracing (%s); probing", name,
+                      str(exc))  # text: see compile_cache._warn_once
         gm = pristine
         pristine = torch.fx.GraphModule(gm, lowering._copy_graph(gm))
         eager = probe(gm, example_inputs, lowering.xla_device()) or []
