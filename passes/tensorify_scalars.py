@@ -62,7 +62,8 @@ Why the semantics are kept:
 
 A foreach ``mul``/``div``/``add`` of a tensor list by the scalar (Adam's foreach path:
 ``torch._foreach_div_(bias_correction1, lr)``) takes the 0-d tensor, cast to the list's
-dtype, through the overload PyTorch has for it.
+dtype, through the overload PyTorch has for it. ``_foreach_add(a, b, alpha=s)`` (SGD's
+foreach path: ``alpha=-lr``) becomes ``_foreach_add(a, _foreach_mul(b, s))``.
 
 Anything else (a Sym value returned from the graph, passed as a keyword, compared,
 used as a size, mixed with a Sym value from elsewhere such as a shape, an op not
@@ -125,6 +126,10 @@ _FOREACH = frozenset({
     torch._foreach_mul, torch._foreach_mul_, torch._foreach_div, torch._foreach_div_,
     torch._foreach_add, torch._foreach_add_,
 })
+# ``torch._foreach_add_(params, updates, alpha=-lr)`` (SGD, RMSprop, Adadelta): the
+# keyword scalar has no tensor form, so it scales the updates first, as Dynamo itself
+# records ``Tensor.add_(update, alpha=-lr)`` for one tensor.
+_FOREACH_ALPHA = frozenset({torch._foreach_add, torch._foreach_add_})
 
 #: Tensor ops that may take the scalar: either operand of arithmetic, the base of a
 #: power, the ``other`` of an in-place update, the weight of ``lerp``, the scalar of
@@ -133,7 +138,8 @@ TENSOR_CONSUMERS: frozenset[Any] = (
     _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _POW_BASE | _LERP | _FOREACH
 )
 
-ARITH, INPLACE, LERP, FOREACH = "arith", "inplace", "lerp", "foreach"
+ARITH, INPLACE, LERP = "arith", "inplace", "lerp"
+FOREACH, FOREACH_ALPHA = "foreach", "foreach_alpha"
 
 
 def _tensor_list(arg: Any) -> bool:
@@ -183,10 +189,14 @@ def _consumer_kind(user: Node, member: set[Node]) -> str | None:
     """How a tensor op takes a Sym value (ARITH, INPLACE, LERP), or None if it cannot."""
     target = user.target if user.op in ("call_function", "call_method") else None
     if user.op == "call_function" and target in _FOREACH:
-        ok = (len(user.args) == 2 and not user.kwargs and user.args[1] in member
-              and _tensor_list(user.args[0])
-              and len({value(a).dtype for a in user.args[0]}) == 1)
-        return FOREACH if ok else None
+        if len(user.args) != 2 or not _tensor_list(user.args[0]) or \
+                len({value(a).dtype for a in user.args[0]}) != 1:
+            return None
+        if not user.kwargs and user.args[1] in member:
+            return FOREACH
+        alpha_ok = (target in _FOREACH_ALPHA and user.kwargs.keys() == {"alpha"}
+                    and user.kwargs["alpha"] in member and _tensor_list(user.args[1]))
+        return FOREACH_ALPHA if alpha_ok else None
     if target in _LERP:
         kind, positions, arity = LERP, (2,), 3
     elif user.op == "call_method" and target in _INPLACE_METHODS:
@@ -324,7 +334,7 @@ class _Emitter:
         """
         kind = _consumer_kind(user, member)
         t, have = self.tensor[sym], self.dtype[sym]
-        if kind == FOREACH:
+        if kind in (FOREACH, FOREACH_ALPHA):
             # the Tensor overload casts the 0-d tensor to each tensor's dtype, as a
             # Python number is; cast first so no backend can promote instead
             want = value(user.args[0][0]).dtype
@@ -342,6 +352,10 @@ class _Emitter:
         with self.graph.inserting_before(user):
             if wrong:
                 t = self.cast(t, have, want)
+            if kind == FOREACH_ALPHA:
+                scaled = self.node("call_function", torch._foreach_mul, (user.args[1], t))
+                user.args, user.kwargs = (user.args[0], scaled), {}
+                return
             if user.args[0] is sym and user.target is operator.truediv:
                 # number / tensor is Tensor.__rtruediv__: tensor.reciprocal() * number,
                 # two roundings; a tensor division would round once and differ.
@@ -378,4 +392,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=2, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=3, run=_run)

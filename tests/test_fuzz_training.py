@@ -81,10 +81,6 @@ _LR = st.sampled_from([1e-3, 3e-3, 1e-2, 3e-2])
 _WD = st.sampled_from([0.0, 1e-2, 0.1])
 _BETAS = st.sampled_from([(0.9, 0.999), (0.8, 0.95), (0.5, 0.9)])
 _FOREACH = st.sampled_from([None, False, True])
-# Open bug: the foreach paths of SGD, RMSprop and Adadelta apply the lr as
-# ``_foreach_add_(params, updates, alpha=-lr)``; a keyword scalar cannot become a tensor
-# input, so a changing lr recompiles every step. Avoided here so it hides nothing else.
-_FOREACH_NO_ALPHA = st.sampled_from([None, False])
 
 GROUP_SETTINGS: dict[str, dict[str, st.SearchStrategy]] = {
     "SGD": {"lr": _LR, "weight_decay": _WD, "momentum": st.sampled_from([0.0, 0.9])},
@@ -102,7 +98,7 @@ GROUP_SETTINGS: dict[str, dict[str, st.SearchStrategy]] = {
     "Adafactor": {"lr": _LR, "weight_decay": _WD},
 }
 FLAGS: dict[str, dict[str, st.SearchStrategy]] = {
-    "SGD": {"foreach": _FOREACH_NO_ALPHA, "maximize": st.booleans(), "nesterov": st.booleans()},
+    "SGD": {"foreach": _FOREACH, "maximize": st.booleans(), "nesterov": st.booleans()},
     "Adam": {"foreach": _FOREACH, "amsgrad": st.booleans(), "maximize": st.booleans()},
     "AdamW": {"foreach": _FOREACH, "amsgrad": st.booleans(), "maximize": st.booleans()},
     "Adamax": {"foreach": _FOREACH, "maximize": st.booleans()},
@@ -110,9 +106,9 @@ FLAGS: dict[str, dict[str, st.SearchStrategy]] = {
     "RAdam": {"foreach": _FOREACH, "decoupled_weight_decay": st.booleans()},
     "ASGD": {"foreach": _FOREACH, "maximize": st.booleans()},
     "Rprop": {"foreach": _FOREACH, "maximize": st.booleans()},
-    "RMSprop": {"foreach": _FOREACH_NO_ALPHA, "centered": st.booleans(), "maximize": st.booleans()},
+    "RMSprop": {"foreach": _FOREACH, "centered": st.booleans(), "maximize": st.booleans()},
     "Adagrad": {"foreach": _FOREACH, "maximize": st.booleans()},
-    "Adadelta": {"foreach": _FOREACH_NO_ALPHA, "maximize": st.booleans()},
+    "Adadelta": {"foreach": _FOREACH, "maximize": st.booleans()},
     "Adafactor": {"foreach": _FOREACH, "maximize": st.booleans()},
 }
 # RAdam's rectification: Python doubles eagerly, float32 tensors in the traced

@@ -52,6 +52,8 @@ def _groups(model: torch.nn.Module, **first: Any) -> list[dict[str, Any]]:
 OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]]], torch.optim.Optimizer]] = {
     "SGD": lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.9, nesterov=True,
                                      weight_decay=1e-2),
+    "SGD-foreach": lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.9, weight_decay=1e-2,
+                                             foreach=True),
     "Adam": lambda g: torch.optim.Adam(g, lr=1e-2, weight_decay=1e-2),
     "Adam-amsgrad-maximize": lambda g: torch.optim.Adam(g, lr=1e-2, amsgrad=True,
                                                         maximize=True),
@@ -69,8 +71,10 @@ OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]]], torch.optim.Optimizer]] =
                                           for d in g], lr=1e-2),
     "RMSprop-centered": lambda g: torch.optim.RMSprop(g, lr=1e-2, momentum=0.5, centered=True,
                                                       weight_decay=1e-2),
+    "RMSprop-foreach": lambda g: torch.optim.RMSprop(g, lr=1e-2, momentum=0.5, foreach=True),
     "Adagrad": lambda g: torch.optim.Adagrad(g, lr=1e-2, weight_decay=1e-2),
     "Adadelta": lambda g: torch.optim.Adadelta(g, lr=1.0, weight_decay=1e-2),
+    "Adadelta-foreach": lambda g: torch.optim.Adadelta(g, lr=1.0, foreach=True),
     "Adafactor": lambda g: torch.optim.Adafactor(g, lr=1e-2, weight_decay=1e-2),
 }
 
