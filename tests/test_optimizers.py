@@ -248,3 +248,38 @@ def test_grad_scaler_transitions_after_warm_up_compile_nothing(xla):
     assert float(scaler.get_scale()) == ref_scaler.get_scale()
     assert_same_state(model, reference, rtol=RTOL)
     assert_same_optimizer_state(opt, ref_opt, rtol=RTOL)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_first_step_at_lr_zero_keeps_untouched_rows(xla, amsgrad):
+    """A warm-up from lr = 0 (``get_linear_schedule_with_warmup``) and an embedding row no
+    batch has touched yet: capturable Adam, as Dynamo traces it, divided 0 by -0 there
+    and wrote NaN (pytorch#126514); eager adds nothing."""
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2))
+
+    model, reference = twin(build(), xla)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, amsgrad=amsgrad)
+            for m in (model, reference)]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(s / 3, 1.0)) for o in opts]
+
+    def step(net: torch.nn.Module, opt: torch.optim.Optimizer, idx: torch.Tensor,
+             y: torch.Tensor) -> torch.Tensor:
+        loss = torch.nn.functional.mse_loss(net(idx), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    compiled = torch.compile(step, backend="syncfree_xla")
+    for i in range(5):
+        idx = torch.tensor([[i % 3, 1 + i % 3]])  # rows 4-9 never get a gradient
+        y = torch.ones(1, 2, 2)
+        compiled(model, opts[0], idx.to(xla), y.to(xla))
+        step(reference, opts[1], idx, y)
+        for sched in scheds:
+            sched.step()
+    assert torch.isfinite(model[0].weight.detach().cpu()).all()
+    assert_same_state(model, reference, rtol=RTOL)
+    assert_same_optimizer_state(opts[0], opts[1], rtol=RTOL)
