@@ -283,3 +283,33 @@ def test_adam_first_step_at_lr_zero_keeps_untouched_rows(xla, amsgrad):
     assert torch.isfinite(model[0].weight.detach().cpu()).all()
     assert_same_state(model, reference, rtol=RTOL)
     assert_same_optimizer_state(opts[0], opts[1], rtol=RTOL)
+
+
+def test_muon_matches_eager_to_bfloat16_rounding(xla):
+    """Muon orthogonalizes its update in bfloat16 with ``addmm(beta=, alpha=)``, which
+    torch_xla ran on the CPU (rewrites.scaled_addmm): now sync-free, and equal to eager
+    to bfloat16's rounding (eager's CPU gemm and XLA's dot sum in other orders)."""
+    model, reference = twin(_mlp(), xla)
+
+    def make(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Muon([{"params": [m[0].weight]}, {"params": [m[3].weight],
+                                                               "lr": 3e-3}], lr=1e-2)
+
+    opt, ref_opt = make(model), make(reference)
+    sched, ref_sched = _schedule(opt), _schedule(ref_opt)
+    step = torch.compile(_step, backend="syncfree_xla")
+    for i in range(WARMUP):
+        step(model, opt, *_batch(i, xla))
+        _step(reference, ref_opt, *_batch(i))
+        sched.step()
+        ref_sched.step()
+    with MetricWindow() as window:
+        for i in range(WARMUP, STEPS):
+            step(model, opt, *_batch(i, xla))
+            _step(reference, ref_opt, *_batch(i))
+            sched.step()
+            ref_sched.step()
+    assert window.counts.transfers_to_host == 0, window.counts
+    assert window.counts.compiles == 0, window.counts
+    assert_same_state(model, reference, rtol=1e-2)
+    assert_same_optimizer_state(opt, ref_opt, rtol=1e-2)

@@ -2,7 +2,8 @@
 
 Each rewrite is a :class:`passes.GraphPass` over the aten graph AOTAutograd hands the
 backend, and replaces a pattern whose torch_xla lowering gives other dtypes or values
-than eager with an equivalent that lowers correctly, read off ``node.meta["val"]``.
+than eager, or that torch_xla sends to its CPU fallback, with an equivalent that lowers
+correctly, read off ``node.meta["val"]``.
 They import torch only; they live here, not in ``passes/``, because which patterns need
 them is a fact about torch_xla. Each module documents the bug it steps around.
 """
@@ -13,6 +14,7 @@ from passes.base import GraphPass
 
 from .batch_norm_stats import UNBIASED_RUNNING_VAR
 from .nan_semantics import NAN_SEMANTICS
+from .scaled_addmm import SCALED_ADDMM
 from .type_promotion import promote_dtypes
 from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 
@@ -20,6 +22,7 @@ from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 #: graph-cache key through their names and versions. Promotion runs before the NaN
 #: rewrite, so that clamp's operands already share one dtype there.
 ATEN_REWRITES: tuple[GraphPass, ...] = (
+    SCALED_ADDMM,
     zeros_for_empty_inputs,
     unsqueeze_0d_dims,
     promote_dtypes,
