@@ -52,11 +52,16 @@ VOCAB, DIM, BATCH, SEQ = 12, 8, 2, 5
 
 
 class TinyLM(torch.nn.Module):
-    """Embedding, LayerNorm, a residual MLP and a head tied to the embedding."""
+    """Embeddings, LayerNorm, a residual MLP and a head tied to the token embedding.
 
-    def __init__(self) -> None:
+    The position table has more rows than a batch uses, as a GPT's block size exceeds
+    its training sequences: those rows never get a gradient.
+    """
+
+    def __init__(self, positions: bool = True) -> None:
         super().__init__()
         self.emb = torch.nn.Embedding(VOCAB, DIM)
+        self.pos = torch.nn.Embedding(SEQ + 3, DIM) if positions else None
         self.norm = torch.nn.LayerNorm(DIM)
         self.mid = torch.nn.Linear(DIM, DIM)
         self.head = torch.nn.Linear(DIM, VOCAB, bias=False)
@@ -72,6 +77,8 @@ class TinyLM(torch.nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = self.emb(idx)
+        if self.pos is not None:
+            h = h + self.pos(torch.arange(idx.shape[-1], device=idx.device))
         h = h + torch.tanh(self.mid(self.norm(h)))
         return self.head(self.norm(h))
 
@@ -109,13 +116,14 @@ FLAGS: dict[str, dict[str, st.SearchStrategy]] = {
     "RMSprop": {"foreach": _FOREACH, "centered": st.booleans(), "maximize": st.booleans()},
     "Adagrad": {"foreach": _FOREACH, "maximize": st.booleans()},
     "Adadelta": {"foreach": _FOREACH, "maximize": st.booleans()},
-    "Adafactor": {"foreach": _FOREACH, "maximize": st.booleans()},
+    # open bug (see OPEN): Dynamo cannot trace Adafactor's foreach path
+    "Adafactor": {"foreach": st.sampled_from([None, False]), "maximize": st.booleans()},
 }
 # RAdam's rectification: Python doubles eagerly, float32 tensors in the traced
 # capturable code (tests/test_optimizers.py).
 TOLERANCE = {"RAdam": 1e-3}
 
-SCHEDULES = ("constant", "lambda", "step", "multistep", "exponential", "cosine",
+SCHEDULES = ("constant", "lambda", "from_zero", "step", "multistep", "exponential", "cosine",
              "warm_restarts", "onecycle", "linear", "sequential", "chained",
              "assign_before", "assign_inside", "plateau")
 
@@ -124,6 +132,8 @@ def _scheduler(name: str, opt: torch.optim.Optimizer) -> Any:
     lrs = torch.optim.lr_scheduler
     if name == "lambda":
         return lrs.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s))
+    if name == "from_zero":  # a warm-up from lr = 0, as Hugging Face's schedules start
+        return lrs.LambdaLR(opt, lambda s: min(1.0, s / 3))
     if name == "step":
         return lrs.StepLR(opt, step_size=2, gamma=0.5)
     if name == "multistep":
@@ -170,6 +180,7 @@ class Program:
     set_to_none: bool
     whole_step: bool
     seed: int = 0
+    positions: bool = True  # the model's position table (found programs predate it)
 
 
 @st.composite
@@ -196,7 +207,8 @@ def programs(draw: Callable) -> Program:
         optimizer=name, groups=groups, flags=flags, schedule=draw(st.sampled_from(SCHEDULES)),
         scaler=scaler, bad_steps=bad, clip=draw(st.sampled_from(["norm", "value", "none"])),
         micro_steps=draw(st.integers(1, 3)), set_to_none=draw(st.booleans()),
-        whole_step=draw(st.booleans()), seed=draw(st.integers(0, 3)),
+        # open bug (see OPEN): Adafactor after a compiled model and clip_grad_norm_
+        whole_step=name == "Adafactor" or draw(st.booleans()), seed=draw(st.integers(0, 3)),
     )
 
 
@@ -212,7 +224,7 @@ class Run:
     def __init__(self, p: Program, device: torch.device | str) -> None:
         torch.manual_seed(p.seed)
         self.p, self.device = p, torch.device(device)
-        self.model = TinyLM().to(self.device)
+        self.model = TinyLM(p.positions).to(self.device)
         params = list(self.model.parameters())
         groups = [{**{k: v for k, v in g.items() if k != "members"},
                    "params": [params[i] for i in g["members"]]} for g in p.groups]
@@ -325,7 +337,7 @@ REGRESSIONS: dict[str, Program] = {
     # issue 12, bug 1: two Adam groups, an lr changing every step
     "adamw-2-groups-lambda": Program(
         "AdamW", [{"members": [0, 1], "lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.999)},
-                  {"members": [2, 3, 4], "lr": 3e-3, "weight_decay": 0.0,
+                  {"members": [2, 3, 4, 5], "lr": 3e-3, "weight_decay": 0.0,
                    "betas": (0.9, 0.999)}],
         {}, "lambda", False, {}, "norm", 2, True, True),
     # NAdam never compiled (mu_product created on the host while tracing)
@@ -334,20 +346,36 @@ REGRESSIONS: dict[str, Program] = {
                   {"members": [1, 2], "lr": 3e-3, "weight_decay": 1e-2, "betas": (0.8, 0.95)},
                   {"members": [3, 4], "lr": 1e-3, "weight_decay": 0.0, "betas": (0.5, 0.9)}],
         {"decoupled_weight_decay": True}, "onecycle", True, {4: float("inf")}, "value", 1,
-        False, True),
+        False, True, positions=False),
     # Adam's foreach path recompiled for every lr
     "adam-foreach-assign-inside": Program(
         "Adam", [{"members": [0, 1, 2], "lr": 1e-2, "weight_decay": 1e-2,
                   "betas": (0.9, 0.999)},
-                 {"members": [3, 4], "lr": 3e-2, "weight_decay": 0.0, "betas": (0.8, 0.95)}],
+                 {"members": [3, 4, 5], "lr": 3e-2, "weight_decay": 0.0, "betas": (0.8, 0.95)}],
         {"foreach": True, "amsgrad": True}, "assign_inside", False, {}, "none", 1, True, True),
+    # Adam's denominator at lr = 0 (passes.fold_step_size_last): NaN
+    "adamw-warmup-from-zero": Program(
+        "AdamW", [{"members": [0, 1, 2, 3, 4, 5], "lr": 1e-2, "weight_decay": 0.1,
+                   "betas": (0.9, 0.999)}],
+        {"amsgrad": True}, "from_zero", False, {}, "none", 1, True, True),
+    "adafactor-foreach": Program(
+        "Adafactor", [{"members": [0, 1, 2, 3, 4, 5], "lr": 1e-3, "weight_decay": 0.0}],
+        {"foreach": True}, "constant", False, {}, "none", 1, True, True),
+    "adafactor-compiled-model-clip-norm": Program(
+        "Adafactor", [{"members": [0, 1, 2, 3, 4, 5], "lr": 1e-3, "weight_decay": 0.0}],
+        {}, "constant", False, {}, "norm", 1, True, False),
 }
 
 
-# Found and still open: NAdam with OneCycleLR cycling its betas, clipping by value and
-# GradScaler compiles one XLA graph at the first skipped step after warm-up (the same
-# program with a constant lr, without clipping, or with Adam does not).
-OPEN = {"nadam-3-groups-onecycle"}
+# Found and still open:
+# - NAdam with OneCycleLR cycling its betas, clipping by value and GradScaler compiles one
+#   XLA graph at the first skipped step after warm-up: the backward's input
+#   materialization syncs another set of pending tensors then (5 graph inputs, not 4).
+# - Adafactor with foreach=True: torch 2.9's _multi_tensor_adafactor, as Dynamo traces
+#   it, fails "dtype is needed to compute eps1 when eps1 is unset" (eager runs).
+# - Adafactor run eagerly after a compiled model, with clip_grad_norm_: parameters off
+#   by up to 12% (the same loop in torch_xla lazy mode, or compiled whole, matches).
+OPEN = {"nadam-3-groups-onecycle", "adafactor-foreach", "adafactor-compiled-model-clip-norm"}
 
 
 @pytest.mark.parametrize("name", [
