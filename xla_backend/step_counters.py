@@ -7,9 +7,13 @@ for step" in ``torch/optim/adam.py``). Our branch-free ``GradScaler._maybe_opt_s
 every tensor the step changed with ``found_inf``; a counter on the host could only be
 masked after reading ``found_inf`` there, one device-to-host transfer per step.
 
+The same counters must be on the device from the moment Dynamo creates them while it
+traces a step, or a graph captures a host counter that Dynamo then replaces
+(:func:`counters_on_device_when_traced`, in force while our compiled functions run).
+
 What :func:`device_step_counters` does, for each param group whose parameters are all on
-a non-CPU device, and only while the masked step runs (which is only while one of our
-compiled functions runs):
+a non-CPU device, while the masked step runs and around each ``_init_group`` Dynamo
+runs (both only while one of our compiled functions runs):
 
 * moves each CPU ``step`` tensor to its parameter's device, once (a host-to-device copy;
   it stays there afterwards). Dynamo's own ``OptimizerVariable.move_step_if_cpu`` does
