@@ -19,8 +19,8 @@ from tests.xla_helpers import (
     MetricWindow,
     assert_same_optimizer_state,
     assert_same_state,
-    settle,
     twin,
+    warm_then_measure,
 )
 from xla_backend import workloads
 
@@ -117,14 +117,9 @@ def test_param_groups_and_scheduled_lr_match_eager(xla, name):
         sched.step()
         ref_sched.step()
 
-    for i in range(WARMUP):
-        one(i)
-    with MetricWindow() as window:
-        for i in range(WARMUP, STEPS):
-            one(i)
+    window = warm_then_measure(one, WARMUP, STEPS)
     assert window.counts.transfers_to_host == 0, window.counts
     assert window.counts.compiles == 0, window.counts
-    settle()
     torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
                                rtol=rtol, atol=rtol * 0.1)
     assert_same_state(model, reference, rtol=rtol)
@@ -264,20 +259,12 @@ def test_adam_first_step_at_lr_zero_keeps_untouched_rows(xla, amsgrad):
             for m in (model, reference)]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(s / 3, 1.0)) for o in opts]
 
-    def step(net: torch.nn.Module, opt: torch.optim.Optimizer, idx: torch.Tensor,
-             y: torch.Tensor) -> torch.Tensor:
-        loss = torch.nn.functional.mse_loss(net(idx), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    compiled = torch.compile(step, backend="syncfree_xla")
+    compiled = torch.compile(_step, backend="syncfree_xla")
     for i in range(5):
         idx = torch.tensor([[i % 3, 1 + i % 3]])  # rows 4-9 never get a gradient
         y = torch.ones(1, 2, 2)
         compiled(model, opts[0], idx.to(xla), y.to(xla))
-        step(reference, opts[1], idx, y)
+        _step(reference, opts[1], idx, y)
         for sched in scheds:
             sched.step()
     assert torch.isfinite(model[0].weight.detach().cpu()).all()
@@ -298,17 +285,14 @@ def test_muon_matches_eager_to_bfloat16_rounding(xla):
     opt, ref_opt = make(model), make(reference)
     sched, ref_sched = _schedule(opt), _schedule(ref_opt)
     step = torch.compile(_step, backend="syncfree_xla")
-    for i in range(WARMUP):
+
+    def one(i: int) -> None:
         step(model, opt, *_batch(i, xla))
         _step(reference, ref_opt, *_batch(i))
         sched.step()
         ref_sched.step()
-    with MetricWindow() as window:
-        for i in range(WARMUP, STEPS):
-            step(model, opt, *_batch(i, xla))
-            _step(reference, ref_opt, *_batch(i))
-            sched.step()
-            ref_sched.step()
+
+    window = warm_then_measure(one, WARMUP, STEPS)
     assert window.counts.transfers_to_host == 0, window.counts
     assert window.counts.compiles == 0, window.counts
     assert_same_state(model, reference, rtol=1e-2)

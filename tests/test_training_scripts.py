@@ -27,11 +27,10 @@ import torch
 import torch_xla
 
 from tests.xla_helpers import (
-    MetricWindow,
     assert_same_optimizer_state,
     assert_same_state,
-    settle,
     twin,
+    warm_then_measure,
 )
 from xla_backend import workloads
 
@@ -152,12 +151,7 @@ def test_script_matches_eager(xla, kind, whole_step):
         for script in (compiled, eager):
             script.after_step()
 
-    for it in range(WARMUP):
-        one(it)
-    with MetricWindow() as window:
-        for it in range(WARMUP, STEPS):
-            one(it)
-    settle()
+    window = warm_then_measure(one, WARMUP, STEPS)
     rtol = 1e-3 if kind == "vision" else 1e-4  # BatchNorm amplifies rounding (test_parity)
     torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
                                rtol=rtol, atol=rtol * 0.1)

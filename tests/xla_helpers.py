@@ -45,6 +45,17 @@ class MetricWindow:
                 xla_metrics.executions())
 
 
+def warm_then_measure(one: Callable[[int], None], warmup: int, steps: int) -> MetricWindow:
+    """Runs steps ``0..warmup-1``, then the rest under a metric window, and settles."""
+    for i in range(warmup):
+        one(i)
+    with MetricWindow() as window:
+        for i in range(warmup, steps):
+            one(i)
+    settle()
+    return window
+
+
 def twin(model: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The same initial weights twice: one copy on the XLA device, one on the CPU."""
     reference = copy.deepcopy(model)
