@@ -121,6 +121,12 @@ FLAGS: dict[str, dict[str, st.SearchStrategy]] = {
 # RAdam's rectification: Python doubles eagerly, float32 tensors in the traced
 # capturable code (tests/test_optimizers.py).
 TOLERANCE = {"RAdam": 1e-3}
+# Rprop, and Adafactor in its first steps, move each weight by a step of the sign of its
+# gradient, so a gradient near 0 whose rounding differs (clip_grad_norm_'s scale summed in
+# another order by a separately compiled model) flips a whole step. Compiled as a whole
+# step they match; with a compiled model and an eager optimizer they are left out (see
+# OPEN for the one such program that diverges by far more than a step).
+SIGN_LIKE = frozenset({"Rprop", "Adafactor"})
 
 SCHEDULES = ("constant", "lambda", "from_zero", "step", "multistep", "exponential", "cosine",
              "warm_restarts", "onecycle", "linear", "sequential", "chained",
@@ -195,8 +201,9 @@ def programs(draw: Callable) -> Program:
         groups.append({"members": [i for i, o in enumerate(owner) if o == g], **settings_})
     flags = {k: draw(s) for k, s in FLAGS[name].items()}
     if flags.get("nesterov"):
+        flags["momentum"] = 0.9  # nesterov needs momentum (the default's too)
         for g in groups:
-            g["momentum"] = 0.9  # nesterov needs momentum and no dampening
+            g["momentum"] = 0.9
     scaler = draw(st.booleans())
     bad = {}
     if scaler:
@@ -206,8 +213,7 @@ def programs(draw: Callable) -> Program:
         optimizer=name, groups=groups, flags=flags, schedule=draw(st.sampled_from(SCHEDULES)),
         scaler=scaler, bad_steps=bad, clip=draw(st.sampled_from(["norm", "value", "none"])),
         micro_steps=draw(st.integers(1, 3)), set_to_none=draw(st.booleans()),
-        # open bug (see OPEN): Adafactor after a compiled model and clip_grad_norm_
-        whole_step=name == "Adafactor" or draw(st.booleans()), seed=draw(st.integers(0, 3)),
+        whole_step=name in SIGN_LIKE or draw(st.booleans()), seed=draw(st.integers(0, 3)),
     )
 
 
@@ -364,8 +370,9 @@ REGRESSIONS: dict[str, Program] = {
 # Found and still open:
 # - Adafactor with foreach=True: torch 2.9's _multi_tensor_adafactor, as Dynamo traces
 #   it, fails "dtype is needed to compute eps1 when eps1 is unset" (eager runs).
-# - Adafactor run eagerly after a compiled model, with clip_grad_norm_: parameters off
-#   by up to 12% (the same loop in torch_xla lazy mode, or compiled whole, matches).
+# - Adafactor run eagerly after a compiled model, with clip_grad_norm_: a LayerNorm bias
+#   off by 12% (the same loop in torch_xla lazy mode, or compiled whole, matches); Rprop
+#   in the same loop is off by 4e-4 in the loss (see SIGN_LIKE).
 OPEN = {"adafactor-foreach", "adafactor-compiled-model-clip-norm"}
 
 
