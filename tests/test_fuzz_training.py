@@ -16,7 +16,8 @@ XLA compile after warm-up, except with ReduceLROnPlateau, which reads the loss o
 host by design (one transfer per step).
 
 CI runs a small derandomized set; ``SYNCFREE_XLA_FUZZ_PROGRAMS=N`` runs a randomized
-campaign of N programs.
+campaign of N programs, and ``SYNCFREE_XLA_FUZZ_LOG=FILE`` records every program run, in
+order.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from tests.xla_helpers import (
 torch_xla.device()  # autograd sizes its device queues at the first backward
 
 CAMPAIGN = int(os.environ.get("SYNCFREE_XLA_FUZZ_PROGRAMS", "0"))
+# Each program run is appended here, so that a failure that depends on the programs
+# before it in the process (hypothesis calls it flaky) can be replayed in order.
+PROGRAM_LOG = os.environ.get("SYNCFREE_XLA_FUZZ_LOG")
 STEPS = 6
 WARMUP = 3
 RTOL = 1e-4
@@ -345,6 +349,9 @@ _SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), databas
 @given(programs())
 def test_training_loops_match_eager(program):
     xla_backend.reset_stats()
+    if PROGRAM_LOG:
+        with open(PROGRAM_LOG, "a", encoding="utf-8") as log:
+            log.write(repr(program) + "\n")
     run_program(program)
 
 
@@ -369,6 +376,11 @@ REGRESSIONS: dict[str, Program] = {
                   "betas": (0.9, 0.999)},
                  {"members": [3, 4, 5], "lr": 3e-2, "weight_decay": 0.0, "betas": (0.8, 0.95)}],
         {"foreach": True, "amsgrad": True}, "assign_inside", False, {}, "none", 1, True, True),
+    # SGD without momentum keeps no state, so GradScaler read found_inf on the host
+    "sgd-no-momentum-grad-scaler": Program(
+        "SGD", [{"members": [0, 1, 2, 3, 4, 5], "lr": 1e-2, "weight_decay": 1e-2,
+                 "momentum": 0.0}],
+        {}, "lambda", True, {4: float("nan")}, "norm", 1, False, True),
     # Adam's denominator at lr = 0 (passes.fold_step_size_last): NaN
     "adamw-warmup-from-zero": Program(
         "AdamW", [{"members": [0, 1, 2, 3, 4, 5], "lr": 1e-2, "weight_decay": 0.1,

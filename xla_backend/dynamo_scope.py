@@ -273,15 +273,17 @@ def _step_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None
     must leave the state *absent*, which no mask can express), when state lives on
     another device than its parameter (reverting it would need found_inf there; step
     counters were moved to the device before this is asked), or holds a non-tensor
-    value the step may change.
+    value the step may change. A group whose step keeps no state at all (SGD without
+    momentum) is masked on its parameters alone.
     """
     tensors: list[torch.Tensor] = []
     for group in optimizer.param_groups:
+        stateless = isinstance(optimizer, torch.optim.SGD) and group.get("momentum") == 0
         for p in group["params"]:
             tensors.append(p)
             state = optimizer.state.get(p)
             if not state:
-                if p.grad is not None:
+                if p.grad is not None and not stateless:
                     return None
                 continue
             for v in state.values():
