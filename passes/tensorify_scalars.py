@@ -63,7 +63,9 @@ Why the semantics are kept:
 A foreach ``mul``/``div``/``add`` of a tensor list by the scalar (Adam's foreach path:
 ``torch._foreach_div_(bias_correction1, lr)``) takes the 0-d tensor, cast to the list's
 dtype, through the overload PyTorch has for it. ``_foreach_add(a, b, alpha=s)`` (SGD's
-foreach path: ``alpha=-lr``) becomes ``_foreach_add(a, _foreach_mul(b, s))``.
+foreach path: ``alpha=-lr``) becomes ``_foreach_add(a, _foreach_mul(b, s))``, and
+``_foreach_addcdiv_(a, b, c, value=s)`` (RMSprop's) ``_foreach_add_(a, b / c * s)``, the
+order of Dynamo's own polyfill for one tensor's ``addcmul_``.
 
 Anything else (a Sym value returned from the graph, passed as a keyword, compared,
 used as a size, mixed with a Sym value from elsewhere such as a shape, an op not
@@ -130,16 +132,22 @@ _FOREACH = frozenset({
 # keyword scalar has no tensor form, so it scales the updates first, as Dynamo itself
 # records ``Tensor.add_(update, alpha=-lr)`` for one tensor.
 _FOREACH_ALPHA = frozenset({torch._foreach_add, torch._foreach_add_})
+# ``torch._foreach_addcdiv_(params, grads, avg, value=-lr)`` (RMSprop without momentum):
+# rewritten in the order of Dynamo's own polyfill for ``Tensor.addcmul_`` with a Sym
+# ``value``, ``params + t1 * t2 * value`` (``/ t2`` for addcdiv).
+_FOREACH_VALUE = {torch._foreach_addcdiv_: torch._foreach_div,
+                  torch._foreach_addcmul_: torch._foreach_mul}
 
 #: Tensor ops that may take the scalar: either operand of arithmetic, the base of a
 #: power, the ``other`` of an in-place update, the weight of ``lerp``, the scalar of
 #: a foreach ``mul``/``div``/``add``.
 TENSOR_CONSUMERS: frozenset[Any] = (
     _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _POW_BASE | _LERP | _FOREACH
+    | frozenset(_FOREACH_VALUE)
 )
 
 ARITH, INPLACE, LERP = "arith", "inplace", "lerp"
-FOREACH, FOREACH_ALPHA = "foreach", "foreach_alpha"
+FOREACH, FOREACH_ALPHA, FOREACH_VALUE = "foreach", "foreach_alpha", "foreach_value"
 
 
 def _tensor_list(arg: Any) -> bool:
@@ -188,6 +196,12 @@ def _sym_op_ok(node: Node, member: set[Node]) -> bool:
 def _consumer_kind(user: Node, member: set[Node]) -> str | None:
     """How a tensor op takes a Sym value (ARITH, INPLACE, LERP), or None if it cannot."""
     target = user.target if user.op in ("call_function", "call_method") else None
+    if user.op == "call_function" and target in _FOREACH_VALUE:
+        ok = (len(user.args) == 3 and user.kwargs.keys() == {"value"}
+              and user.kwargs["value"] in member
+              and all(_tensor_list(a) for a in user.args)
+              and len({value(a).dtype for a in user.args[0]}) == 1)
+        return FOREACH_VALUE if ok else None
     if user.op == "call_function" and target in _FOREACH:
         if len(user.args) != 2 or not _tensor_list(user.args[0]) or \
                 len({value(a).dtype for a in user.args[0]}) != 1:
@@ -334,7 +348,7 @@ class _Emitter:
         """
         kind = _consumer_kind(user, member)
         t, have = self.tensor[sym], self.dtype[sym]
-        if kind in (FOREACH, FOREACH_ALPHA):
+        if kind in (FOREACH, FOREACH_ALPHA, FOREACH_VALUE):
             # the Tensor overload casts the 0-d tensor to each tensor's dtype, as a
             # Python number is; cast first so no backend can promote instead
             want = value(user.args[0][0]).dtype
@@ -355,6 +369,12 @@ class _Emitter:
             if kind == FOREACH_ALPHA:
                 scaled = self.node("call_function", torch._foreach_mul, (user.args[1], t))
                 user.args, user.kwargs = (user.args[0], scaled), {}
+                return
+            if kind == FOREACH_VALUE:
+                params, t1, t2 = user.args
+                combined = self.node("call_function", _FOREACH_VALUE[user.target], (t1, t2))
+                scaled = self.node("call_function", torch._foreach_mul, (combined, t))
+                user.target, user.args, user.kwargs = torch._foreach_add_, (params, scaled), {}
                 return
             if user.args[0] is sym and user.target is operator.truediv:
                 # number / tensor is Tensor.__rtruediv__: tensor.reciprocal() * number,
@@ -392,4 +412,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=3, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=4, run=_run)

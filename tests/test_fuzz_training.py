@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -345,6 +347,15 @@ def _avoid(bug: str) -> bool:
 _SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
+# The CI set runs in a process of its own (test_training_loops_in_a_fresh_process): after
+# tests/test_fuzz_ops.py in the same process, a program synced 48 times per 3 steps after
+# warm-up (open: state one test leaves to the next, not yet found).
+_CHILD = "SYNCFREE_XLA_FUZZ_CHILD"
+_IN_THIS_PROCESS = bool(CAMPAIGN or os.environ.get(_CHILD))
+
+
+@pytest.mark.skipif(not _IN_THIS_PROCESS,
+                    reason="runs in a fresh process: test_training_loops_in_a_fresh_process")
 @settings(max_examples=CAMPAIGN or 6, derandomize=not CAMPAIGN, **_SETTINGS)
 @given(programs())
 def test_training_loops_match_eager(program):
@@ -353,6 +364,18 @@ def test_training_loops_match_eager(program):
         with open(PROGRAM_LOG, "a", encoding="utf-8") as log:
             log.write(repr(program) + "\n")
     run_program(program)
+
+
+@pytest.mark.skipif(_IN_THIS_PROCESS, reason="this is the fresh process")
+def test_training_loops_in_a_fresh_process():
+    """The derandomized CI set, in a child pytest whose process state no test has touched."""
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "test_training_loops_match_eager"],
+        env={**os.environ, _CHILD: "1"}, capture_output=True, text=True, timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+    assert "1 passed" in child.stdout, child.stdout[-2000:]
 
 
 # Programs the campaign found wrong once, kept as regression tests.

@@ -72,6 +72,7 @@ OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]]], torch.optim.Optimizer]] =
     "RMSprop-centered": lambda g: torch.optim.RMSprop(g, lr=1e-2, momentum=0.5, centered=True,
                                                       weight_decay=1e-2),
     "RMSprop-foreach": lambda g: torch.optim.RMSprop(g, lr=1e-2, momentum=0.5, foreach=True),
+    "RMSprop-foreach-plain": lambda g: torch.optim.RMSprop(g, lr=1e-2, foreach=True),
     "Adagrad": lambda g: torch.optim.Adagrad(g, lr=1e-2, weight_decay=1e-2),
     "Adadelta": lambda g: torch.optim.Adadelta(g, lr=1.0, weight_decay=1e-2),
     "Adadelta-foreach": lambda g: torch.optim.Adadelta(g, lr=1.0, foreach=True),
