@@ -129,8 +129,8 @@ _FOREACH = frozenset({
     torch._foreach_add, torch._foreach_add_,
 })
 # ``torch._foreach_add_(params, updates, alpha=-lr)`` (SGD, RMSprop, Adadelta): the
-# keyword scalar has no tensor form, so it scales the updates first, as Dynamo itself
-# records ``Tensor.add_(update, alpha=-lr)`` for one tensor.
+# keyword scalar has no tensor form, so the updates are scaled first,
+# ``params + updates * alpha``.
 _FOREACH_ALPHA = frozenset({torch._foreach_add, torch._foreach_add_})
 # ``torch._foreach_addcdiv_(params, grads, avg, value=-lr)`` (RMSprop without momentum):
 # rewritten in the order of Dynamo's own polyfill for ``Tensor.addcmul_`` with a Sym
@@ -194,7 +194,7 @@ def _sym_op_ok(node: Node, member: set[Node]) -> bool:
 
 
 def _consumer_kind(user: Node, member: set[Node]) -> str | None:
-    """How a tensor op takes a Sym value (ARITH, INPLACE, LERP), or None if it cannot."""
+    """How a tensor op takes a Sym value (ARITH, INPLACE, LERP, FOREACH...), or None."""
     target = user.target if user.op in ("call_function", "call_method") else None
     if user.op == "call_function" and target in _FOREACH_VALUE:
         ok = (len(user.args) == 3 and user.kwargs.keys() == {"value"}
