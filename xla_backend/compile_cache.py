@@ -483,19 +483,18 @@ class Lookup:
         self._key = key
         self._inputs = list(inputs)
         self._hlo: bytes | None = None
+        self._hlo_params: list[tuple[str, Any]] = []
         self._computed: list[tuple[tuple[int, ...], torch.dtype]] = []
 
-    def capture(self, tensors: list[torch.Tensor]) -> None:
-        """Called by the trace with the tensors it compiles: keeps their HLO module proto."""
+    def capture(self, hlo: bytes, params: list[tuple[str, Any]],
+                tensors: list[torch.Tensor]) -> None:
+        """Called by the trace with its HLO module proto, what feeds each of the module's
+        parameters (``("input", position)`` or ``("const", tensor)``), and the tensors it
+        computes."""
         if self._key is None:
             return
-        try:
-            self._hlo = _XLAC._get_xla_tensors_hlo_proto(tensors)
-            self._computed = [(tuple(t.shape), t.dtype) for t in tensors]
-        except Exception as e:  # the cache must never break a compile
-            _warn_once("capture", "syncfree-xla graph cache: cannot export HLO (%s); "
-                       "graphs are compiled without the cache", e)
-            self._key = None
+        self._hlo, self._hlo_params = hlo, list(params)
+        self._computed = [(tuple(t.shape), t.dtype) for t in tensors]
 
     def store(self, exe: _Executable) -> None:
         """Puts a freshly traced executable in the cache; never raises."""
@@ -527,7 +526,7 @@ class Lookup:
             # a rebuild runs the HLO as a user computation, which needs an operand
             raise Uncacheable("the computation reads no buffer")
         hlo_params = []
-        for kind, value in exe.params:
+        for kind, value in self._hlo_params:
             t = self._inputs[value] if kind == "input" else value
             if not isinstance(t, torch.Tensor):
                 raise Uncacheable("a parameter is not a tensor")
@@ -544,7 +543,7 @@ class Lookup:
             return GraphEntry(None, [], [], [], outputs)
         if self._hlo is None:
             raise Uncacheable("the trace exported no HLO")
-        return GraphEntry(self._hlo, hlo_params, list(exe.params), self._computed, outputs)
+        return GraphEntry(self._hlo, hlo_params, self._hlo_params, self._computed, outputs)
 
 
 def lookup(device_gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.device,
@@ -662,16 +661,13 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
                 exe = lowering._Executable(None, [], outputs)
                 counters.incr(counters.GRAPHS_LOWERED)
                 return exe, []
-            name = "syncfree_graph_" + digest[:16]
-            computation = _XLAC._xla_op_computation_from_module_proto(name, entry.hlo)
             # operands in HLO parameter order: the constants themselves, stand-ins for inputs
             operands = [value.to(device) if kind == "const" else
                         lowering._placeholder_tensor(inputs[value], device)
                         for kind, value in entry.params]
             _expect(not any(_XLAC._check_tensor_need_materialization(operands)),
                     "a parameter did not become a device buffer")
-            ids = {_XLAC._xla_get_tensor_id(t): k for k, t in enumerate(operands)}
-            results = _XLAC._xla_user_computation("xla::" + name, operands, computation)
+            results, order = lowering.run_hlo(entry.hlo, operands)
             _expect(len(results) == len(entry.computed), "computation has other outputs")
             for r, (shape, dtype) in zip(results, entry.computed):
                 # the HLO may hold a narrower integer than the trace (cummax's indices);
@@ -680,11 +676,8 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
                                                      or dtype.is_floating_point)
                 _expect(tuple(r.shape) == shape and same_kind,
                         "an output does not have its recorded shape")
-            param_ids, _ = _XLAC._get_tensors_xla_device_data_node(results)
-            _expect(all(p in ids for p in param_ids), "computation reads an unknown buffer")
             params: list[tuple[str, Any]] = []
-            for pid in param_ids:  # the order the compiled computation takes its buffers in
-                k = ids[pid]
+            for k in order:  # the order the compiled computation takes its buffers in
                 kind, value = entry.params[k]
                 params.append((kind, operands[k] if kind == "const" else value))
             graph_hash = _XLAC._get_graph_hash(results)

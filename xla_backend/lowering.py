@@ -16,6 +16,7 @@ execution. CPU-side pieces (optimizer step counters) run eagerly on the host; se
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -254,15 +255,42 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
     if not tensors:
         return _Executable(None, [], output_values), []
     param_ids, param_values = _XLAC._get_tensors_xla_device_data_node(tensors)
-    params = [
-        ("input", ids[pid]) if pid in ids else ("const", value)
-        for pid, value in zip(param_ids, param_values)
-    ]
-    graph_hash = _XLAC._get_graph_hash(tensors)
-    lookup.capture(tensors)  # graph cache hook: the entry keeps this HLO
+    kinds = [("input", ids[pid]) if pid in ids else ("const", value)
+             for pid, value in zip(param_ids, param_values)]
+    # fresh stand-ins: the traced ones may have been updated in place, and are IR now
+    operands = [_placeholder_tensor(inputs[ids[pid]], device) if pid in ids else value
+                for pid, value in zip(param_ids, param_values)]
+    hlo = _XLAC._get_xla_tensors_hlo_proto(tensors)
+    lookup.capture(hlo, kinds, tensors)  # graph cache hook: the entry keeps this HLO
+    # with no parameter there is no wiring to confuse (see run_hlo), nor an operand
+    computed, order = run_hlo(hlo, operands) if operands else (tensors, [])
+    for out_index, position in (pinned or {}).items():
+        value = output_values[out_index]
+        if isinstance(value, _Computed):
+            sharding.copy_sharding(standins[position], computed[value.index])
     counters.incr(counters.GRAPHS_LOWERED)
-    return _Executable(graph_hash, params, output_values,
-                       dtypes=tuple(t.dtype for t in tensors)), tensors
+    return _Executable(_XLAC._get_graph_hash(computed), [kinds[k] for k in order], output_values,
+                       dtypes=tuple(t.dtype for t in tensors)), computed
+
+
+def run_hlo(hlo: bytes, operands: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """``hlo`` applied to ``operands`` as one lazy-IR node, ready to compile and replay.
+
+    Returns the node's results and, per parameter of the compiled computation, the index
+    of the operand it takes. Why not compile the traced IR itself: torch_xla hashes a
+    graph by its ops and shapes, not by which input feeds which op (pytorch/xla#8353),
+    so ``x * x + y`` and ``x * y + y`` on inputs of one shape share a hash and the
+    second would replay the first's executable: a silently wrong result. A user
+    computation's hash covers the HLO module, whose parameters say exactly that.
+    """
+    name = "syncfree_graph_" + hashlib.sha256(hlo).hexdigest()[:32]
+    computation = _XLAC._xla_op_computation_from_module_proto(name, hlo)
+    ids = {_XLAC._xla_get_tensor_id(t): k for k, t in enumerate(operands)}
+    results = _XLAC._xla_user_computation("xla::" + name, operands, computation)
+    param_ids, _ = _XLAC._get_tensors_xla_device_data_node(results)
+    if not all(pid in ids for pid in param_ids):
+        raise RuntimeError(f"syncfree_xla: computation {name} reads a buffer it was not given")
+    return list(results), [ids[pid] for pid in param_ids]
 
 
 class LoweredDtypeMismatch(TypeError):
