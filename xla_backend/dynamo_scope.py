@@ -114,6 +114,7 @@ def _scope() -> Iterator[None]:
                 stack.enter_context(_norms_for_symbolic_sizes())
             stack.enter_context(_masked_grad_scaler_step())
             stack.enter_context(step_counters.counters_on_device_when_traced())
+            stack.enter_context(_adafactor_groups_by_dtype())
             _scope_stack = stack
         _scope_depth += 1
     try:
@@ -176,6 +177,48 @@ def _norms_for_symbolic_sizes() -> Iterator[None]:
         yield
     finally:
         lib._destroy()
+
+
+def _adafactor_groups(tensorlists: list[list[Any]]) -> dict[tuple[Any, Any, bool], list[list[Any]]]:
+    """Adafactor's foreach grouping by device, dtype and dimensionality, also when traced.
+
+    torch 2.9 groups tensors under ``torch.compile`` as if of one unknown dtype
+    (``Optimizer._group_tensors_by_device_and_dtype`` returns ``(None, None)`` while
+    compiling), and then ``_multi_tensor_adafactor`` cannot derive its default ``eps1``
+    from the dtype: ``foreach=True`` fails to trace with any backend. The grads' devices
+    and dtypes are static facts to Dynamo, so the grouping can be done in full.
+    """
+    if not torch.compiler.is_compiling():
+        return _STOCK_ADAFACTOR_GROUPS(tensorlists)
+    grouped: dict[tuple[Any, Any, bool], list[list[Any]]] = {}
+    for j, grad in enumerate(tensorlists[1]):  # as torch's: grads are the second list
+        key = (grad.device, grad.dtype, grad.dim() > 1)
+        if key not in grouped:
+            grouped[key] = [[] for _ in tensorlists]
+        for lists, tensors in zip(grouped[key], tensorlists):
+            lists.append(tensors[j])
+    return grouped
+
+
+def _stock_adafactor_groups() -> Callable[..., Any]:
+    from torch.optim import _adafactor
+
+    return _adafactor._group_tensors_by_device_dtype_and_is_multidim
+
+
+_STOCK_ADAFACTOR_GROUPS = _stock_adafactor_groups()
+
+
+@contextlib.contextmanager
+def _adafactor_groups_by_dtype() -> Iterator[None]:
+    """Swaps in :func:`_adafactor_groups` for the duration (read by Dynamo as it traces)."""
+    from torch.optim import _adafactor
+
+    _adafactor._group_tensors_by_device_dtype_and_is_multidim = _adafactor_groups
+    try:
+        yield
+    finally:
+        _adafactor._group_tensors_by_device_dtype_and_is_multidim = _STOCK_ADAFACTOR_GROUPS
 
 
 def backend_ctx(options: Mapping[str, Any] | None = None,
