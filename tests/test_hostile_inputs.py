@@ -260,3 +260,20 @@ def test_in_place_update_of_a_leaf_that_requires_grad_raises(xla):
     with pytest.raises(Exception, match="a leaf Variable that requires grad is being used in "
                        "an in-place operation"):
         fn(torch.ones(3, device=xla, requires_grad=True))
+
+
+@pytest.mark.parametrize("module", ["embedding", "embedding_bag"])
+def test_sparse_gradients_are_refused_by_name(xla, module):
+    """torch_xla has no sparse tensors: say so at compile time, naming the line."""
+    layer = (torch.nn.Embedding(10, 4, sparse=True) if module == "embedding"
+             else torch.nn.EmbeddingBag(10, 4, sparse=True)).to(xla)
+
+    def step(idx):
+        loss = layer(idx).sum()
+        loss.backward()
+        return loss
+
+    idx = torch.tensor([[1, 2, 3]], device=xla)
+    with pytest.raises(Exception, match=rf"UnsupportedOnXla: syncfree_xla: {module} with "
+                                        r"sparse=True \(File .*in step\)"):
+        torch.compile(step, backend="syncfree_xla")(idx)

@@ -6,6 +6,7 @@ Dynamo graph -> AOTAutograd (forward / backward / inference aten graphs) -> pass
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 from typing import Any, Callable, Mapping, Sequence
@@ -61,6 +62,34 @@ def check_input_devices(gm: torch.fx.GraphModule, example_inputs: Sequence[Any])
         )
 
 
+#: Dynamo-graph functions whose ``sparse=True`` makes autograd produce a sparse gradient.
+_SPARSE_GRADIENT_OPS = (torch.nn.functional.embedding, torch.nn.functional.embedding_bag)
+
+
+def check_dense_gradients(gm: torch.fx.GraphModule) -> None:
+    """Rejects ``Embedding(sparse=True)`` up front: torch_xla has no sparse tensors.
+
+    Without this the backward fails deep in torch_xla ("Could not run
+    'aten::_sparse_coo_tensor_with_dims_and_tensors' ... 'SparseXLA' backend").
+    """
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _SPARSE_GRADIENT_OPS:
+            continue
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except TypeError:
+            continue  # torch reports a bad call itself
+        if bound.arguments.get("sparse") is True:
+            frames = [line.strip() for line in node.meta.get("stack_trace", "").splitlines()
+                      if line.strip().startswith("File ")]
+            where = frames[-1] if frames else node.name
+            raise lowering.UnsupportedOnXla(
+                f"syncfree_xla: {node.target.__name__} with sparse=True ({where}) would "
+                f"produce a sparse gradient, which torch_xla cannot represent. Use "
+                f"sparse=False, and a dense optimizer (Adam instead of SparseAdam)."
+            )
+
+
 def _boxed(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
     """Marks ``fn`` as taking one list, so AOTAutograd can free its inputs early."""
 
@@ -96,6 +125,7 @@ def syncfree_xla(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     opts = options_mod.resolve(options)
     counters.incr(counters.GRAPHS_RECEIVED)
     check_input_devices(gm, example_inputs)
+    check_dense_gradients(gm)
     for observer in list(OBSERVERS):
         observer.on_dynamo_graph(gm, opts)
     if opts.syncfree_passes:  # Dynamo-level rewrites; placeholders stay as they are

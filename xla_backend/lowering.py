@@ -49,6 +49,10 @@ class DeviceMismatchError(TypeError):
     """An argument is not on the XLA device the graph was compiled for."""
 
 
+class UnsupportedOnXla(NotImplementedError):
+    """The graph needs something torch_xla cannot do at all (sparse gradients)."""
+
+
 class OpsFellBackInTrace(Exception):
     """torch_xla ran ops through its CPU fallback while tracing: the trace is unusable.
 
