@@ -238,3 +238,23 @@ def test_cli_script_error_prints_its_traceback(xla, tmp_path, capsys):
     assert 'broken.py", line 2' in captured.err
     assert "ValueError: bad data" in captured.err
     assert "broken.py raised ValueError" in captured.err
+
+
+def test_a_failing_pass_is_named_and_its_sync_kept(xla, monkeypatch):
+    """A pass that raises leaves the host read in place, and explain says which pass."""
+    import passes
+
+    def broken(gm):
+        raise ValueError("broken on purpose")
+
+    monkeypatch.setattr(passes, "DYNAMO_PASSES",
+                        (passes.GraphPass("broken_pass", 1, broken), *passes.DYNAMO_PASSES))
+    model, opt, x, y = _tiny_training(xla)
+    step = torch.zeros((), dtype=torch.int64, device=xla)
+    report = xla_backend.explain(loop_c_step, model, opt, x, y, step)
+    text = str(report)
+    assert "pass failed and skipped, its host reads stay: broken_pass (ValueError: " \
+           "broken on purpose)" in text, text
+    items = [s for s in report.sync_points if s.what == "Tensor.item()"]
+    assert items and items[0].removed_by == "tensorify_scalar_reads", report
+    assert int(step.cpu()) == 2

@@ -417,3 +417,30 @@ def test_masked_grad_scaler_step_matches_the_stock_one(opt_name):
     assert scale == mscale == 2.0
     for a, b in zip(params + state, mparams + mstate):
         assert torch.equal(a, b)
+
+
+def _half_done_then_raise(gm: torch.fx.GraphModule) -> passes.PassResult:
+    """A buggy pass: rewrites part of the graph, then fails."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.sin:
+            node.target = torch.cos
+    raise RuntimeError("a bug in the pass")
+
+
+BROKEN = passes.GraphPass("broken_pass", 1, _half_done_then_raise)
+
+
+def test_a_failing_pass_is_undone_and_skipped_with_one_warning(caplog):
+    def fn(x):
+        return torch.sin(x) * 2
+
+    x = torch.randn(4)
+    gm = torch.fx.symbolic_trace(fn)
+    with caplog.at_level("WARNING", logger="passes.pipeline"):
+        fired = passes.run_pipeline(gm, (BROKEN, *passes.DYNAMO_PASSES))
+        passes.run_pipeline(torch.fx.symbolic_trace(fn), (BROKEN,))
+    assert fired == []
+    assert torch.equal(gm(x), fn(x))  # not the half-rewritten cos
+    warnings = [r.getMessage() for r in caplog.records if "broken_pass" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "RuntimeError: a bug in the pass" in warnings[0]

@@ -272,6 +272,7 @@ class GraphReport:
     ended_by: str
     syncfree_passes: bool
     passes_fired: list[str] = field(default_factory=list)
+    passes_failed: list[str] = field(default_factory=list)
     sync_points: list[SyncPoint] = field(default_factory=list)
     aten_graphs: list[AtenGraphReport] = field(default_factory=list)
     retraced: int = 0
@@ -286,6 +287,8 @@ class GraphReport:
             lines.append("  syncfree passes off (options={'syncfree_passes': False})")
         elif self.passes_fired:
             lines.append(f"  passes that rewrote it: {', '.join(self.passes_fired)}")
+        for failed in self.passes_failed:
+            lines.append(f"  pass failed and skipped, its host reads stay: {failed}")
         for sync in self.sync_points:
             lines.append(_indent(str(sync), "  "))
         for aten in self.aten_graphs:
@@ -453,6 +456,7 @@ class _DynamoRecord:
     end: Any  # Dynamo's GraphCompileReason, or None
     syncs: dict[torch.fx.Node, SyncPoint] = field(default_factory=dict)
     passes_fired: list[str] = field(default_factory=list)
+    passes_failed: list[str] = field(default_factory=list)
     aten: list[AtenGraphReport] = field(default_factory=list)
     retraced: int = 0
 
@@ -519,7 +523,8 @@ class _DynamoRecord:
         return GraphReport(
             compile_id=self.compile_id, function=function, location=location,
             ended_by=self.ended_by(), syncfree_passes=self.syncfree_passes,
-            passes_fired=list(self.passes_fired), sync_points=syncs,
+            passes_fired=list(self.passes_fired), passes_failed=list(self.passes_failed),
+            sync_points=syncs,
             aten_graphs=list(self.aten), retraced=self.retraced,
         )
 
@@ -674,9 +679,14 @@ class ExplainSession:
                 self._records.append(record)
             self._current = record
 
-    def _on_pass(self, pass_name: str | None, gm: torch.fx.GraphModule) -> None:
+    def _on_pass(self, pass_name: str | None, gm: torch.fx.GraphModule,
+                 error: BaseException | None = None) -> None:
         record = self._current
         if pass_name is None or record is None or record.gm is not gm:
+            return
+        if error is not None:
+            with self._lock:
+                record.passes_failed.append(f"{pass_name} ({type(error).__name__}: {error})")
             return
         alive = set(gm.graph.nodes)
         with self._lock:
