@@ -603,7 +603,7 @@ def _load(store: Store, digest: str, payload: bytes, inputs: Sequence[Any],
     try:
         entry, devices = decode_entry(payload)
         _check_against_inputs(entry, inputs)
-        return _rebuild(entry, devices, device, digest, inputs)
+        return _rebuild(entry, devices, device, inputs)
     except Exception as e:  # a bad entry must only cost a compile
         counters.incr(counters.CACHE_GRAPH_REJECTED)
         _warn_once("load", "syncfree-xla graph cache: entry %s is unusable (%s: %s); "
@@ -629,7 +629,7 @@ def _check_against_inputs(entry: GraphEntry, inputs: Sequence[Any]) -> None:
 
 
 def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
-             digest: str, inputs: Sequence[Any]) -> tuple[_Executable, list[torch.Tensor]]:
+             inputs: Sequence[Any]) -> tuple[_Executable, list[torch.Tensor]]:
     """Wraps the stored HLO into a lazy computation on stand-ins, ready to compile.
 
     Stand-ins take the shapes, dtypes and SPMD shardings of the inputs they stand for
