@@ -42,8 +42,8 @@ import torch
 import torch.fx
 from torch.fx import Node
 
-from ._dynamo_graph import is_tensor, value
 from .base import GraphPass, PassResult
+from .dynamo_graph import is_tensor, value
 
 log = logging.getLogger(__name__)
 

@@ -87,8 +87,8 @@ import torch
 import torch.fx
 from torch.fx import Node
 
-from ._dynamo_graph import annotate, fake_mode, is_dynamo_float_input, is_sym, is_tensor, value
 from .base import GraphPass, PassResult
+from .dynamo_graph import annotate, fake_mode, is_dynamo_float_input, is_sym, is_tensor, value
 
 log = logging.getLogger(__name__)
 

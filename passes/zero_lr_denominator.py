@@ -34,8 +34,8 @@ from typing import Any
 import torch.fx
 from torch.fx import Node
 
-from ._dynamo_graph import annotate, fake_mode, is_tensor
 from .base import GraphPass, PassResult
+from .dynamo_graph import annotate, fake_mode, is_tensor
 
 log = logging.getLogger(__name__)
 

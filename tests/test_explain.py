@@ -163,12 +163,11 @@ def test_grad_scaler_steps_masked_after_the_first(xla):
 
 
 def test_session_leaves_no_hooks_behind(xla):
-    snapshot = dynamo_scope._snapshot
     with ExplainSession():
         assert backend.OBSERVERS and pass_pipeline.OBSERVERS
-        assert dynamo_scope._snapshot is not snapshot
+        assert dynamo_scope.GRAD_SCALER_OBSERVERS
     assert backend.OBSERVERS == [] and pass_pipeline.OBSERVERS == []
-    assert dynamo_scope._snapshot is snapshot
+    assert dynamo_scope.GRAD_SCALER_OBSERVERS == []
 
 
 def test_package_import_stays_cheap_and_explain_callable():

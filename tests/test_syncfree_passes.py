@@ -21,7 +21,7 @@ from torch._dynamo.repro.after_dynamo import WrapBackendDebug
 
 import passes
 from passes import hoist_scalar_negation, tensorify_scalar_reads
-from passes._dynamo_graph import is_sym
+from passes.dynamo_graph import is_sym
 from xla_backend import dynamo_scope
 
 
@@ -167,14 +167,14 @@ def _scalar_as_size(step: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fn", [_returns_scalar, _scalar_as_size], ids=["output", "keyword"])
 def test_unsupported_uses_leave_the_whole_group_alone(fn):
     """A number that leaves the graph, or feeds an op taking only numbers, is not rewritten."""
-    gm = _dynamo_graph(fn, torch.tensor(3.0), torch.randn(3))
+    gm = dynamo_graph(fn, torch.tensor(3.0), torch.randn(3))
     before = gm.code
     result = tensorify_scalar_reads(gm)
     assert not result.modified
     assert gm.code == before
 
 
-def _dynamo_graph(fn: Callable, *args: Any) -> torch.fx.GraphModule:
+def dynamo_graph(fn: Callable, *args: Any) -> torch.fx.GraphModule:
     """The first Dynamo graph of ``fn`` with our settings, before any pass."""
     capture = Capture(pipeline=())
     _compile(fn, capture)(*args)
@@ -427,7 +427,7 @@ def _half_done_then_raise(gm: torch.fx.GraphModule) -> passes.PassResult:
     raise RuntimeError("a bug in the pass")
 
 
-BROKEN = passes.GraphPass("broken_pass", 1, _half_done_then_raise)
+BROKEN = passes.GraphPass("half_done_pass", 1, _half_done_then_raise)
 
 
 def test_a_failing_pass_is_undone_and_skipped_with_one_warning(caplog):
@@ -441,6 +441,6 @@ def test_a_failing_pass_is_undone_and_skipped_with_one_warning(caplog):
         passes.run_pipeline(torch.fx.symbolic_trace(fn), (BROKEN,))
     assert fired == []
     assert torch.equal(gm(x), fn(x))  # not the half-rewritten cos
-    warnings = [r.getMessage() for r in caplog.records if "broken_pass" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "half_done_pass" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "RuntimeError: a bug in the pass" in warnings[0]

@@ -25,7 +25,7 @@ from .rewrites.norms import norm_decompositions
 configure_pjrt()
 
 # torch_xla must see PJRT_DEVICE before it is imported
-from . import lowering, rng_state  # noqa: E402
+from . import lowering, partition, rng_state  # noqa: E402
 
 log = logging.getLogger(__name__)
 _graph_ids = itertools.count()
@@ -110,7 +110,7 @@ def _compile_aten_graph(kind: str, opts: options_mod.Options
             observer.on_aten_graph(name, gm)
         if seeded:
             example_inputs = [*example_inputs, rng_state.example_seed(gm)]
-        compiled = lowering.lower(gm, example_inputs, name=name, fallback=opts.fallback,
+        compiled = partition.lower(gm, example_inputs, name=name, fallback=opts.fallback,
                                   options=opts)
         if seeded:
             compiled = rng_state.SeededCall(compiled, lowering.xla_device())

@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx
@@ -53,10 +53,8 @@ from . import counters, sharding
 from . import options as options_mod
 from .cache import key as key_mod
 from .cache.store import Store, default_cache_dir
+from .executable import Computed, Executable, Input, Value, placeholder_tensor, run_hlo, trace_lock
 from .rewrites import ATEN_REWRITES
-
-if TYPE_CHECKING:
-    from .lowering import _Executable
 
 log = logging.getLogger(__name__)
 _XLAC = torch_xla._XLAC
@@ -441,7 +439,7 @@ _stores_lock = threading.Lock()
 _stores: dict[tuple[str, int, bool], Store] = {}
 # Executables built in this process, by digest: a memory-tier hit reuses one while any
 # LoweredGraph still holds it, instead of rebuilding.
-_live: weakref.WeakValueDictionary[str, _Executable] = weakref.WeakValueDictionary()
+_live: weakref.WeakValueDictionary[str, Executable] = weakref.WeakValueDictionary()
 _warned: set[str] = set()
 
 
@@ -477,7 +475,7 @@ class Lookup:
 
     def __init__(self, store: Store | None, key: key_mod.CacheKey | None,
                  inputs: Sequence[Any]) -> None:
-        self.executable: _Executable | None = None
+        self.executable: Executable | None = None
         self.to_compile: list[torch.Tensor] = []  # a rebuilt hit still needs its XLA compile
         self._store = store
         self._key = key
@@ -496,7 +494,7 @@ class Lookup:
         self._hlo, self._hlo_params = hlo, list(params)
         self._computed = [(tuple(t.shape), t.dtype) for t in tensors]
 
-    def store(self, exe: _Executable) -> None:
+    def store(self, exe: Executable) -> None:
         """Puts a freshly traced executable in the cache; never raises."""
         if self._key is None or self._store is None:
             return
@@ -519,9 +517,7 @@ class Lookup:
             return
         _live[digest] = exe
 
-    def _entry_of(self, exe: _Executable) -> GraphEntry:
-        from .lowering import _Computed, _Input
-
+    def _entry_of(self, exe: Executable) -> GraphEntry:
         if exe.graph_hash is not None and not exe.params:
             # a rebuild runs the HLO as a user computation, which needs an operand
             raise Uncacheable("the computation reads no buffer")
@@ -533,9 +529,9 @@ class Lookup:
             hlo_params.append((tuple(t.shape), t.dtype))
         outputs: list[tuple[str, Any]] = []
         for v in exe.output_values:
-            if isinstance(v, _Computed):
+            if isinstance(v, Computed):
                 outputs.append(("computed", v.index))
-            elif isinstance(v, _Input):
+            elif isinstance(v, Input):
                 outputs.append(("input", v.position))
             else:
                 outputs.append(("value", v.value))
@@ -595,7 +591,7 @@ def _explain_miss(store: Store, key: key_mod.CacheKey) -> None:
 
 
 def _load(store: Store, digest: str, payload: bytes, inputs: Sequence[Any],
-          device: torch.device) -> tuple[_Executable | None, list[torch.Tensor]]:
+          device: torch.device) -> tuple[Executable | None, list[torch.Tensor]]:
     """Rebuilds the executable of an entry and the tensors to compile for it.
 
     None (and the entry discarded) if it is unusable.
@@ -629,15 +625,13 @@ def _check_against_inputs(entry: GraphEntry, inputs: Sequence[Any]) -> None:
 
 
 def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
-             inputs: Sequence[Any]) -> tuple[_Executable, list[torch.Tensor]]:
+             inputs: Sequence[Any]) -> tuple[Executable, list[torch.Tensor]]:
     """Wraps the stored HLO into a lazy computation on stand-ins, ready to compile.
 
     Stand-ins take the shapes, dtypes and SPMD shardings of the inputs they stand for
     (``_check_against_inputs`` made sure those match the entry).
     """
-    from . import lowering
-
-    with lowering._trace_lock, torch.no_grad():
+    with trace_lock, torch.no_grad():
         # Constants must become device buffers, as they were when traced: no shared
         # cached scalars, and no 0-d 0/1 inlined as a literal (a "special scalar").
         cache_was = _XLAC._get_xla_enable_device_data_cache()
@@ -649,29 +643,29 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
             outputs: list[Any] = []
             for kind, v in entry.outputs:
                 if kind == "computed":
-                    outputs.append(lowering._Computed(v))
+                    outputs.append(Computed(v))
                 elif kind == "input":
-                    outputs.append(lowering._Input(v))
+                    outputs.append(Input(v))
                 elif isinstance(v, torch.Tensor):
                     on = next(tensor_devices)
-                    outputs.append(lowering._Value(v.to(device) if on == "xla" else v))
+                    outputs.append(Value(v.to(device) if on == "xla" else v))
                 else:
-                    outputs.append(lowering._Value(v))
+                    outputs.append(Value(v))
             if entry.hlo is None:
-                exe = lowering._Executable(None, [], outputs)
+                exe = Executable(None, [], outputs)
                 counters.incr(counters.GRAPHS_LOWERED)
                 return exe, []
             # operands in HLO parameter order: the constants themselves, stand-ins for inputs
             operands = [value.to(device) if kind == "const" else
-                        lowering._placeholder_tensor(inputs[value], device)
+                        placeholder_tensor(inputs[value], device)
                         for kind, value in entry.params]
             _expect(not any(_XLAC._check_tensor_need_materialization(operands)),
                     "a parameter did not become a device buffer")
-            results, order = lowering.run_hlo(entry.hlo, operands)
+            results, order = run_hlo(entry.hlo, operands)
             _expect(len(results) == len(entry.computed), "computation has other outputs")
             for r, (shape, dtype) in zip(results, entry.computed):
                 # the HLO may hold a narrower integer than the trace (cummax's indices);
-                # replay casts it back (LoweredGraph.__call__, _Executable.casts)
+                # replay casts it back (LoweredGraph.__call__, Executable.casts)
                 same_kind = r.dtype == dtype or not (r.dtype.is_floating_point
                                                      or dtype.is_floating_point)
                 _expect(tuple(r.shape) == shape and same_kind,
@@ -682,7 +676,7 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
                 params.append((kind, operands[k] if kind == "const" else value))
             graph_hash = _XLAC._get_graph_hash(results)
             counters.incr(counters.GRAPHS_LOWERED)
-            return (lowering._Executable(graph_hash, params, outputs,
+            return (Executable(graph_hash, params, outputs,
                                          dtypes=tuple(d for _, d in entry.computed)),
                     list(results))
         finally:

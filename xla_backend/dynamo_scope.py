@@ -67,7 +67,8 @@ from . import step_counters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DYNAMO_SETTINGS", "backend_ctx", "install", "installed", "masked_maybe_opt_step"]
+__all__ = ["DYNAMO_SETTINGS", "GRAD_SCALER_OBSERVERS", "backend_ctx", "install", "installed",
+           "masked_maybe_opt_step"]
 
 #: The Dynamo settings our frames are traced with (see the module docstring).
 DYNAMO_SETTINGS: dict[str, Any] = {
@@ -338,6 +339,18 @@ def _step_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None
     return tensors
 
 
+#: Callbacks ``observer(optimizer, masked)`` told at each GradScaler step our scope runs:
+#: ``masked`` when it is decided on the device, False when the stock step reads found_inf
+#: on the host, so ``xla_backend.explain`` can report it. Empty unless something watches.
+GRAD_SCALER_OBSERVERS: list[Callable[[torch.optim.Optimizer, bool], None]] = []
+
+
+@torch._dynamo.disable
+def _notify_grad_scaler_step(optimizer: torch.optim.Optimizer, masked: bool) -> None:
+    for observer in list(GRAD_SCALER_OBSERVERS):
+        observer(optimizer, masked)
+
+
 # The snapshot and the revert run eagerly (lazy XLA ops, no transfer): Dynamo would
 # otherwise compile them as frames of their own, and our lowering may hand back a
 # graph's input tensor as its ``clone()`` output, so the snapshot would be the
@@ -376,6 +389,7 @@ def masked_maybe_opt_step(self: Any, optimizer: torch.optim.Optimizer,
     flipped = step_counters.device_step_counters(optimizer)
     try:
         snapshot = _snapshot(optimizer, optimizer_state)
+        _notify_grad_scaler_step(optimizer, masked=snapshot is not None)
         if snapshot is None:
             return _STOCK_MAYBE_OPT_STEP(self, optimizer, optimizer_state, *args, **kwargs)
         retval = optimizer.step(*args, **kwargs)

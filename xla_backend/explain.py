@@ -50,7 +50,7 @@ import torch.fx
 from torch._guards import CompileContext
 
 from passes import pipeline as pass_pipeline
-from passes._dynamo_graph import is_dynamo_float_input, is_sym, value
+from passes.dynamo_graph import is_dynamo_float_input, is_sym, value
 
 from . import backend, counters, dynamo_scope, graph_split, partition, xla_metrics
 
@@ -548,7 +548,7 @@ def _split_failure(gm: torch.fx.GraphModule) -> str | None:
 def _aten_syncs(gm: torch.fx.GraphModule) -> list[SyncPoint]:
     found = []
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in graph_split._SYNC_TARGETS:
+        if node.op == "call_function" and node.target in graph_split.SYNC_TARGETS:
             inner, user = _innermost(_node_frames(node))
             found.append(SyncPoint(_op_name(node), inner, user,
                                    reason="op-by-op fallback: reads a device value on the host"))
@@ -593,7 +593,6 @@ class ExplainSession:
         self._compile_start: int | None = None
         self._end: tuple[int, int, float] | None = None
         self._active = False
-        self._saved_snapshot: Callable[..., Any] | None = None
 
     # -- lifetime
 
@@ -615,7 +614,7 @@ class ExplainSession:
         pass_pipeline.OBSERVERS.append(self._on_pass)
         torch._dynamo.callback_handler.register_start_callback(self._on_compile_start)
         torch._dynamo.callback_handler.register_end_callback(self._on_compile_end)
-        self._watch_grad_scaler()
+        dynamo_scope.GRAD_SCALER_OBSERVERS.append(self._grad_scaler_step)
         self._active = True
 
     def stop(self) -> None:
@@ -628,7 +627,7 @@ class ExplainSession:
         # torch._dynamo.reset() clears Dynamo's callbacks: they may be gone already
         _remove(torch._dynamo.callback_handler.start_callbacks, self._on_compile_start)
         _remove(torch._dynamo.callback_handler.end_callbacks, self._on_compile_end)
-        self._unwatch_grad_scaler()
+        _remove(dynamo_scope.GRAD_SCALER_OBSERVERS, self._grad_scaler_step)
         self._drain_dynamo()
         self._end = self._counts()
 
@@ -714,32 +713,6 @@ class ExplainSession:
             (owner.aten if owner is not None else self._orphans).append(report)
 
     # -- GradScaler
-
-    def _watch_grad_scaler(self) -> None:
-        """Notes each GradScaler step: masked on the device, or the stock host read.
-
-        ``dynamo_scope.masked_maybe_opt_step`` asks ``_snapshot`` whether a mask can
-        reproduce a skipped step; None means the stock step (one ``.item()``) runs.
-        """
-        original = getattr(dynamo_scope, "_snapshot", None)
-        if original is None:
-            log.debug("explain: dynamo_scope has no _snapshot; GradScaler steps not reported")
-            return
-        session = self
-
-        @torch._dynamo.disable
-        def watched(optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any]) -> Any:
-            result = original(optimizer, optimizer_state)
-            session._grad_scaler_step(optimizer, masked=result is not None)
-            return result
-
-        self._saved_snapshot = original
-        dynamo_scope._snapshot = watched  # type: ignore[assignment]
-
-    def _unwatch_grad_scaler(self) -> None:
-        if self._saved_snapshot is not None:
-            dynamo_scope._snapshot = self._saved_snapshot  # type: ignore[assignment]
-            self._saved_snapshot = None
 
     def _grad_scaler_step(self, optimizer: torch.optim.Optimizer, masked: bool) -> None:
         inner, user = _innermost(_frames_from_summaries(traceback.extract_stack()))

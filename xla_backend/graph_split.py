@@ -24,7 +24,8 @@ DEVICE = "device"
 SCALAR = "scalar"
 
 _COPY_TARGETS = (torch.ops.aten.copy_.default,)
-_SYNC_TARGETS = {
+#: aten ops whose result needs a value on the host: a device-to-host transfer.
+SYNC_TARGETS = {
     torch.ops.aten._local_scalar_dense.default,
     torch.ops.aten.item.default,
     torch.ops.aten.equal.default,
@@ -100,7 +101,7 @@ def classify(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
         if node.op == "get_attr":
             kinds[node] = SCALAR
             continue
-        if node.target in _SYNC_TARGETS:
+        if node.target in SYNC_TARGETS:
             raise UnsplittableGraph(f"reads a device value on the host: {_describe(node)}")
         inputs = {kinds[n] for n in node.all_input_nodes}
         if DEVICE in inputs:

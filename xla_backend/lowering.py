@@ -16,14 +16,11 @@ execution. CPU-side pieces (optimizer step counters) run eagerly on the host; se
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import traceback
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx
@@ -32,18 +29,22 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import compile_cache, counters, runtime, sharding, xla_metrics
 from .device import NO_SPECIAL_SCALARS
-from .graph_split import OutputSlot, SplitGraph, UnsplittableGraph, split
+from .executable import (
+    Computed,
+    Executable,
+    Input,
+    Value,
+    placeholder_tensor,
+    run_hlo,
+    trace_lock,
+)
+from .graph_split import OutputSlot, SplitGraph, split
 from .options import Options
 
 log = logging.getLogger(__name__)
 _XLAC = torch_xla._XLAC
 # torch_xla reads its environment variable at import, which may precede ours
 _XLAC._set_xla_handle_special_scalars(os.environ.get(NO_SPECIAL_SCALARS, "1") != "1")
-
-# Tracing enters torch_xla's global lazy-tensor state (RNG seed, device data cache);
-# one trace at a time keeps traces from seeing each other's pending IR.
-_trace_lock = threading.Lock()
-
 
 class DeviceMismatchError(TypeError):
     """An argument is not on the XLA device the graph was compiled for."""
@@ -64,22 +65,6 @@ class OpsFellBackInTrace(Exception):
         self.ops = ops
 
 
-@dataclass(frozen=True)
-class _Value:
-    value: Any
-
-
-@dataclass(frozen=True)
-class _Computed:
-    index: int
-
-
-@dataclass(frozen=True)
-class _Input:
-    position: int
-    copy: bool = False  # a clone of the input: the caller must get a tensor of its own
-
-
 def _is_alias(node: Any) -> bool:
     """Whether a graph output is the input itself or a view of it, not a copy."""
     while isinstance(node, torch.fx.Node) and node.op == "call_function":
@@ -89,22 +74,6 @@ def _is_alias(node: Any) -> bool:
             return False
         node = node.args[0] if node.args else None
     return isinstance(node, torch.fx.Node) and node.op == "placeholder"
-
-
-@dataclass
-class _Executable:
-    """One compiled computation: which buffers to feed it and where results go."""
-
-    graph_hash: Any
-    params: list[tuple[str, Any]]  # ("input", device-input position) or ("const", tensor)
-    output_values: list[Any]  # per device output: _Computed, _Value or _Input
-    ready: Future | None = None  # the compile; None when there is nothing to compile
-    op_by_op: bool = False  # torch_xla fell back to the CPU while tracing: run eagerly
-    # per computed output, the dtype the traced tensor had; a few torch_xla lowerings
-    # (cummax's indices) emit a narrower one in the HLO, which replay would hand out
-    dtypes: tuple[torch.dtype, ...] = ()
-    # (output index, dtype) for each replayed output to cast back; found on the first run
-    casts: list[tuple[int, torch.dtype]] | None = None
 
 
 def _signature(args: Sequence[Any], positions: Sequence[int], spmd: bool = False) -> tuple:
@@ -125,24 +94,10 @@ def _signature(args: Sequence[Any], positions: Sequence[int], spmd: bool = False
     return tuple(sig)
 
 
-def _placeholder_tensor(example: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A device buffer that traces as a computation parameter, sharded as ``example`` is.
-
-    torch_xla inlines 0-d tensors holding 0 or 1 as literals ("special scalars"),
-    which would bake a stand-in's value into the computation; 2 never is. Under SPMD
-    the stand-in carries the example's sharding, so the computation is partitioned for
-    the buffers it will be fed.
-    """
-    fill = False if example.dtype == torch.bool else 2
-    standin = torch.full(tuple(example.shape), fill, dtype=example.dtype).to(device)
-    sharding.copy_sharding(example, standin)
-    return standin
-
-
 # --- graph cache hook (begin): compile_cache owns everything about entries and keys ---
 def _trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
                        device: torch.device, options: Options | None = None,
-                       pinned: dict[int, int] | None = None) -> _Executable:
+                       pinned: dict[int, int] | None = None) -> Executable:
     """A stored entry for this graph and inputs, else a trace that is stored; then a compile.
 
     A hit skips tracing and HLO lowering; on CPU the XLA compile itself still runs. The
@@ -180,13 +135,13 @@ def _hash_key(graph_hash: Any) -> str:
 
 def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.device,
            lookup: compile_cache.Lookup, pinned: dict[int, int] | None = None
-           ) -> tuple[_Executable, list[torch.Tensor]]:
+           ) -> tuple[Executable, list[torch.Tensor]]:
     """Traces ``device_gm`` on stand-in buffers: the executable and the tensors to compile.
 
     ``pinned`` maps a device output to the input it updates in place; under SPMD that
     output keeps the input's sharding, so a parameter rebound to it stays sharded.
     """
-    with _trace_lock, torch.no_grad():
+    with trace_lock, torch.no_grad():
         cache_was = _XLAC._get_xla_enable_device_data_cache()
         _XLAC._set_xla_enable_device_data_cache(False)
         try:
@@ -206,10 +161,10 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
 def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
                        device: torch.device, lookup: compile_cache.Lookup,
                        pinned: dict[int, int] | None
-                       ) -> tuple[_Executable, list[torch.Tensor]]:
+                       ) -> tuple[Executable, list[torch.Tensor]]:
     """``_trace``'s work, under its lock and settings; its own frame, cleared on failure."""
     standins = [
-        _placeholder_tensor(x, device) if isinstance(x, torch.Tensor) else x
+        placeholder_tensor(x, device) if isinstance(x, torch.Tensor) else x
         for x in inputs
     ]
     ids = {
@@ -238,9 +193,9 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
     _check_dtypes(results, output_nodes)
     for r, node in zip(results, output_nodes):
         if not isinstance(r, torch.Tensor):
-            output_values.append(_Value(r))
+            output_values.append(Value(r))
         elif r.device.type != "xla":
-            output_values.append(_Value(r.clone()))
+            output_values.append(Value(r.clone()))
         elif needs_compute[id(r)]:
             # torch_xla returns one result per distinct lazy tensor: outputs that
             # alias one (detach of a result) share it.
@@ -248,21 +203,21 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
             if tid not in result_index:
                 result_index[tid] = len(tensors)
                 tensors.append(r)
-            output_values.append(_Computed(result_index[tid]))
+            output_values.append(Computed(result_index[tid]))
         else:
             # already a buffer: one of the inputs passed through, or a constant
             (data_id,), (data,) = _XLAC._get_tensors_xla_device_data_node([r])
             if data_id not in ids:
-                output_values.append(_Value(data))
+                output_values.append(Value(data))
             else:
-                output_values.append(_Input(ids[data_id], copy=not _is_alias(node)))
+                output_values.append(Input(ids[data_id], copy=not _is_alias(node)))
     if not tensors:
-        return _Executable(None, [], output_values), []
+        return Executable(None, [], output_values), []
     param_ids, param_values = _XLAC._get_tensors_xla_device_data_node(tensors)
     kinds = [("input", ids[pid]) if pid in ids else ("const", value)
              for pid, value in zip(param_ids, param_values)]
     # fresh stand-ins: the traced ones may have been updated in place, and are IR now
-    operands = [_placeholder_tensor(inputs[ids[pid]], device) if pid in ids else value
+    operands = [placeholder_tensor(inputs[ids[pid]], device) if pid in ids else value
                 for pid, value in zip(param_ids, param_values)]
     hlo = _XLAC._get_xla_tensors_hlo_proto(tensors)
     lookup.capture(hlo, kinds, tensors)  # graph cache hook: the entry keeps this HLO
@@ -270,31 +225,11 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
     computed, order = run_hlo(hlo, operands) if operands else (tensors, [])
     for out_index, position in (pinned or {}).items():
         value = output_values[out_index]
-        if isinstance(value, _Computed):
+        if isinstance(value, Computed):
             sharding.copy_sharding(standins[position], computed[value.index])
     counters.incr(counters.GRAPHS_LOWERED)
-    return _Executable(_XLAC._get_graph_hash(computed), [kinds[k] for k in order], output_values,
+    return Executable(_XLAC._get_graph_hash(computed), [kinds[k] for k in order], output_values,
                        dtypes=tuple(t.dtype for t in tensors)), computed
-
-
-def run_hlo(hlo: bytes, operands: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
-    """``hlo`` applied to ``operands`` as one lazy-IR node, ready to compile and replay.
-
-    Returns the node's results and, per parameter of the compiled computation, the index
-    of the operand it takes. Why not compile the traced IR itself: torch_xla hashes a
-    graph by its ops and shapes, not by which input feeds which op (pytorch/xla#8353),
-    so ``x * x + y`` and ``x * y + y`` on inputs of one shape share a hash and the
-    second would replay the first's executable: a silently wrong result. A user
-    computation's hash covers the HLO module, whose parameters say exactly that.
-    """
-    name = "syncfree_graph_" + hashlib.sha256(hlo).hexdigest()[:32]
-    computation = _XLAC._xla_op_computation_from_module_proto(name, hlo)
-    ids = {_XLAC._xla_get_tensor_id(t): k for k, t in enumerate(operands)}
-    results = _XLAC._xla_user_computation("xla::" + name, operands, computation)
-    param_ids, _ = _XLAC._get_tensors_xla_device_data_node(results)
-    if not all(pid in ids for pid in param_ids):
-        raise RuntimeError(f"syncfree_xla: computation {name} reads a buffer it was not given")
-    return list(results), [ids[pid] for pid in param_ids]
 
 
 class LoweredDtypeMismatch(TypeError):
@@ -326,7 +261,7 @@ def _materialize(tensors: list[torch.Tensor], device: torch.device) -> None:
     """
     if any(_XLAC._check_tensor_need_materialization(tensors)):
         counters.incr(counters.INPUT_MATERIALIZATIONS)
-        with _trace_lock:  # a trace in progress on another thread must stay lazy IR
+        with trace_lock:  # a trace in progress on another thread must stay lazy IR
             _XLAC._xla_sync_live_tensors(str(device), [], False)
 
 
@@ -389,7 +324,7 @@ class LoweredGraph:
         self._async_dispatch = (options or Options()).async_dispatch
         self._split: SplitGraph = split(gm)
         self._device = torch_xla.device()
-        self._executables: dict[tuple, _Executable] = {}
+        self._executables: dict[tuple, Executable] = {}
         self._compile_lock = threading.Lock()
         self._device_arg_positions = [i for kind, i in self._split.device_inputs if kind == "arg"]
         self._spmd = sharding.spmd_active()
@@ -429,7 +364,7 @@ class LoweredGraph:
         return values
 
     def _executable_for(self, args: Sequence[Any], host_values: Sequence[Any] | None,
-                        at_call: bool = False) -> _Executable:
+                        at_call: bool = False) -> Executable:
         key = _signature(args, self._signature_positions, self._spmd)
         if host_values is not None:
             key += tuple((tuple(h.shape), h.dtype) for h in host_values
@@ -453,7 +388,7 @@ class LoweredGraph:
                     # a new signature seen only now: never replay a baked-in constant
                     log.warning("syncfree_xla: %s runs op by op for this input signature: %s",
                                 self.name, str(exc))  # text: see compile_cache._warn_once
-                    exe = _Executable(None, [], [], op_by_op=True)
+                    exe = Executable(None, [], [], op_by_op=True)
                 self._executables[key] = exe
         return exe
 
@@ -485,7 +420,7 @@ class LoweredGraph:
             counters.incr(counters.EAGER_FALLBACKS)
             with torch.no_grad():
                 computed = list(self._split.device(*dev_inputs))
-            exe = _Executable(None, [], [_Computed(i) for i in range(len(computed))])
+            exe = Executable(None, [], [Computed(i) for i in range(len(computed))])
         elif exe.graph_hash is not None:
             feed = [dev_inputs[value] if kind == "input" else value
                     for kind, value in exe.params]
@@ -502,8 +437,8 @@ class LoweredGraph:
             for k, dtype in exe.casts:
                 computed[k] = computed[k].to(dtype)  # lazy
         device_results = [
-            computed[v.index] if isinstance(v, _Computed)
-            else _passed_through(dev_inputs[v.position], v.copy) if isinstance(v, _Input)
+            computed[v.index] if isinstance(v, Computed)
+            else _passed_through(dev_inputs[v.position], v.copy) if isinstance(v, Input)
             else v.value
             for v in exe.output_values
         ]
@@ -524,45 +459,5 @@ class LoweredGraph:
         return slot.value
 
 
-class EagerOnXla:
-    """Runs the graph op by op on XLA tensors (torch_xla lazy mode): slow but general."""
-
-    def __init__(self, gm: torch.fx.GraphModule, reason: str, name: str) -> None:
-        self._gm = gm
-        log.warning("syncfree_xla: running %s op by op instead of as one computation: %s",
-                    name, reason)
-
-    def __call__(self, args: list[Any]) -> Any:
-        counters.incr(counters.EAGER_FALLBACKS)
-        with torch.no_grad():
-            return self._gm(*args)
-
-
 def xla_device() -> torch.device:
     return torch_xla.device()
-
-
-def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str = "graph",
-          fallback: str = "warn", options: Options | None = None) -> Callable[[list[Any]], Any]:
-    """The lowering entry point: a compiled graph, compiled segments around ops XLA
-    cannot lower (``partition``), or a logged op-by-op fallback.
-
-    ``fallback="error"`` raises instead of running a graph op by op. ``options`` chooses
-    the graph cache (None: defaults and ``SYNCFREE_XLA_*`` variables).
-    """
-    from . import partition  # builds on LoweredGraph, so it imports this module
-
-    fallback_gm = torch.fx.GraphModule(gm, _copy_graph(gm))
-    try:
-        return partition.lower_graph(gm, example_inputs, name, fallback, options)
-    except UnsplittableGraph as exc:
-        if fallback == "error":
-            raise
-        return EagerOnXla(fallback_gm, str(exc), name)
-
-
-def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
-    graph = torch.fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return graph

@@ -38,6 +38,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import counters, lowering, xla_metrics
+from .executable import copy_graph, placeholder_tensor, trace_lock
 from .graph_split import UnsplittableGraph
 from .options import Options
 
@@ -115,7 +116,7 @@ def probe(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                 found.append(n)
             return result
 
-    with unset_fake_temporarily(), lowering._trace_lock, torch.no_grad():
+    with unset_fake_temporarily(), trace_lock, torch.no_grad():
         standins = [_standin(e, device) for e in example_inputs]
         _Probe(gm).run(*standins)
     return found
@@ -125,7 +126,7 @@ def _standin(example: Any, device: torch.device) -> Any:
     if not isinstance(example, torch.Tensor):
         return example
     if example.device.type == "xla":
-        return lowering._placeholder_tensor(example, device)
+        return placeholder_tensor(example, device)
     return torch.zeros(tuple(example.shape), dtype=example.dtype)
 
 
@@ -136,7 +137,7 @@ def lower_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: s
     Raises ``UnsplittableGraph`` when neither works (the caller runs the graph op by
     op) or, with ``fallback="error"``, when an op has no lowering.
     """
-    pristine = torch.fx.GraphModule(gm, lowering._copy_graph(gm))
+    pristine = torch.fx.GraphModule(gm, copy_graph(gm))
     eager = unsupported_nodes(gm)
     if not eager:
         try:
@@ -145,7 +146,7 @@ def lower_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: s
             log.debug("syncfree_xla: %s fell back while tracing (%s); probing", name,
                       str(exc))  # text: see compile_cache._warn_once
         gm = pristine
-        pristine = torch.fx.GraphModule(gm, lowering._copy_graph(gm))
+        pristine = torch.fx.GraphModule(gm, copy_graph(gm))
         eager = probe(gm, example_inputs, lowering.xla_device()) or []
         if not eager:
             raise UnsplittableGraph("torch_xla fell back to the CPU for an op that could "
@@ -311,3 +312,34 @@ class PartitionedGraph:
             for v, w in zip(leaves, wanted)
         ]
         return pytree.tree_unflatten(back, spec)
+
+
+class EagerOnXla:
+    """Runs the graph op by op on XLA tensors (torch_xla lazy mode): slow but general."""
+
+    def __init__(self, gm: torch.fx.GraphModule, reason: str, name: str) -> None:
+        self._gm = gm
+        log.warning("syncfree_xla: running %s op by op instead of as one computation: %s",
+                    name, reason)
+
+    def __call__(self, args: list[Any]) -> Any:
+        counters.incr(counters.EAGER_FALLBACKS)
+        with torch.no_grad():
+            return self._gm(*args)
+
+
+def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str = "graph",
+          fallback: str = "warn", options: Options | None = None) -> Callable[[list[Any]], Any]:
+    """The lowering entry point: a compiled graph, compiled segments around ops XLA
+    cannot lower (this module), or a logged op-by-op fallback.
+
+    ``fallback="error"`` raises instead of running a graph op by op. ``options`` chooses
+    the graph cache (None: defaults and ``SYNCFREE_XLA_*`` variables).
+    """
+    fallback_gm = torch.fx.GraphModule(gm, copy_graph(gm))
+    try:
+        return lower_graph(gm, example_inputs, name, fallback, options)
+    except UnsplittableGraph as exc:
+        if fallback == "error":
+            raise
+        return EagerOnXla(fallback_gm, str(exc), name)
