@@ -53,7 +53,16 @@ from . import counters, sharding
 from . import options as options_mod
 from .cache import key as key_mod
 from .cache.store import Store, default_cache_dir
-from .executable import Computed, Executable, Input, Value, placeholder_tensor, run_hlo, trace_lock
+from .executable import (
+    Computed,
+    Executable,
+    Input,
+    Value,
+    constants_as_buffers,
+    placeholder_tensor,
+    run_hlo,
+    trace_lock,
+)
 from .rewrites import ATEN_REWRITES
 
 log = logging.getLogger(__name__)
@@ -631,57 +640,49 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
     Stand-ins take the shapes, dtypes and SPMD shardings of the inputs they stand for
     (``_check_against_inputs`` made sure those match the entry).
     """
-    with trace_lock, torch.no_grad():
-        # Constants must become device buffers, as they were when traced: no shared
-        # cached scalars, and no 0-d 0/1 inlined as a literal (a "special scalar").
-        cache_was = _XLAC._get_xla_enable_device_data_cache()
-        special_was = _XLAC._get_xla_handle_special_scalars()
-        _XLAC._set_xla_enable_device_data_cache(False)
-        _XLAC._set_xla_handle_special_scalars(False)
-        try:
-            tensor_devices = iter(devices)
-            outputs: list[Any] = []
-            for kind, v in entry.outputs:
-                if kind == "computed":
-                    outputs.append(Computed(v))
-                elif kind == "input":
-                    outputs.append(Input(v))
-                elif isinstance(v, torch.Tensor):
-                    on = next(tensor_devices)
-                    outputs.append(Value(v.to(device) if on == "xla" else v))
-                else:
-                    outputs.append(Value(v))
-            if entry.hlo is None:
-                exe = Executable(None, [], outputs)
-                counters.incr(counters.GRAPHS_LOWERED)
-                return exe, []
-            # operands in HLO parameter order: the constants themselves, stand-ins for inputs
-            operands = [value.to(device) if kind == "const" else
-                        placeholder_tensor(inputs[value], device)
-                        for kind, value in entry.params]
-            _expect(not any(_XLAC._check_tensor_need_materialization(operands)),
-                    "a parameter did not become a device buffer")
-            results, order = run_hlo(entry.hlo, operands)
-            _expect(len(results) == len(entry.computed), "computation has other outputs")
-            for r, (shape, dtype) in zip(results, entry.computed):
-                # the HLO may hold a narrower integer than the trace (cummax's indices);
-                # replay casts it back (LoweredGraph.__call__, Executable.casts)
-                same_kind = r.dtype == dtype or not (r.dtype.is_floating_point
-                                                     or dtype.is_floating_point)
-                _expect(tuple(r.shape) == shape and same_kind,
-                        "an output does not have its recorded shape")
-            params: list[tuple[str, Any]] = []
-            for k in order:  # the order the compiled computation takes its buffers in
-                kind, value = entry.params[k]
-                params.append((kind, operands[k] if kind == "const" else value))
-            graph_hash = _XLAC._get_graph_hash(results)
+    # Constants must become device buffers, as they were when traced: no shared cached
+    # scalars, and no 0-d 0/1 inlined as a literal (a "special scalar").
+    with trace_lock, torch.no_grad(), constants_as_buffers(special_scalars=True):
+        tensor_devices = iter(devices)
+        outputs: list[Any] = []
+        for kind, v in entry.outputs:
+            if kind == "computed":
+                outputs.append(Computed(v))
+            elif kind == "input":
+                outputs.append(Input(v))
+            elif isinstance(v, torch.Tensor):
+                on = next(tensor_devices)
+                outputs.append(Value(v.to(device) if on == "xla" else v))
+            else:
+                outputs.append(Value(v))
+        if entry.hlo is None:
+            exe = Executable(None, [], outputs)
             counters.incr(counters.GRAPHS_LOWERED)
-            return (Executable(graph_hash, params, outputs,
-                                         dtypes=tuple(d for _, d in entry.computed)),
-                    list(results))
-        finally:
-            _XLAC._set_xla_handle_special_scalars(special_was)
-            _XLAC._set_xla_enable_device_data_cache(cache_was)
+            return exe, []
+        # operands in HLO parameter order: the constants themselves, stand-ins for inputs
+        operands = [value.to(device) if kind == "const" else
+                    placeholder_tensor(inputs[value], device)
+                    for kind, value in entry.params]
+        _expect(not any(_XLAC._check_tensor_need_materialization(operands)),
+                "a parameter did not become a device buffer")
+        results, order = run_hlo(entry.hlo, operands)
+        _expect(len(results) == len(entry.computed), "computation has other outputs")
+        for r, (shape, dtype) in zip(results, entry.computed):
+            # the HLO may hold a narrower integer than the trace (cummax's indices);
+            # replay casts it back (LoweredGraph.__call__, Executable.casts)
+            same_kind = r.dtype == dtype or not (r.dtype.is_floating_point
+                                                 or dtype.is_floating_point)
+            _expect(tuple(r.shape) == shape and same_kind,
+                    "an output does not have its recorded shape")
+        params: list[tuple[str, Any]] = []
+        for k in order:  # the order the compiled computation takes its buffers in
+            kind, value = entry.params[k]
+            params.append((kind, operands[k] if kind == "const" else value))
+        graph_hash = _XLAC._get_graph_hash(results)
+        counters.incr(counters.GRAPHS_LOWERED)
+        return (Executable(graph_hash, params, outputs,
+                           dtypes=tuple(d for _, d in entry.computed)),
+                list(results))
 
 
 __all__ = [

@@ -6,8 +6,10 @@ entry; both run the graph's HLO through :func:`run_hlo`, so neither needs the ot
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +65,26 @@ class Executable:
     casts: list[tuple[int, torch.dtype]] | None = None
 
 
+@contextlib.contextmanager
+def constants_as_buffers(special_scalars: bool = False) -> Iterator[None]:
+    """While in force, each constant a trace creates is a device buffer of its own.
+
+    torch_xla's device-data cache would hand traces one shared buffer per scalar value,
+    and with ``special_scalars`` also off a 0-d 0 or 1 is not inlined as an IR literal.
+    Both are process-wide torch_xla settings: saved, set, and given back on the way out.
+    """
+    cache_was = _XLAC._get_xla_enable_device_data_cache()
+    special_was = _XLAC._get_xla_handle_special_scalars()
+    _XLAC._set_xla_enable_device_data_cache(False)
+    if special_scalars:
+        _XLAC._set_xla_handle_special_scalars(False)
+    try:
+        yield
+    finally:
+        _XLAC._set_xla_handle_special_scalars(special_was)
+        _XLAC._set_xla_enable_device_data_cache(cache_was)
+
+
 def placeholder_tensor(example: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A device buffer that traces as a computation parameter, sharded as ``example`` is.
 
@@ -107,6 +129,7 @@ def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
 
 __all__ = [
     "Computed",
+    "constants_as_buffers",
     "Executable",
     "Input",
     "Value",

@@ -34,6 +34,7 @@ from .executable import (
     Executable,
     Input,
     Value,
+    constants_as_buffers,
     placeholder_tensor,
     run_hlo,
     trace_lock,
@@ -141,9 +142,7 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
     ``pinned`` maps a device output to the input it updates in place; under SPMD that
     output keeps the input's sharding, so a parameter rebound to it stays sharded.
     """
-    with trace_lock, torch.no_grad():
-        cache_was = _XLAC._get_xla_enable_device_data_cache()
-        _XLAC._set_xla_enable_device_data_cache(False)
+    with trace_lock, torch.no_grad(), constants_as_buffers():
         try:
             return _trace_on_standins(device_gm, inputs, device, lookup, pinned)
         except BaseException as exc:
@@ -154,8 +153,6 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
             # one ("Check failed: tensor_data"). The traceback's text is unchanged.
             traceback.clear_frames(exc.__traceback__)
             raise
-        finally:
-            _XLAC._set_xla_enable_device_data_cache(cache_was)
 
 
 def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
