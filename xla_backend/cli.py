@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import options
 from .argtypes import positive_int
 from .bench import add_bench_commands
 from .cache.store import (
@@ -32,11 +32,6 @@ if TYPE_CHECKING:
 
     Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
-_SIZE_FORMS = (
-    "a number of bytes (1048576) or a number with a K, M, G or T suffix (500M, 2G, 1.5GiB)"
-)
 
 
 # ---------------------------------------------------------------------------
@@ -44,15 +39,14 @@ _SIZE_FORMS = (
 
 
 def parse_size(text: str) -> int:
-    """A byte count from ``123``, ``500M``, ``2G``, ``1.5GiB`` (binary units).
+    """A byte count from ``123``, ``500M``, ``2G``, ``1.5GiB`` (``options.parse_size``).
 
     Raises argparse.ArgumentTypeError naming the bad value and the accepted forms.
     """
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected {_SIZE_FORMS}")
-    number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
+    try:
+        return options.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_size(size: float) -> str:
@@ -110,7 +104,8 @@ def add_cache_commands(subparsers: Subparsers) -> None:
     prune = actions.add_parser("prune", parents=[where], help="evict least recently used entries")
     prune.add_argument(
         "--max-bytes", type=parse_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
-        help=f"keep at most this much; {_SIZE_FORMS} (default: {format_size(DEFAULT_MAX_BYTES)})",
+        help=f"keep at most this much; {options.SIZE_FORMS} "
+             f"(default: {format_size(DEFAULT_MAX_BYTES)})",
     )
     prune.set_defaults(func=cache_prune)
 

@@ -10,7 +10,6 @@ import threading
 
 GRAPHS_RECEIVED = "graphs_received"
 GRAPHS_LOWERED = "graphs_lowered"
-XLA_COMPILES = "xla_compiles"
 EXECUTIONS = "executions"
 EAGER_FALLBACKS = "eager_fallbacks"
 # Ops torch_xla cannot lower: graphs cut around them at compile time, and each run of

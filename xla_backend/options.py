@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -24,12 +25,19 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
 
 
-def _parse_size(text: str) -> int:
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = units.get(cleaned[-1:], 1)
-    number = cleaned[:-1] if cleaned[-1:] in units else cleaned
-    return int(float(number) * scale)
+SIZE_FORMS = ("a number of bytes (1048576) or a number with a K, M, G or T suffix "
+              "(500M, 2G, 1.5GiB)")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """A byte count from ``123``, ``500M``, ``2G``, ``1.5GiB``; ValueError naming ``text``."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"invalid size {text!r}: expected {SIZE_FORMS}")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[unit.lower()])
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ _SPECS: dict[str, _Spec] = {
     "cache_dir": _Spec(str, None, "on-disk cache directory (default: $XDG_CACHE_HOME/syncfree_xla)",
                        str, lambda v: v is None or bool(str(v)), "a directory path"),
     "cache_max_bytes": _Spec(int, DEFAULT_CACHE_MAX_BYTES, "size cap of the on-disk cache",
-                             _parse_size, _positive, "a positive byte count, e.g. 2G"),
+                             parse_size, _positive, "a positive byte count, e.g. 2G"),
     "compile_threads": _Spec(int, None, "threads compiling graphs in parallel (default: cores)",
                              int, lambda v: v is None or v > 0, "a positive integer"),
     "async_dispatch": _Spec(bool, True, "return from a step as soon as its work is enqueued",
@@ -76,12 +84,6 @@ class Options:
 
     def resolved_compile_threads(self) -> int:
         return self.compile_threads or (os.cpu_count() or 1)
-
-
-def option_docs() -> dict[str, tuple[str, Any, str]]:
-    """(env var, default, description) per option, for the README and ``--help``."""
-    return {name: (ENV_PREFIX + name.upper(), spec.default, spec.doc)
-            for name, spec in _SPECS.items()}
 
 
 def _check(name: str, value: Any, source: str) -> Any:

@@ -57,15 +57,6 @@ def fell_back_since(before: dict[str, int]) -> list[str]:
                   if count > before.get(name, 0))
 
 
-def compile_seconds() -> float:
-    if "torch_xla" not in sys.modules:
-        return 0.0
-    import torch_xla.debug.metrics as met
-
-    data = met.metric_data("CompileTime")
-    return float(data[1]) / 1e9 if data else 0.0
-
-
 def clear() -> None:
     if "torch_xla" not in sys.modules:
         return

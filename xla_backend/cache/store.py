@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .. import counters
+from .. import counters, options
 from .key import MissExplanation, explain_miss
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR_ENV = "SYNCFREE_XLA_CACHE_DIR"
-DEFAULT_MAX_BYTES = 2 * 1024**3
+CACHE_DIR_ENV = options.ENV_PREFIX + "CACHE_DIR"
+DEFAULT_MAX_BYTES = options.DEFAULT_CACHE_MAX_BYTES
 MAGIC = b"SFXLAC\r\n"
 FORMAT_VERSION = 1
 ENTRY_SUFFIX = ".entry"
