@@ -12,11 +12,13 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx
 import torch_xla
+
+from passes.dynamo_graph import SYM_TYPES
 
 from . import sharding
 
@@ -85,6 +87,11 @@ def constants_as_buffers(special_scalars: bool = False) -> Iterator[None]:
         _XLAC._set_xla_enable_device_data_cache(cache_was)
 
 
+def any_symbolic(values: Sequence[Any]) -> bool:
+    """Whether Dynamo left a size or scalar symbolic: no stand-in can be made for it."""
+    return any(isinstance(v, SYM_TYPES) for v in values)
+
+
 def placeholder_tensor(example: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A device buffer that traces as a computation parameter, sharded as ``example`` is.
 
@@ -129,6 +136,7 @@ def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
 
 __all__ = [
     "Computed",
+    "any_symbolic",
     "constants_as_buffers",
     "Executable",
     "Input",

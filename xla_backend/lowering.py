@@ -34,6 +34,7 @@ from .executable import (
     Executable,
     Input,
     Value,
+    any_symbolic,
     constants_as_buffers,
     placeholder_tensor,
     run_hlo,
@@ -341,7 +342,7 @@ class LoweredGraph:
         compile side by side while the forward starts running. Examples carrying
         symbolic sizes are left to the first call, which sees real ones.
         """
-        if any(isinstance(e, torch.SymInt | torch.SymFloat | torch.SymBool) for e in examples):
+        if any_symbolic(examples):
             return
         host_examples = None
         if self._split.host is not None:

@@ -38,7 +38,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import counters, lowering, xla_metrics
-from .executable import copy_graph, placeholder_tensor, trace_lock
+from .executable import any_symbolic, copy_graph, placeholder_tensor, trace_lock
 from .graph_split import UnsplittableGraph
 from .options import Options
 
@@ -104,7 +104,7 @@ def probe(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     Runs on stand-in buffers, as a trace does, and reads torch_xla's fallback counters
     after each node. None when the examples carry symbolic sizes.
     """
-    if any(isinstance(e, torch.SymInt | torch.SymFloat | torch.SymBool) for e in example_inputs):
+    if any_symbolic(example_inputs):
         return None
     found: list[torch.fx.Node] = []
 
@@ -204,8 +204,7 @@ class PartitionedGraph:
                 eager_set.add(node)
         levels = self._levels(gm, eager_set)
         examples = dict(zip(self._placeholders, example_inputs))
-        symbolic = any(isinstance(e, torch.SymInt | torch.SymFloat | torch.SymBool)
-                       for e in example_inputs)
+        symbolic = any_symbolic(example_inputs)
         # stages in run order: ("segment", _Segment) or ("eager", node)
         self._stages: list[tuple[str, Any]] = []
         for level in range(max(levels.values(), default=0) + 1):
