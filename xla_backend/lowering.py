@@ -226,8 +226,8 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
         if isinstance(value, Computed):
             sharding.copy_sharding(standins[position], computed[value.index])
     counters.incr(counters.GRAPHS_LOWERED)
-    return Executable(_XLAC._get_graph_hash(computed), [kinds[k] for k in order], output_values,
-                       dtypes=tuple(t.dtype for t in tensors)), computed
+    return Executable(_XLAC._get_graph_hash(computed), [kinds[k] for k in order],
+                      output_values, dtypes=tuple(t.dtype for t in tensors)), computed
 
 
 class LoweredDtypeMismatch(TypeError):
