@@ -11,7 +11,7 @@ from .base import GraphPass
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OBSERVERS", "run_pipeline"]
+__all__ = ["OBSERVERS", "copy_graph", "run_pipeline"]
 
 #: Callbacks ``observer(pass_name, gm, error)``, told with ``None`` before the first pass,
 #: with a pass's name after that pass changed ``gm``, and with a pass's name and the
@@ -28,9 +28,10 @@ def _notify(pass_name: str | None, gm: torch.fx.GraphModule,
         observer(pass_name, gm, error)
 
 
-def _copy(graph: torch.fx.Graph) -> torch.fx.Graph:
-    """A copy to go back to, with the attributes Dynamo sets on nodes (``_dynamo_source``)."""
-    copied = torch.fx.Graph(owning_module=graph.owning_module)
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` to go back to, with the attributes Dynamo sets on nodes
+    (``_dynamo_source``)."""
+    copied = torch.fx.Graph()
     val_map: dict[torch.fx.Node, torch.fx.Node] = {}
     copied.output(copied.graph_copy(graph, val_map))
     for old, new in val_map.items():
@@ -49,7 +50,7 @@ def run_pipeline(gm: torch.fx.GraphModule, pipeline: Sequence[GraphPass]) -> lis
     _notify(None, gm)
     fired: list[str] = []
     for p in pipeline:
-        before = _copy(gm.graph)
+        before = copy_graph(gm.graph)
         try:
             modified = p(gm).modified
         except Exception as exc:  # a bug in a pass must not cost the user's step

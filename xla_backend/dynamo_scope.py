@@ -61,6 +61,7 @@ from typing import Any
 
 import torch._dynamo
 from torch._dynamo.repro.after_dynamo import WrapBackendDebug
+from torch.optim import _adafactor as torch_adafactor
 
 from . import options as options_mod
 from . import step_counters
@@ -201,25 +202,17 @@ def _adafactor_groups(tensorlists: list[list[Any]]) -> dict[tuple[Any, Any, bool
     return grouped
 
 
-def _stock_adafactor_groups() -> Callable[..., Any]:
-    from torch.optim import _adafactor
-
-    return _adafactor._group_tensors_by_device_dtype_and_is_multidim
-
-
-_STOCK_ADAFACTOR_GROUPS = _stock_adafactor_groups()
+_STOCK_ADAFACTOR_GROUPS = torch_adafactor._group_tensors_by_device_dtype_and_is_multidim
 
 
 @contextlib.contextmanager
 def _adafactor_groups_by_dtype() -> Iterator[None]:
     """Swaps in :func:`_adafactor_groups` for the duration (read by Dynamo as it traces)."""
-    from torch.optim import _adafactor
-
-    _adafactor._group_tensors_by_device_dtype_and_is_multidim = _adafactor_groups
+    torch_adafactor._group_tensors_by_device_dtype_and_is_multidim = _adafactor_groups
     try:
         yield
     finally:
-        _adafactor._group_tensors_by_device_dtype_and_is_multidim = _STOCK_ADAFACTOR_GROUPS
+        torch_adafactor._group_tensors_by_device_dtype_and_is_multidim = _STOCK_ADAFACTOR_GROUPS
 
 
 def backend_ctx(options: Mapping[str, Any] | None = None,

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.fx
 import torch_xla
 
 from passes.dynamo_graph import SYM_TYPES
@@ -126,22 +125,13 @@ def run_hlo(hlo: bytes, operands: list[torch.Tensor]) -> tuple[list[torch.Tensor
     return list(results), [ids[pid] for pid in param_ids]
 
 
-def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
-    """A copy of ``gm``'s graph, for a fallback that must run the graph as it was."""
-    graph = torch.fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return graph
-
-
 __all__ = [
     "Computed",
-    "any_symbolic",
-    "constants_as_buffers",
     "Executable",
     "Input",
     "Value",
-    "copy_graph",
+    "any_symbolic",
+    "constants_as_buffers",
     "placeholder_tensor",
     "run_hlo",
     "trace_lock",

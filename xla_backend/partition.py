@@ -37,8 +37,10 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from passes.pipeline import copy_graph
+
 from . import counters, lowering, xla_metrics
-from .executable import any_symbolic, copy_graph, placeholder_tensor, trace_lock
+from .executable import any_symbolic, placeholder_tensor, trace_lock
 from .graph_split import UnsplittableGraph
 from .options import Options
 
@@ -137,7 +139,7 @@ def lower_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: s
     Raises ``UnsplittableGraph`` when neither works (the caller runs the graph op by
     op) or, with ``fallback="error"``, when an op has no lowering.
     """
-    pristine = torch.fx.GraphModule(gm, copy_graph(gm))
+    pristine = torch.fx.GraphModule(gm, copy_graph(gm.graph))
     eager = unsupported_nodes(gm)
     if not eager:
         try:
@@ -146,7 +148,7 @@ def lower_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: s
             log.debug("syncfree_xla: %s fell back while tracing (%s); probing", name,
                       str(exc))  # text: see compile_cache._warn_once
         gm = pristine
-        pristine = torch.fx.GraphModule(gm, copy_graph(gm))
+        pristine = torch.fx.GraphModule(gm, copy_graph(gm.graph))
         eager = probe(gm, example_inputs, lowering.xla_device()) or []
         if not eager:
             raise UnsplittableGraph("torch_xla fell back to the CPU for an op that could "
@@ -335,7 +337,7 @@ def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str = "
     ``fallback="error"`` raises instead of running a graph op by op. ``options`` chooses
     the graph cache (None: defaults and ``SYNCFREE_XLA_*`` variables).
     """
-    fallback_gm = torch.fx.GraphModule(gm, copy_graph(gm))
+    fallback_gm = torch.fx.GraphModule(gm, copy_graph(gm.graph))
     try:
         return lower_graph(gm, example_inputs, name, fallback, options)
     except UnsplittableGraph as exc:
