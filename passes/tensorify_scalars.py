@@ -65,7 +65,10 @@ A foreach ``mul``/``div``/``add`` of a tensor list by the scalar (Adam's foreach
 dtype, through the overload PyTorch has for it. ``_foreach_add(a, b, alpha=s)`` (SGD's
 foreach path: ``alpha=-lr``) becomes ``_foreach_add(a, _foreach_mul(b, s))``, and
 ``_foreach_addcdiv_(a, b, c, value=s)`` (RMSprop's) ``_foreach_add_(a, b / c * s)``, the
-order of Dynamo's own polyfill for one tensor's ``addcmul_``.
+order of Dynamo's own polyfill for one tensor's ``addcmul_``. ``_foreach_lerp_(a, b, s)``
+(the foreach Adam family's ``1 - beta1``) takes the list overload, ``[s] * len(a)``:
+lerp with a 0-d weight computes exactly what lerp with a Python weight does, and
+``_foreach_pow(s, steps)`` (its capturable bias correction) ``_foreach_pow([s] * n, steps)``.
 
 Anything else (a Sym value returned from the graph, passed as a keyword, compared,
 used as a size, mixed with a Sym value from elsewhere such as a shape, an op not
@@ -137,17 +140,25 @@ _FOREACH_ALPHA = frozenset({torch._foreach_add, torch._foreach_add_})
 # ``value``, ``params + t1 * t2 * value`` (``/ t2`` for addcdiv).
 _FOREACH_VALUE = {torch._foreach_addcdiv_: torch._foreach_div,
                   torch._foreach_addcmul_: torch._foreach_mul}
+# ``torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)`` (the foreach Adam family, with
+# OneCycleLR cycling beta1): the scalar weight has no 0-d tensor overload, so the
+# tensor list overload gets the one weight once per tensor.
+_FOREACH_LERP = frozenset({torch._foreach_lerp, torch._foreach_lerp_})
+# ``torch._foreach_pow(beta1, steps)`` (the capturable foreach Adam family's bias
+# correction): the scalar base has no 0-d tensor overload either, so likewise.
+_FOREACH_POW_BASE = frozenset({torch._foreach_pow})
 
 #: Tensor ops that may take the scalar: either operand of arithmetic, the base of a
 #: power, the ``other`` of an in-place update, the weight of ``lerp``, the scalar of
 #: a foreach ``mul``/``div``/``add``.
 TENSOR_CONSUMERS: frozenset[Any] = (
     _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _POW_BASE | _LERP | _FOREACH
-    | frozenset(_FOREACH_VALUE)
+    | frozenset(_FOREACH_VALUE) | _FOREACH_LERP | _FOREACH_POW_BASE
 )
 
 ARITH, INPLACE, LERP = "arith", "inplace", "lerp"
 FOREACH, FOREACH_ALPHA, FOREACH_VALUE = "foreach", "foreach_alpha", "foreach_value"
+FOREACH_LERP, FOREACH_POW_BASE = "foreach_lerp", "foreach_pow_base"
 
 
 def _tensor_list(arg: Any) -> bool:
@@ -202,6 +213,16 @@ def _consumer_kind(user: Node, member: set[Node]) -> str | None:
               and all(_tensor_list(a) for a in user.args)
               and len({value(a).dtype for a in user.args[0]}) == 1)
         return FOREACH_VALUE if ok else None
+    if user.op == "call_function" and target in _FOREACH_LERP:
+        ok = (len(user.args) == 3 and not user.kwargs and user.args[2] in member
+              and _tensor_list(user.args[0]) and _tensor_list(user.args[1])
+              and len({value(a).dtype for a in user.args[0]}) == 1)
+        return FOREACH_LERP if ok else None
+    if user.op == "call_function" and target in _FOREACH_POW_BASE:
+        ok = (len(user.args) == 2 and not user.kwargs and user.args[0] in member
+              and _tensor_list(user.args[1])
+              and len({value(a).dtype for a in user.args[1]}) == 1)
+        return FOREACH_POW_BASE if ok else None
     if user.op == "call_function" and target in _FOREACH:
         if len(user.args) != 2 or not _tensor_list(user.args[0]) or \
                 len({value(a).dtype for a in user.args[0]}) != 1:
@@ -348,10 +369,11 @@ class _Emitter:
         """
         kind = _consumer_kind(user, member)
         t, have = self.tensor[sym], self.dtype[sym]
-        if kind in (FOREACH, FOREACH_ALPHA, FOREACH_VALUE):
+        if kind in (FOREACH, FOREACH_ALPHA, FOREACH_VALUE, FOREACH_LERP, FOREACH_POW_BASE):
             # the Tensor overload casts the 0-d tensor to each tensor's dtype, as a
             # Python number is; cast first so no backend can promote instead
-            want = value(user.args[0][0]).dtype
+            tensors = user.args[1] if kind == FOREACH_POW_BASE else user.args[0]
+            want = value(tensors[0]).dtype
             wrong = have != want
         elif kind == LERP:
             want = value(user.args[0]).dtype
@@ -369,6 +391,15 @@ class _Emitter:
             if kind == FOREACH_ALPHA:
                 scaled = self.node("call_function", torch._foreach_mul, (user.args[1], t))
                 user.args, user.kwargs = (user.args[0], scaled), {}
+                return
+            if kind == FOREACH_LERP:
+                starts, ends, _ = user.args
+                user.args = (starts, ends, [t] * len(starts))
+                return
+            if kind == FOREACH_POW_BASE:
+                # number ** tensor is pow(tensor(number, dtype=exponent's), exponent)
+                _, exponents = user.args
+                user.args = ([t] * len(exponents), exponents)
                 return
             if kind == FOREACH_VALUE:
                 params, t1, t2 = user.args
@@ -412,4 +443,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=4, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=5, run=_run)

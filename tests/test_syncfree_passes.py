@@ -257,6 +257,9 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True),
+    # the foreach paths take beta1 as _foreach_lerp_'s Python weight
+    "adam-foreach": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, foreach=True),
+    "adamax-foreach": lambda p: torch.optim.Adamax(p, lr=1e-2, foreach=True),
 }
 
 
@@ -281,7 +284,7 @@ def test_changing_lr_and_beta_stop_recompiling(name):
             q.grad = p.grad.clone()
         for o in (opt, ref_opt):
             o.param_groups[0]["lr"] = 0.05 / (i + 1)
-            if name == "adamw":
+            if name.startswith("adam"):
                 o.param_groups[0]["betas"] = (0.9 - 0.01 * i, 0.999)
         step(opt)
         ref_opt.step()

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 import torch_xla
 import torch_xla.core.xla_model as xm
+from torch._dynamo.utils import counters
 
 from xla_backend import xla_metrics
 
@@ -24,6 +25,7 @@ class Counts:
     compiles: int
     transfers_to_host: int
     executions: int
+    dynamo_graphs: int  # graphs Dynamo traced: a recompile or a new frame
 
 
 class MetricWindow:
@@ -40,9 +42,9 @@ class MetricWindow:
         self.counts = Counts(*(e - s for e, s in zip(end, self._start)))
 
     @staticmethod
-    def _read() -> tuple[int, int, int]:
+    def _read() -> tuple[int, int, int, int]:
         return (xla_metrics.compiles(), xla_metrics.device_to_host_transfers(),
-                xla_metrics.executions())
+                xla_metrics.executions(), int(counters["stats"]["unique_graphs"]))
 
 
 def warm_then_measure(one: Callable[[int], None], warmup: int, steps: int) -> MetricWindow:
