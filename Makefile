@@ -15,7 +15,7 @@ $(STAMP): setup.py pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m xla_backend.demo $(ARGS)
+	$(PY) -m xla_backend.tools.demo $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -27,6 +27,6 @@ setup(
     },
     entry_points={
         "torch_dynamo_backends": ["syncfree_xla = xla_backend.backend:syncfree_xla"],
-        "console_scripts": ["syncfree-xla = xla_backend.cli:main"],
+        "console_scripts": ["syncfree-xla = xla_backend.tools.cli:main"],
     },
 )

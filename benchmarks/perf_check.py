@@ -15,7 +15,7 @@ ratio past the tolerance is measured again (twice at most) and the best run coun
 load from other processes comes and goes, a regression does not. ``--update`` records
 the median ratio of three runs.
 
-Every cell runs in a fresh process (``xla_backend.bench.run_cell``) with one torch
+Every cell runs in a fresh process (``xla_backend.tools.bench.run_cell``) with one torch
 thread: with two threads, eager CPU on a busy two-core machine waits on a descheduled
 OpenMP worker and its step time swings by 100x, which no tolerance absorbs. Eager's
 steps are interleaved with syncfree_xla's in that process and the ratio is the median
@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from xla_backend import bench
+from xla_backend.tools import bench  # noqa: E402
 
 BASELINE = Path(__file__).resolve().parent / "perf_baseline.json"
 REFRESH = "make perf-baseline (python benchmarks/perf_check.py --update)"

@@ -45,10 +45,12 @@ def child(cache_dir: str, steps: int) -> dict[str, Any]:
     import torch_xla.debug.metrics as met
 
     import xla_backend
-    from xla_backend import counters, lowering, workloads
+    from xla_backend import counters
+    from xla_backend.runtime import graph as runtime_graph
+    from xla_backend.tools import workloads
 
     in_lowering = [0.0]  # seconds inside lowering's trace-or-cache hook, XLA compile included
-    hook = lowering._trace_and_compile
+    hook = runtime_graph.trace_and_compile
 
     def timed(*a: Any, **k: Any) -> Any:
         t = time.perf_counter()
@@ -57,7 +59,7 @@ def child(cache_dir: str, steps: int) -> dict[str, Any]:
         finally:
             in_lowering[0] += time.perf_counter() - t
 
-    lowering._trace_and_compile = timed
+    runtime_graph.trace_and_compile = timed
     device = torch_xla.device()  # autograd sizes its device queues at the first backward
     imported = time.perf_counter() - started
     work = workloads.transformer_lm_workload()

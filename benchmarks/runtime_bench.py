@@ -23,7 +23,7 @@ from xla_backend.device import configure_pjrt
 configure_pjrt()
 import torch, torch_xla
 import torch_xla.core.xla_model as xm
-from xla_backend import workloads
+from xla_backend.tools import workloads
 options = json.loads(sys.argv[1])
 device = torch_xla.device()
 work = workloads.get_workload("transformer_lm")
@@ -55,7 +55,7 @@ def steady_step(async_dispatch: bool, steps: int) -> float:
     import torch_xla
     import torch_xla.core.xla_model as xm
 
-    from xla_backend import workloads
+    from xla_backend.tools import workloads
 
     torch._dynamo.reset()
     device = torch_xla.device()

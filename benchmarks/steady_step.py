@@ -3,7 +3,7 @@
     python benchmarks/steady_step.py [--workload transformer_lm] [--steps 10]
 
 A shortcut for ``syncfree-xla bench --loops plain --backends eager openxla syncfree_xla
---models WORKLOAD``: the measurement lives in ``xla_backend.bench``, one fresh process
+--models WORKLOAD``: the measurement lives in ``xla_backend.tools.bench``, one fresh process
 per backend. Compare the backends' ratios from the same run.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xla_backend import bench, cli
+from xla_backend.tools import bench, cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,8 @@ import torch._dynamo  # noqa: E402
 import torch_xla  # noqa: E402
 import torch_xla.core.xla_model as xm  # noqa: E402
 
-from xla_backend import workloads, xla_metrics  # noqa: E402
+from xla_backend import xla_metrics  # noqa: E402
+from xla_backend.tools import workloads  # noqa: E402
 
 BACKENDS = ("openxla", "lazy", "syncfree_xla", "syncfree_xla-nopasses")
 LOOPS = ("A", "B")

@@ -3,7 +3,7 @@
     pytest benchmarks/ --benchmark-only
 
 Each case times one training step followed by a device barrier, after warm-up, with
-the step built by ``xla_backend.bench.prepare`` (the same step ``syncfree-xla bench``
+the step built by ``xla_backend.tools.bench.prepare`` (the same step ``syncfree-xla bench``
 times). The cases of one workload form one group, so pytest-benchmark's table puts
 syncfree_xla next to eager. All cases share a process (pytest-benchmark measures in
 process); ``syncfree-xla bench`` isolates every cell in a process of its own instead.
@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch._dynamo  # noqa: E402
 import torch_xla  # noqa: E402
 
-from xla_backend import bench  # noqa: E402
+from xla_backend.tools import bench  # noqa: E402
 
 # Autograd sizes its per-device queues at the first backward of the process.
 torch_xla.device()

@@ -5,7 +5,7 @@ pass turns a learning rate's whole arithmetic into tensor ops, but leaves the gr
 alone when one use cannot take a tensor (a keyword argument, a graph output); this
 narrower rewrite still applies then. The pattern is how SGD and RMSprop
 apply their learning rate, ``param.add_(update, alpha=-lr)``, once Dynamo keeps
-``lr`` symbolic (``specialize_float=False``, see ``xla_backend.dynamo_scope``)::
+``lr`` symbolic (``specialize_float=False``, see ``xla_backend.dynamo.scope``)::
 
     lr = L_lr_.item()                  # Dynamo's own float input: a SymFloat s0
     neg = -lr                          # operator.neg

@@ -11,15 +11,20 @@ from .base import GraphPass
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OBSERVERS", "copy_graph", "run_pipeline"]
+__all__ = ["OBSERVERS", "copy_graph", "reset", "run_pipeline"]
 
 #: Callbacks ``observer(pass_name, gm, error)``, told with ``None`` before the first pass,
 #: with a pass's name after that pass changed ``gm``, and with a pass's name and the
-#: exception it raised after a failed pass was undone, so ``xla_backend.explain`` can say
-#: which pass removed which sync, and which one could not run. Empty unless something
+#: exception it raised after a failed pass was undone, so ``xla_backend.tools.explain`` can
+#: say which pass removed which sync, and which one could not run. Empty unless something
 #: watches; must not modify ``gm``.
 OBSERVERS: list[Callable[[str | None, torch.fx.GraphModule, BaseException | None], None]] = []
-_warned: set[str] = set()
+_warned: set[str] = set()  # passes that failed once: later failures log at debug level
+
+
+def reset() -> None:
+    """Forgets which passes failed, so the next failure warns again."""
+    _warned.clear()
 
 
 def _notify(pass_name: str | None, gm: torch.fx.GraphModule,

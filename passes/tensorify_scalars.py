@@ -2,7 +2,7 @@
 
 Runs on the *Dynamo* graph (torch-level ops), before AOTAutograd, with Dynamo's
 ``capture_scalar_outputs=True`` and ``specialize_float=False`` (see
-``xla_backend.dynamo_scope``). It covers two sources of Python numbers:
+``xla_backend.dynamo.scope``). It covers two sources of Python numbers:
 
 1. A tensor read as a number feeding tensor math, as in a warm-up driven by a step
    counter::

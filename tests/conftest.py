@@ -1,10 +1,26 @@
+"""Shared set-up for the three test tiers, each a folder with a marker of its own:
+
+* ``tests/unit`` (``-m unit``): torch and FX only; never imports torch_xla, runs in seconds
+  (``tests/unit/test_unit_tier.py`` checks that).
+* ``tests/xla`` (``-m xla``): modules run on the XLA CPU device.
+* ``tests/e2e`` (``-m e2e``): whole training loops, scripts, the CLI and subprocesses.
+
+Nothing here may import torch_xla at import time: the ``xla`` fixture does it lazily.
+Helpers shared by the xla and e2e tiers live in ``tests/xla_helpers.py``
+(``from tests.xla_helpers import ...``).
+"""
+
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "xla", "e2e")
+
+sys.path.insert(0, str(TESTS.parent))
 
 from xla_backend.device import configure_pjrt  # noqa: E402
 
@@ -28,3 +44,14 @@ def xla():
     xla_backend.reset_stats()
     yield torch_xla.device()
     torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier, named after the folder under tests/ it lives in."""
+    for item in items:
+        try:
+            tier = Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # not under tests/ (e.g. benchmarks/)
+            continue
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))

@@ -1,7 +1,9 @@
-"""The function ``torch.compile(..., backend="syncfree_xla")`` calls for each Dynamo graph.
+"""The backend ``torch.compile(..., backend="syncfree_xla")`` calls for each Dynamo graph.
 
-Dynamo graph -> AOTAutograd (forward / backward / inference aten graphs) -> passes
--> lowering to one XLA computation per graph.
+The wiring of the stages, and nothing else: options -> Dynamo scope (``dynamo``) ->
+Dynamo passes (``passes``) -> AOTAutograd (forward / backward / inference aten graphs) ->
+aten rewrites (``rewrites``) -> split and trace (``lower``) -> graph cache (``cache``) ->
+compile and replay (``runtime``).
 """
 
 from __future__ import annotations
@@ -16,22 +18,26 @@ import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 
 import passes
+from passes import pipeline as pass_pipeline
 
-from . import counters, dynamo_scope, rewrites
+from . import counters, rewrites, warn_once
 from . import options as options_mod
 from .device import configure_pjrt
+from .dynamo import scope as dynamo_scope
+from .errors import DeviceMismatchError, UnsupportedOnXla
 from .rewrites.norms import norm_decompositions
 
 configure_pjrt()
 
 # torch_xla must see PJRT_DEVICE before it is imported
-from . import lowering, partition, rng_state  # noqa: E402
+from .cache import graph_cache  # noqa: E402
+from .runtime import compile_pool, partition, rng_state  # noqa: E402
+from .runtime.graph import xla_device  # noqa: E402
 
 log = logging.getLogger(__name__)
-_graph_ids = itertools.count()
 
 #: Watchers told about every graph compiled here (``on_dynamo_graph(gm, options)`` before
-#: the passes, ``on_aten_graph(name, gm)`` before lowering), so ``xla_backend.explain``
+#: the passes, ``on_aten_graph(name, gm)`` before lowering), so ``xla_backend.tools.explain``
 #: can report sync points per graph. Empty unless it runs; must not modify ``gm``.
 OBSERVERS: list[Any] = []
 
@@ -54,7 +60,7 @@ def check_input_devices(gm: torch.fx.GraphModule, example_inputs: Sequence[Any])
             continue
         if value.device.type == "cpu" and value.dim() == 0:
             continue
-        raise lowering.DeviceMismatchError(
+        raise DeviceMismatchError(
             f"syncfree_xla: {_source_name(node)} is a {value.device.type} tensor of shape "
             f"{tuple(value.shape)}, but this backend runs on the XLA device. Move the model "
             f"and its inputs there first: model.to(torch_xla.device()), "
@@ -83,7 +89,7 @@ def check_dense_gradients(gm: torch.fx.GraphModule) -> None:
             frames = [line.strip() for line in node.meta.get("stack_trace", "").splitlines()
                       if line.strip().startswith("File ")]
             where = frames[-1] if frames else node.name
-            raise lowering.UnsupportedOnXla(
+            raise UnsupportedOnXla(
                 f"syncfree_xla: {node.target.__name__} with sparse=True ({where}) would "
                 f"produce a sparse gradient, which torch_xla cannot represent. Use "
                 f"sparse=False, and a dense optimizer (Adam instead of SparseAdam)."
@@ -100,45 +106,71 @@ def _boxed(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
     return call
 
 
-def _compile_aten_graph(kind: str, opts: options_mod.Options
-                        ) -> Callable[[torch.fx.GraphModule, Sequence[Any]], Callable]:
-    def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        name = f"{kind} graph {next(_graph_ids)}"
-        passes.run_pipeline(gm, rewrites.ATEN_REWRITES)
-        gm, seeded = rng_state.functionalize(gm)
-        for observer in list(OBSERVERS):
-            observer.on_aten_graph(name, gm)
-        if seeded:
-            example_inputs = [*example_inputs, rng_state.example_seed(gm)]
-        compiled = partition.lower(gm, example_inputs, name=name, fallback=opts.fallback,
-                                  options=opts)
-        if seeded:
-            compiled = rng_state.SeededCall(compiled, lowering.xla_device())
-        return _boxed(compiled)
+class SyncfreeXla:
+    """The backend: a callable Dynamo hands each graph, with a ``reset`` it calls too.
 
-    return compile_graph
+    ``torch._dynamo.reset()`` calls ``reset()`` (through ``torch.compile``'s wrapper, as
+    for ``torch._dynamo.backends.cudagraphs``), which forgets what this process compiled
+    and warned about, as a fresh process would have it. Two things stay, on purpose: the
+    graph cache's stores, which are the cache itself (a fresh process finds the same
+    entries on disk), and the device RNG stream, which is training state, not
+    compilation state.
+    """
 
+    compiler_name = "syncfree_xla"
 
-def syncfree_xla(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+    def __init__(self) -> None:
+        self._graph_ids = itertools.count()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                  options: Mapping[str, Any] | None = None) -> Callable:
-    """The backend. ``options`` comes from ``torch.compile(..., options={...})``."""
-    opts = options_mod.resolve(options)
-    counters.incr(counters.GRAPHS_RECEIVED)
-    check_input_devices(gm, example_inputs)
-    check_dense_gradients(gm)
-    for observer in list(OBSERVERS):
-        observer.on_dynamo_graph(gm, opts)
-    if opts.syncfree_passes:  # Dynamo-level rewrites; placeholders stay as they are
-        passes.run_pipeline(gm, passes.DYNAMO_PASSES)
-    compile_fn = aot_autograd(
-        fw_compiler=_compile_aten_graph("forward", opts),
-        bw_compiler=_compile_aten_graph("backward", opts),
-        inference_compiler=_compile_aten_graph("inference", opts),
-        keep_inference_input_mutations=True,
-        decompositions=norm_decompositions(),
-    )
-    return compile_fn(gm, example_inputs)
+        """Compiles one Dynamo graph. ``options`` comes from ``torch.compile(options=...)``."""
+        opts = options_mod.resolve(options)
+        counters.incr(counters.GRAPHS_RECEIVED)
+        check_input_devices(gm, example_inputs)
+        check_dense_gradients(gm)
+        for observer in list(OBSERVERS):
+            observer.on_dynamo_graph(gm, opts)
+        if opts.syncfree_passes:  # Dynamo-level rewrites; placeholders stay as they are
+            passes.run_pipeline(gm, passes.DYNAMO_PASSES)
+        compile_fn = aot_autograd(
+            fw_compiler=self._aten_compiler("forward", opts),
+            bw_compiler=self._aten_compiler("backward", opts),
+            inference_compiler=self._aten_compiler("inference", opts),
+            keep_inference_input_mutations=True,
+            decompositions=norm_decompositions(),
+        )
+        return compile_fn(gm, example_inputs)
 
+    def _aten_compiler(self, kind: str, opts: options_mod.Options
+                       ) -> Callable[[torch.fx.GraphModule, Sequence[Any]], Callable]:
+        def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+            name = f"{kind} graph {next(self._graph_ids)}"
+            passes.run_pipeline(gm, rewrites.ATEN_REWRITES)
+            gm, seeded = rng_state.functionalize(gm)
+            for observer in list(OBSERVERS):
+                observer.on_aten_graph(name, gm)
+            if seeded:
+                example_inputs = [*example_inputs, rng_state.example_seed(gm)]
+            compiled = partition.lower(gm, example_inputs, name=name, fallback=opts.fallback,
+                                      options=opts)
+            if seeded:
+                compiled = rng_state.SeededCall(compiled, xla_device())
+            return _boxed(compiled)
+
+        return compile_graph
+
+    def reset(self) -> None:
+        """Forgets this process's executables, finished compiles and warnings."""
+        self._graph_ids = itertools.count()
+        graph_cache.reset()
+        compile_pool.reset()
+        warn_once.reset_all()
+        pass_pipeline.reset()
+
+
+#: The backend instance the ``torch_dynamo_backends`` entry point names.
+syncfree_xla = SyncfreeXla()
 
 # Dynamo settings for our frames only (float lr as an input, captured .item()).
 dynamo_scope.install(syncfree_xla)

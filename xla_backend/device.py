@@ -43,8 +43,11 @@ def configure_pjrt() -> None:
 
 
 def _runtime_started() -> bool:
-    torch_xla = sys.modules.get("torch_xla")
-    return torch_xla is not None and bool(torch_xla._XLAC._xla_runtime_is_initialized())
+    if "torch_xla" not in sys.modules:
+        return False
+    from . import xla_internals
+
+    return xla_internals.runtime_is_initialized()
 
 
 def _add_xla_flag(flag: str) -> bool:

@@ -33,11 +33,12 @@ import torch
 import torch_xla
 import torch_xla.runtime as xr
 
+from . import xla_internals
+
 if TYPE_CHECKING:
     import torch_xla.distributed.spmd as xs
 
 log = logging.getLogger(__name__)
-_XLAC = torch_xla._XLAC
 
 DATA_AXIS = "data"
 _REPLICATED = "{replicated}"
@@ -69,7 +70,7 @@ def spec_of(t: Any) -> str:
     """
     if not _is_xla(t):
         return ""
-    spec = _XLAC._get_xla_sharding_spec(t)
+    spec = xla_internals.sharding_spec(t)
     # Under SPMD an unannotated tensor is replicated already; results come back marked
     # as such. One spelling for both keeps them one executable and one cache entry.
     return "" if spec == _REPLICATED else spec
@@ -83,9 +84,9 @@ def copy_sharding(source: Any, target: Any) -> None:
     """
     if not (_is_xla(source) and _is_xla(target)) or not spec_of(source):
         return
-    op_sharding = _XLAC._get_xla_op_sharding(source)
+    op_sharding = xla_internals.op_sharding(source)
     if op_sharding is not None and spec_of(target) != spec_of(source):
-        _XLAC._xla_mark_sharding(target, op_sharding)
+        xla_internals.mark_sharding(target, op_sharding)
 
 
 def signature(inputs: Sequence[Any], pinned: dict[int, int] | None = None) -> dict[str, Any]:
@@ -110,10 +111,10 @@ def enable_spmd(num_devices: int | None = None) -> int:
     """
     if num_devices is not None:
         _check_count(num_devices)
-        if not spmd_active() and not _XLAC._xla_get_spmd_config_is_locked():
+        if not spmd_active() and not xla_internals.spmd_config_locked():
             os.environ.setdefault("CPU_NUM_DEVICES", str(num_devices))
     if not spmd_active():
-        if _XLAC._xla_get_spmd_config_is_locked():
+        if xla_internals.spmd_config_locked():
             raise ShardingError(
                 "syncfree_xla: SPMD was requested after torch_xla's runtime had already "
                 "placed tensors on a single device; call sharding.enable_spmd() (or "
@@ -207,7 +208,7 @@ def _shard_like_fsdp(t: torch.Tensor, mesh: xs.Mesh, axis: str) -> str:
     partition = tuple(axis if s == 0 else None for s in spec)
     current = spec_of(t)
     if current and "replicated" not in current:
-        _XLAC._xla_clear_sharding(t)  # relaid out below; the data moves once
+        xla_internals.clear_sharding(t)  # relaid out below; the data moves once
     xs.mark_sharding(t, mesh, partition)
     return spec_of(t)
 
@@ -252,9 +253,9 @@ def shard_optimizer_state(opt: torch.optim.Optimizer, mesh: xs.Mesh,
                     continue
                 _require_xla(value, "optimizer state")
                 if spec_of(value):
-                    _XLAC._xla_clear_sharding(value)
+                    xla_internals.clear_sharding(value)
                 if wanted:
-                    _XLAC._xla_mark_sharding(value, _XLAC._get_xla_op_sharding(p))
+                    xla_internals.mark_sharding(value, xla_internals.op_sharding(p))
                 moved += 1
     return moved
 

@@ -44,11 +44,10 @@ def fallback_counts() -> dict[str, int]:
     """
     if "torch_xla" not in sys.modules:
         return {}
-    import torch_xla
+    from . import xla_internals
 
-    xlac = torch_xla._XLAC
-    return {name: int(xlac._xla_counter_value(name))
-            for name in xlac._xla_counter_names() if name.startswith("aten::")}
+    return {name: count for name, count in xla_internals.counters().items()
+            if name.startswith("aten::")}
 
 
 def fell_back_since(before: dict[str, int]) -> list[str]:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import counters, options
+from ..warn_once import WarnOnce
 from .key import MissExplanation, explain_miss
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,13 @@ STALE_TEMP_SECONDS = 15 * 60
 MAX_HEADER_BYTES = 1 << 20
 TOTALS_FIELDS = ("memory_hits", "disk_hits", "misses")
 
-_PREAMBLE = struct.Struct(">8sII")  # magic, format version, header length
+#: How both of the cache's containers start (entry files here, graph entries in their
+#: payload): 8 magic bytes, a format version and the length of the JSON header after it.
+PREAMBLE = struct.Struct(">8sII")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _ENTRY_NAME = re.compile(r"([0-9a-f]{64})" + re.escape(ENTRY_SUFFIX))
 
-_warned: set[tuple[str, str]] = set()
-_warned_lock = threading.Lock()
+_warn_once = WarnOnce(logger)
 
 
 def default_cache_dir() -> Path:
@@ -74,15 +76,6 @@ def default_cache_dir() -> Path:
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / "syncfree_xla"
     return Path.home() / ".cache" / "syncfree_xla"
-
-
-def _warn_once(kind: str, subject: str, message: str, *args: object) -> None:
-    """Log a warning the first time (kind, subject) comes up in this process."""
-    with _warned_lock:
-        if (kind, subject) in _warned:
-            return
-        _warned.add((kind, subject))
-    logger.warning(message, *args)
 
 
 class BadEntryError(ValueError):
@@ -170,7 +163,7 @@ def encode_header(
     }
     encoded = json.dumps(header, separators=(",", ":"), allow_nan=False)
     header_bytes = encoded.encode("utf-8")
-    return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes
+    return PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes
 
 
 def read_header(f: BinaryIO, digest: str, file_size: int) -> dict[str, Any]:
@@ -179,18 +172,18 @@ def read_header(f: BinaryIO, digest: str, file_size: int) -> dict[str, Any]:
     Checks the total length against ``file_size`` before reading the payload,
     so a garbage length can neither truncate silently nor allocate wildly.
     """
-    preamble = f.read(_PREAMBLE.size)
-    if len(preamble) < _PREAMBLE.size:
+    preamble = f.read(PREAMBLE.size)
+    if len(preamble) < PREAMBLE.size:
         raise BadEntryError("truncated before the header")
-    magic, version, header_length = _PREAMBLE.unpack(preamble)
+    magic, version, header_length = PREAMBLE.unpack(preamble)
     if magic != MAGIC:
         raise BadEntryError("not a syncfree-xla cache entry (bad magic)")
     if version != FORMAT_VERSION:
         raise BadEntryError(f"format version {version}, expected {FORMAT_VERSION}")
-    if header_length > MAX_HEADER_BYTES or _PREAMBLE.size + header_length > file_size:
+    if header_length > MAX_HEADER_BYTES or PREAMBLE.size + header_length > file_size:
         raise BadEntryError("truncated or oversized header")
     header = _parse_header(f.read(header_length), digest)
-    expected_size = _PREAMBLE.size + header_length + header["payload_length"]
+    expected_size = PREAMBLE.size + header_length + header["payload_length"]
     if file_size != expected_size:
         raise BadEntryError(f"file is {file_size} bytes, header says {expected_size}")
     return header
@@ -484,11 +477,9 @@ class Store:
         with self._lock:
             self._disk = False
         detail = f"{reason}: {error}" if error is not None else reason
-        _warn_once(
-            "disabled", str(self.directory),
-            "syncfree-xla cache directory %s %s; using the in-memory cache only",
-            self.directory, detail,
-        )
+        _warn_once(("disabled", str(self.directory)),
+                   "syncfree-xla cache directory %s %s; using the in-memory cache only",
+                   self.directory, detail)
 
     def _entry_path(self, digest: str) -> Path:
         return self.directory / (digest + ENTRY_SUFFIX)
@@ -517,14 +508,14 @@ class Store:
             self._discard_bad(path, e)
             return None
         except OSError as e:
-            _warn_once("unreadable", str(path), "cannot read cache entry %s: %s", path, e)
+            _warn_once(("unreadable", str(path)), "cannot read cache entry %s: %s", path, e)
             return None
         return header, payload
 
     def _discard_bad(self, path: Path, error: BadEntryError) -> None:
         """Warn once, count, and remove a bad entry unless a writer already replaced it."""
         counters.incr(counters.CACHE_BAD_ENTRIES)
-        _warn_once("bad", str(path), "discarding bad cache entry %s: %s", path, error)
+        _warn_once(("bad", str(path)), "discarding bad cache entry %s: %s", path, error)
         read_stat = error.file_stat
         try:
             now = os.stat(path)
@@ -586,7 +577,7 @@ class Store:
                         files.append(_DiskFile(match[1], Path(dirent.path), st.st_size,
                                                st.st_mtime))
         except OSError as e:
-            _warn_once("unlistable", str(self.directory),
+            _warn_once(("unlistable", str(self.directory)),
                        "cannot list cache directory %s: %s", self.directory, e)
         return files
 
@@ -626,7 +617,7 @@ class Store:
         except FileNotFoundError:
             return False
         except OSError as e:
-            _warn_once("unlink", str(path), "cannot remove cache file %s: %s", path, e)
+            _warn_once(("unlink", str(path)), "cannot remove cache file %s: %s", path, e)
             return False
 
     def _record_total(self, name: str) -> None:
@@ -678,6 +669,7 @@ __all__ = [
     "CACHE_DIR_ENV",
     "DEFAULT_MAX_BYTES",
     "FORMAT_VERSION",
+    "PREAMBLE",
     "BadEntry",
     "BadEntryError",
     "EntryInfo",

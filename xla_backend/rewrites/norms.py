@@ -23,7 +23,7 @@ running_var and large-mean outputs for a single layer, but ResNet-18 (torchvisio
 32x32 inputs, CPU PJRT) then got gradients 3e-3 off float64 where torch_xla's own
 lowering and eager are 1e-5 off; layers 1-3 alone reproduce it, each block alone does
 not. Its running_var is fixed on its own by ``batch_norm_stats``; the large-mean
-precision of its normalization stays a known bug (tests/test_library_models.py).
+precision of its normalization stays a known bug (tests/e2e/test_library_models.py).
 """
 
 from __future__ import annotations

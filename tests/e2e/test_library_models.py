@@ -1,0 +1,251 @@
+"""Real library models, randomly initialised from small configs, trained by the backend.
+
+torchvision's ResNet-18 and Hugging Face's GPT-2 and BERT are written by other people,
+for eager PyTorch and inductor: they use SDPA, tied weights, attention masks, BatchNorm
+buffers, ``loss=`` computed inside ``forward``. The whole training step is compiled with
+``backend="syncfree_xla"`` and compared with the same step run eagerly on CPU.
+
+No weights are downloaded: models come from configs, and the Hub is switched off.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+import transformers  # noqa: E402
+
+from tests.xla_helpers import MetricWindow, settle, twin  # noqa: E402
+from xla_backend.tools import workloads
+
+transformers.logging.set_verbosity_error()
+
+
+def _batches(n: int, make: callable, seed: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    return [make(g) for _ in range(n)]
+
+
+def assert_state_close(model: torch.nn.Module, reference: torch.nn.Module, rtol: float,
+                       floor: float = 1e-2, skip: tuple[str, ...] = ()) -> None:
+    """Each parameter and buffer: ||got - want|| <= rtol * max(||want||, floor).
+
+    The floor: Adam moves a parameter whose gradient is exactly zero in exact arithmetic
+    (attention's key bias) by steps made of rounding noise, which no two float32
+    implementations share; such a tensor stays tiny, and is compared absolutely.
+    """
+    named = [*zip(model.named_parameters(), reference.parameters()),
+             *zip(model.named_buffers(), reference.buffers())]
+    checked = 0
+    for (name, got), want in named:
+        if any(part in name for part in skip):
+            continue
+        got, want = got.detach().cpu(), want.detach()
+        checked += 1
+        if not want.dtype.is_floating_point:
+            assert torch.equal(got, want), f"{name} differs"
+            continue
+        error = float((got - want).norm()) / max(float(want.norm()), floor)
+        assert error <= rtol, f"{name}: relative error {error:.3g} > {rtol}"
+    assert checked > 0
+
+
+def _train(step, model, opt, reference, ref_opt, batches, device, steps):
+    """The compiled step on ``device`` and the eager step on CPU, batch by batch."""
+    compiled = torch.compile(step, backend="syncfree_xla")
+    got, want = [], []
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        got.append(compiled(model, opt, *(t.to(device) for t in batch)))
+        want.append(step(reference, ref_opt, *batch))
+    settle()
+    return torch.stack([g.cpu() for g in got]), torch.stack(want)
+
+
+def test_torchvision_resnet18(xla):
+    def step(model, opt, x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    model, reference = twin(
+        workloads.seeded(lambda: torchvision.models.resnet18(num_classes=10)), xla)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9)
+    batches = _batches(4, lambda g: (torch.randn(16, 3, 32, 32, generator=g),
+                                     torch.randint(0, 10, (16,), generator=g)))
+    got, want = _train(step, model, opt, reference, ref_opt, batches, xla, steps=4)
+    torch.testing.assert_close(got, want, rtol=5e-3, atol=0)
+    # BatchNorm's running statistics and num_batches_tracked are buffers updated in place.
+    assert_state_close(model, reference, rtol=5e-3)
+
+
+def _hf_step(model, opt, input_ids, labels):
+    loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                 labels=labels).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _gpt2() -> torch.nn.Module:
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _bert() -> torch.nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=64, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def _gpt2_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 500, (8, 32), generator=g)
+    return ids, ids  # the model shifts the labels itself
+
+
+def _bert_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 500, (8, 32), generator=g)
+    return ids, ids[:, 1] % 3  # a label the model can read off one token
+
+
+HF_MODELS = {"gpt2": (_gpt2, _gpt2_batch), "bert": (_bert, _bert_batch)}
+
+
+@pytest.mark.parametrize("name", sorted(HF_MODELS))
+def test_transformers_model(xla, name):
+    build, make_batch = HF_MODELS[name]
+    model, reference = twin(workloads.seeded(build), xla)
+    model.tie_weights()  # .to() replaced the tied Parameter: GPT-2's lm_head and wte
+    model.train()
+    reference.train()
+    # eps=1e-6: see tests/xla/test_parity.py (Adam rescales rounding noise of ~0 gradients)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, eps=1e-6)
+    batches = _batches(2, make_batch)  # seen five times each: the loss must fall
+    got, want = _train(_hf_step, model, opt, reference, ref_opt, batches, xla, steps=10)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
+    assert want[-2:].mean() < want[:2].mean(), "the reference should learn"
+    assert_state_close(model, reference, rtol=1e-3)
+    if name == "gpt2":
+        assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_transformers_gpt2_warm_steps_are_sync_free(xla):
+    model = workloads.seeded(_gpt2).to(xla)
+    model.tie_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = torch.compile(_hf_step, backend="syncfree_xla")
+    batches = [tuple(t.to(xla) for t in b) for b in _batches(2, _gpt2_batch)]
+    for i in range(3):
+        step(model, opt, *batches[i % 2])
+    with MetricWindow() as window:
+        for i in range(3, 8):
+            step(model, opt, *batches[i % 2])
+    assert window.counts.compiles == 0
+    assert window.counts.transfers_to_host == 0
+
+
+# --- batch_norm / layer_norm numerics -----------------------------------------------------
+#
+# torch_xla's own lowerings compute the variance as E[x^2] - E[x]^2 and update BatchNorm's
+# running_var with the biased variance. LayerNorm and BatchNorm without running stats are
+# lowered through PyTorch's reference decompositions (xla_backend/rewrites/norms.py);
+# BatchNorm with running stats gets its running_var recomputed
+# (rewrites/batch_norm_stats.py) but keeps torch_xla's normalization: decomposing it made
+# ResNet-18's gradients 3e-3 off (see norms.py), so its large-mean precision stays a
+# known bug (xfail strict).
+
+BN_KNOWN_BUG = pytest.mark.xfail(
+    strict=True, reason="torch_xla's batch_norm with running stats computes the variance "
+    "as E[x^2] - E[x]^2 (off by up to 0.3, or NaN, when the mean is large next to the "
+    "spread)")
+
+
+def test_batch_norm_running_var_is_unbiased(xla):
+    bn = torch.nn.BatchNorm2d(2, momentum=1.0)  # running_var becomes the batch's variance
+    bn_xla = copy.deepcopy(bn).to(xla)
+    x = torch.randn(4, 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    bn(x)
+    torch.compile(lambda m, t: m(t), backend="syncfree_xla")(bn_xla, x.to(xla))
+    torch.testing.assert_close(bn_xla.running_var.cpu(), bn.running_var)
+
+
+NORMS = {
+    "batch_norm": lambda: torch.nn.BatchNorm1d(3),
+    "batch_norm_no_stats": lambda: torch.nn.BatchNorm1d(3, track_running_stats=False),
+    "layer_norm": lambda: torch.nn.LayerNorm(3),
+}
+
+
+@pytest.mark.parametrize("norm", [pytest.param(n, marks=BN_KNOWN_BUG) if n == "batch_norm"
+                                  else n for n in sorted(NORMS)])
+def test_normalization_of_inputs_with_a_large_mean(xla, norm):
+    module = NORMS[norm]()
+    module_xla = copy.deepcopy(module).to(xla)
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 0.1 + 100
+    with torch.no_grad():
+        want = module(x)
+        got = torch.compile(lambda m, t: m(t), backend="syncfree_xla")(module_xla, x.to(xla))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+
+
+TRAINED_NORMS = {
+    "batch_norm_2d": (lambda: torch.nn.BatchNorm2d(3), (8, 3, 4, 4)),
+    "batch_norm_no_stats": (lambda: torch.nn.BatchNorm1d(3, track_running_stats=False),
+                            (32, 3)),
+    "layer_norm": (lambda: torch.nn.LayerNorm(16), (8, 4, 16)),
+}
+
+
+@pytest.mark.parametrize("norm, mean", [
+    pytest.param(n, m, marks=BN_KNOWN_BUG) if (n, m) == ("batch_norm_2d", 100.0) else (n, m)
+    for n in sorted(TRAINED_NORMS) for m in (0.0, 100.0)])
+def test_norm_gradients_and_running_stats_like_eager(xla, norm, mean):
+    """Forward, the decomposed backward (input, weight and bias gradients), the running
+    statistics, and then eval mode on those statistics, against eager."""
+    make, shape = TRAINED_NORMS[norm]
+    g = torch.Generator().manual_seed(0)
+    module = make()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(0.5, 1.5, generator=g)
+    module_xla = copy.deepcopy(module).to(xla)
+    x = torch.randn(shape, generator=g) * 0.1 + mean
+    w = torch.randn(shape, generator=g)
+
+    def step(m, t, w):
+        out = m(t)
+        (out * w).sum().backward()
+        return out.detach()
+
+    x_cpu, x_xla = x.clone().requires_grad_(), x.to(xla).requires_grad_()
+    want = step(module, x_cpu, w)
+    got = torch.compile(step, backend="syncfree_xla")(module_xla, x_xla, w.to(xla))
+    # float32 resolves 100 + 0.1 * z to ~1e-4 of the spread: compare at that scale
+    tol = dict(rtol=2e-3, atol=2e-3) if mean else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.cpu(), want, **tol)
+    torch.testing.assert_close(x_xla.grad.cpu(), x_cpu.grad, **tol)
+    for (name, p), p_xla in zip(module.named_parameters(), module_xla.parameters()):
+        torch.testing.assert_close(p_xla.grad.cpu(), p.grad, **tol, msg=name)
+    for (name, b), b_xla in zip(module.named_buffers(), module_xla.buffers()):
+        torch.testing.assert_close(b_xla.cpu(), b, **tol, msg=name)
+    module.eval()
+    module_xla.eval()
+    with torch.no_grad():
+        want = module(x)
+        got = torch.compile(lambda m, t: m(t), backend="syncfree_xla")(module_xla, x.to(xla))
+    torch.testing.assert_close(got.cpu(), want, **tol)

@@ -1,0 +1,286 @@
+"""Sync-free optimizer steps: whole compiled steps that never wait on the device.
+
+After 3 warm-up steps, each step must cause no device-to-host transfer and no XLA
+compile (torch_xla's own counters), and 20 steps must match eager PyTorch on the CPU.
+
+Loop A: backward, clip_grad_norm_, optimizer step with a float lr that an LR
+scheduler changes every step (inside the compiled step or outside it).
+Loop B: ``torch.amp.GradScaler`` with a non-finite gradient at chosen steps, for every
+optimizer as a user creates it (no ``capturable=True``).
+Loop C: a warm-up factor read from a tensor step counter with ``.item()`` / ``float()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch_xla
+
+from tests.xla_helpers import MetricWindow, assert_same_state, settle, twin
+from xla_backend import counters
+from xla_backend.dynamo import scope as dynamo_scope
+from xla_backend.tools import workloads
+
+# Autograd's engine sizes its per-device queues at the first backward of the process;
+# the XLA device must exist by then, and CPU-only tests may run a backward first.
+torch_xla.device()
+
+STEPS = 20
+WARMUP = 3
+RTOL = 1e-4
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, amsgrad=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+}
+
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]] = {
+    "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1.0 + 0.1 * s)),
+    "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=STEPS),
+    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=STEPS),
+}
+
+# (optimizer, scheduler, scheduler.step() inside the compiled step)
+LOOP_A = [
+    *[(name, "lambda", True) for name in OPTIMIZERS],
+    ("adamw", "cosine", True),
+    ("adamw", "onecycle", True),
+    ("sgd", "cosine", False),
+    ("adamw", "onecycle", False),
+]
+
+
+def _frames_compiled() -> int:
+    """Graphs Dynamo handed to the backend: a retrace or recompile adds one."""
+    return int(counters.counter(counters.GRAPHS_RECEIVED))
+
+
+def _run(xla: torch.device, opt_name: str, step_fn: Callable, compiled_args: Callable,
+         eager_args: Callable, after_step: Callable[[int], None] | None = None
+         ) -> tuple[torch.nn.Module, torch.nn.Module, list, list, MetricWindow, int]:
+    """Trains the compiled and the eager step side by side; counts the steps after warm-up."""
+    work = workloads.get_workload("mlp")
+    model, reference = twin(work.build_model(), xla)
+    opt, ref_opt = OPTIMIZERS[opt_name](model.parameters()), OPTIMIZERS[opt_name](
+        reference.parameters())
+    state = compiled_args(model, opt), eager_args(reference, ref_opt)
+    compiled = torch.compile(step_fn, backend="syncfree_xla")
+    got, want = [], []
+
+    def one(i: int) -> None:
+        got.append(compiled(model, opt, *work.make_batch(i, xla), **state[0]()))
+        want.append(step_fn(reference, ref_opt, *work.make_batch(i), **state[1]()))
+        if after_step is not None:
+            after_step(i)
+
+    window, frames = _warm_then_measure(one)
+    return model, reference, [g.cpu() for g in got], want, window, frames
+
+
+def _warm_then_measure(one) -> tuple[MetricWindow, int]:
+    """Runs WARMUP steps, then the rest under a metric window; also counts new frames."""
+    for i in range(WARMUP):
+        one(i)
+    frames = _frames_compiled()
+    with MetricWindow() as window:
+        for i in range(WARMUP, STEPS):
+            one(i)
+    frames = _frames_compiled() - frames
+    settle()
+    return window, frames
+
+
+def _check(model, reference, got, want, window: MetricWindow, frames: int) -> None:
+    assert window.counts.transfers_to_host == 0, window.counts
+    assert window.counts.compiles == 0, window.counts
+    assert frames == 0, f"Dynamo traced {frames} more graphs after warm-up"
+    assert window.counts.executions > 0
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=RTOL, atol=RTOL * 0.1)
+    assert_same_state(model, reference, rtol=RTOL)
+
+
+@pytest.mark.parametrize(("opt_name", "sched_name", "inside"), LOOP_A,
+                         ids=[f"{o}-{s}-{'in' if i else 'out'}" for o, s, i in LOOP_A])
+def test_loop_a_scheduled_lr(xla, opt_name, sched_name, inside):
+    scheds: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
+
+    def args_for(key: str) -> Callable:
+        def make(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[], dict]:
+            scheds[key] = SCHEDULERS[sched_name](opt)
+            return lambda: {"scheduler": scheds[key]} if inside else {}
+        return make
+
+    def step_outside(i: int) -> None:
+        if not inside:
+            scheds["compiled"].step()
+            scheds["eager"].step()
+
+    model, reference, got, want, window, frames = _run(
+        xla, opt_name, workloads.train_step_clip, args_for("compiled"), args_for("eager"),
+        step_outside)
+    _check(model, reference, got, want, window, frames)
+    lrs = [s.optimizer.param_groups[0]["lr"] for s in (scheds["compiled"], scheds["eager"])]
+    assert lrs[0] == pytest.approx(lrs[1], rel=1e-12)
+    assert scheds["compiled"].last_epoch == scheds["eager"].last_epoch == STEPS
+
+
+def train_step_warmup_item(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                           x: torch.Tensor, y: torch.Tensor, step: torch.Tensor,
+                           warmup: int = 10) -> torch.Tensor:
+    """Loop C: lr warm-up from a tensor step counter read with ``.item()``."""
+    lr_scale = min(1.0, (step.item() + 1) / warmup)
+    loss = workloads.cross_entropy(model(x), y)
+    value = loss.detach()
+    (loss * lr_scale).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    step.add_(1)
+    return value
+
+
+def train_step_warmup_float(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                            x: torch.Tensor, y: torch.Tensor, step: torch.Tensor,
+                            warmup: int = 10) -> torch.Tensor:
+    """Loop C with ``float(step)``, a max() and a power, scaling the loss."""
+    lr_scale = max(0.1, min(1.0, ((float(step) + 1) / warmup) ** 2))
+    loss = workloads.cross_entropy(model(x), y)
+    value = loss.detach()
+    (lr_scale * loss).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    step.add_(1)
+    return value
+
+
+LOOP_C = [(train_step_warmup_item, "adamw"), (train_step_warmup_float, "sgd")]
+
+
+@pytest.mark.parametrize(("step_fn", "opt_name"), LOOP_C, ids=["item-adamw", "float-sgd"])
+def test_loop_c_warmup_from_step_counter(xla, step_fn, opt_name):
+    counter = {"compiled": torch.zeros((), dtype=torch.int64, device=xla),
+               "eager": torch.zeros((), dtype=torch.int64)}
+    model, reference, got, want, window, frames = _run(
+        xla, opt_name, step_fn,
+        lambda m, o: (lambda: {"step": counter["compiled"]}),
+        lambda m, o: (lambda: {"step": counter["eager"]}))
+    _check(model, reference, got, want, window, frames)
+    assert int(counter["compiled"].cpu()) == int(counter["eager"]) == STEPS
+
+
+# Loop B: GradScaler. The steps in BAD_STEPS see a non-finite input (inf, then NaN), so
+# their gradients are non-finite: both runs must skip exactly those optimizer steps and
+# back off; after GROWTH_INTERVAL good steps in a row both double the scale.
+BAD_STEPS = {5: float("inf"), 11: float("nan")}
+GROWTH_INTERVAL = 3
+# Created as a user would, with no capturable=True: Adam-style step counters start on
+# the host and the backend moves them (xla_backend/step_counters.py).
+LOOP_B_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda p, device: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
+                                             weight_decay=1e-2),
+    "adam": lambda p, device: torch.optim.Adam(p, lr=1e-3),
+    "adamw-amsgrad": lambda p, device: torch.optim.AdamW(p, lr=1e-3, amsgrad=True),
+    "rmsprop": lambda p, device: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5),
+    "adagrad": lambda p, device: torch.optim.Adagrad(p, lr=1e-2),
+    # the user's own capturable=True on the device; eager CPU runs it non-capturable
+    "adamw-capturable": lambda p, device: torch.optim.AdamW(
+        p, lr=1e-3, capturable=torch.device(device).type == "xla"),
+}
+
+
+def _amp_batch(work: workloads.Workload, i: int, device: torch.device | str):
+    x, y = work.make_batch(i)
+    if i in BAD_STEPS:
+        x[0, 0] = BAD_STEPS[i]
+    return x.to(device), y.to(device)
+
+
+def _check_state_dict_loads_eagerly(opt: torch.optim.Optimizer, ref_opt: torch.optim.Optimizer,
+                                    make: Callable, flags: list, reference: torch.nn.Module
+                                    ) -> None:
+    """The compiled run's state dict is what eager torch saves, and loads into an eager one."""
+    saved = opt.state_dict()
+    assert [g.get("capturable") for g in saved["param_groups"]] == flags
+    want = ref_opt.state_dict()["state"]
+    for index, state in saved["state"].items():
+        if "step" in state:
+            # on the host as torch keeps it, unless the user asked for capturable
+            assert state["step"].device.type == ("xla" if any(flags) else "cpu")
+            assert float(state["step"].cpu()) == float(want[index]["step"])
+    # the live counters stay on the device: saving copies them, never moves them
+    assert all(s["step"].device.type == "xla" for s in opt.state.values() if "step" in s)
+    if any(flags):
+        return  # a capturable group cannot run on the CPU, by torch's own rule
+    params = [torch.nn.Parameter(p.detach().clone()) for p in reference.parameters()]
+    fresh = make(params, "cpu")
+    fresh.load_state_dict(saved)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    fresh.step()  # runs eagerly on the CPU, step counters included
+
+
+@pytest.mark.parametrize("opt_name", list(LOOP_B_OPTIMIZERS))
+def test_loop_b_grad_scaler_skips_on_device(xla, opt_name):
+    work = workloads.get_workload("mlp")
+    model, reference = twin(work.build_model(), xla)
+    make = LOOP_B_OPTIMIZERS[opt_name]
+    opt, ref_opt = make(model.parameters(), xla), make(reference.parameters(), "cpu")
+    flags = [g.get("capturable") for g in opt.param_groups]
+    scaler = workloads.make_grad_scaler(xla, init_scale=2.0**8, growth_interval=GROWTH_INTERVAL)
+    ref_scaler = workloads.make_grad_scaler("cpu", init_scale=2.0**8,
+                                            growth_interval=GROWTH_INTERVAL)
+    compiled = torch.compile(workloads.train_step_amp, backend="syncfree_xla")
+    got, want, scales = [], [], []
+
+    def one(i: int) -> None:
+        got.append(compiled(model, opt, scaler, *_amp_batch(work, i, xla)))
+        want.append(workloads.train_step_amp(reference, ref_opt, ref_scaler,
+                                             *_amp_batch(work, i, "cpu")))
+        scales.append(ref_scaler.get_scale())
+
+    window, frames = _warm_then_measure(one)
+    assert window.counts.transfers_to_host == 0, window.counts
+    assert window.counts.compiles == 0, window.counts
+    assert frames == 0, f"Dynamo traced {frames} more graphs after warm-up"
+    # the reference backs off at each bad step and grows within the measured steps
+    for i in BAD_STEPS:
+        assert scales[i] == scales[i - 1] / 2, f"step {i}: {scales}"
+    assert any(scales[i] == 2 * scales[i - 1] for i in range(WARMUP + 1, STEPS)), scales
+    assert float(scaler.get_scale()) == ref_scaler.get_scale()
+    assert int(scaler._growth_tracker.cpu()) == int(ref_scaler._growth_tracker)
+    finite = [i for i in range(STEPS) if i not in BAD_STEPS]
+    assert all(not torch.isfinite(got[i].cpu()) for i in BAD_STEPS)
+    got_finite = torch.stack([got[i].cpu() for i in finite])
+    torch.testing.assert_close(got_finite, torch.stack([want[i] for i in finite]),
+                               rtol=RTOL, atol=RTOL * 0.1)
+    assert_same_state(model, reference, rtol=RTOL)
+    _check_state_dict_loads_eagerly(opt, ref_opt, make, flags, reference)
+
+
+@torch._dynamo.disable
+def _record_settings(into: list) -> None:
+    into.append({k: getattr(torch._dynamo.config, k) for k in dynamo_scope.DYNAMO_SETTINGS})
+
+
+def _graph_break_step(x: torch.Tensor, into: list) -> torch.Tensor:
+    y = x * 2
+    _record_settings(into)
+    return y + 1
+
+
+def test_dynamo_settings_are_scoped_to_syncfree_xla(xla):
+    """torch_xla's global flip stays in force for everyone else, before, during and after."""
+    outside = {k: getattr(torch._dynamo.config, k) for k in dynamo_scope.DYNAMO_SETTINGS}
+    assert outside["specialize_float"] is True, "torch_xla sets this at import"
+    seen: list[dict] = []
+    x = torch.ones(3, device=xla)
+    torch.compile(_graph_break_step, backend="syncfree_xla")(x, seen)
+    torch.compile(_graph_break_step, backend="openxla")(x, seen)
+    torch.compile(_graph_break_step, backend="eager")(x, seen)
+    _graph_break_step(x, seen)
+    assert seen == [dynamo_scope.DYNAMO_SETTINGS, outside, outside, outside]
+    assert {k: getattr(torch._dynamo.config, k) for k in dynamo_scope.DYNAMO_SETTINGS} == outside

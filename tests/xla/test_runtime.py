@@ -1,0 +1,126 @@
+"""The runtime under concurrency: threads, background compiles, interrupts."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import traceback
+
+import pytest
+import torch
+
+import xla_backend
+from tests.xla_helpers import settle
+from xla_backend import xla_internals, xla_metrics
+
+
+def _mlp(x, w1, w2):
+    return torch.tanh(x @ w1) @ w2
+
+
+def test_one_compiled_function_called_from_four_threads(xla):
+    f = torch.compile(_mlp, backend="syncfree_xla")
+    w1, w2 = torch.randn(16, 32), torch.randn(32, 4)
+    inputs = [torch.randn(8, 16) for _ in range(4)]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    f(inputs[0].to(xla), w1.to(xla), w2.to(xla))  # Dynamo's first compile happens once
+
+    def worker(k: int) -> None:
+        try:
+            for _ in range(5):
+                out = f(inputs[k].to(xla), w1.to(xla), w2.to(xla))
+            results[k] = out.cpu()
+        except BaseException as exc:  # reported below, with its traceback
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for k in range(4):
+        torch.testing.assert_close(results[k], _mlp(inputs[k], w1, w2), rtol=1e-5, atol=1e-5)
+
+
+def test_same_computation_from_two_threads_compiles_once(xla):
+    def g(x):
+        return (x.sin() * 3).cumsum(0)
+
+    x = torch.randn(64, device=xla)
+    settle()
+    before = xla_metrics.compiles()
+    outs: list[torch.Tensor] = []
+    threads = [threading.Thread(target=lambda: outs.append(
+        torch.compile(g, backend="syncfree_xla", options={"cache": False})(x).cpu()))
+        for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    settle()
+    assert len(outs) == 2
+    assert xla_metrics.compiles() - before == 1
+    torch.testing.assert_close(outs[0], g(x.cpu()))
+
+
+def _failing_compile(tensors):
+    raise RuntimeError("injected compile failure")
+
+
+def test_background_compile_error_reaches_the_caller_with_its_traceback(xla, monkeypatch):
+    monkeypatch.setattr(xla_internals, "compile", _failing_compile)
+    f = torch.compile(lambda x: x.exp() + 7, backend="syncfree_xla", options={"cache": False})
+    with pytest.raises(Exception, match="injected compile failure") as info:
+        f(torch.randn(5, device=xla))
+    frames = "".join(traceback.format_exception(info.value))
+    assert "_failing_compile" in frames, "the worker's frame is in the traceback"
+    assert xla_backend.stats().get("compile_seconds", 0) == 0
+
+
+INTERRUPTED_LOOP = textwrap.dedent("""
+    import sys, torch, torch_xla
+    from xla_backend.tools import workloads
+    device = torch_xla.device()
+    work = workloads.get_workload("mlp")
+    model = work.build_model().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    step = torch.compile(workloads.train_step, backend="syncfree_xla")
+    i = 0
+    while True:
+        step(model, opt, *work.make_batch(i % 4, device))
+        i += 1
+        if i == 5:
+            print("training", flush=True)
+""")
+
+
+def test_ctrl_c_stops_a_training_loop_promptly():
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_LOOP], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "training"
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert time.monotonic() - started < 10
+    assert "KeyboardInterrupt" in err
+
+
+def test_stats_report_waiting_and_how_far_the_host_ran_ahead(xla):
+    f = torch.compile(lambda x: torch.tanh(x @ x) @ x, backend="syncfree_xla")
+    x = torch.randn(256, 256, device=xla)
+    for _ in range(10):
+        x = f(x) / 256
+    settle()
+    s = xla_backend.stats()
+    assert s["compile_seconds"] > 0
+    assert s["dispatch_wait_seconds"] >= 0
+    assert s["queue_depth_max"] >= 1, "ten asynchronous calls left at least one in flight"

@@ -1,0 +1,278 @@
+"""What Dynamo decides before our backend sees a graph, for our frames only.
+
+Why this exists: what Dynamo decides before a backend ever sees a graph is the
+backend's problem too. ``import torch_xla`` flips two process-wide Dynamo settings
+(``torch_xla/__init__.py``): ``specialize_float=True`` and
+``automatic_dynamic_shapes=False``. With them a learning rate that a scheduler changes
+every step is a guarded constant, so every step recompiles (and after
+``recompile_limit`` the step silently runs eagerly). And with PyTorch's default
+``capture_scalar_outputs=False`` every ``.item()`` is a graph break plus a host sync.
+
+While a function compiled by ``syncfree_xla`` runs, this module puts in force:
+
+* ``specialize_float=False`` and ``automatic_dynamic_shapes=True`` (PyTorch's own
+  defaults): a float that changes between calls (``param_groups[i]["lr"]``) becomes a
+  0-d float64 graph *input* after one recompile, instead of a constant;
+* ``enable_cpp_symbolic_shape_guards=False``: see :data:`DYNAMO_SETTINGS`;
+* ``capture_scalar_outputs=True``: ``.item()`` / ``float(t)`` stay in the graph as
+  symbolic scalars, which ``passes.tensorify_scalar_reads`` turns into 0-d tensor math;
+* a branch-free ``GradScaler._maybe_opt_step`` (``grad_scaler.masked_maybe_opt_step``): the
+  stock one reads ``found_inf`` on the host to decide whether to step;
+* under ``torch.compile(dynamic=True)`` only, PyTorch's reference layer and group norm
+  as their ``AutogradXLA`` kernels (:func:`_norms_for_symbolic_sizes`).
+
+How: Dynamo enters ``backend.backend_ctx_ctor()`` (when the backend has one) around
+every call of the compiled function, resume frames after graph breaks included, which
+is exactly where frames are traced and where GradScaler runs. ``torch.compile`` however
+wraps the backend in ``_TorchCompileWrapper`` and then in ``WrapBackendDebug``, and
+neither forwards the attribute, so the hook is lost. :func:`install` gives
+``WrapBackendDebug`` a ``__getattr__`` that forwards *only* ``backend_ctx_ctor``, and
+only for backends :func:`install` marked (ours). For every other backend lookup fails
+with ``AttributeError`` exactly as before and Dynamo uses its null context, so their
+settings and behaviour are untouched. The forwarded hook honours the options
+``torch.compile`` passes the backend, read once per ``torch.compile`` call: with
+``options={"syncfree_passes": False}`` (or ``SYNCFREE_XLA_SYNCFREE_PASSES=0`` set
+before that call) none of this is in force.
+
+Limits (said out loud):
+
+* ``torch._dynamo.config`` and the ``GradScaler`` class are process-wide. While one of
+  our compiled functions runs (and only then) the settings and the masked step are in
+  effect for the whole process: another ``torch.compile``'d function called from inside
+  our step (nested compile), or one traced on another thread at the same moment, sees
+  them too. Anything not overlapping our calls sees the unpatched state.
+* ``automatic_dynamic_shapes=True`` is narrowed to Python scalars
+  (:func:`_static_tensor_shapes`): a tensor whose shape changes between calls is
+  retraced with the new static shape, as torch_xla's own setting does. XLA compiles one
+  executable per concrete shape either way, and torch_xla's autograd kernels
+  (``native_layer_norm``) cannot run on symbolic sizes. ``torch.compile(dynamic=True)``
+  still traces symbolic sizes; each concrete size then gets its own XLA executable.
+* ``torch._dynamo.optimize(syncfree_xla)`` honours the hook without the forwarder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch._dynamo
+from torch._dynamo.repro.after_dynamo import WrapBackendDebug
+from torch.optim import _adafactor as torch_adafactor
+
+from .. import options as options_mod
+from . import grad_scaler, step_counters
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DYNAMO_SETTINGS", "backend_ctx", "install", "installed"]
+
+#: The Dynamo settings our frames are traced with (see the module docstring).
+DYNAMO_SETTINGS: dict[str, Any] = {
+    "capture_scalar_outputs": True,
+    "specialize_float": False,
+    "automatic_dynamic_shapes": True,
+    # A float lr made a graph input brings a symbolic-shape guard; Dynamo would build
+    # it as a C++ extension with the system compiler, 10-14 s in every fresh process
+    # on two cores. Its Python form costs microseconds per call.
+    "enable_cpp_symbolic_shape_guards": False,
+}
+
+_FORWARDED = "backend_ctx_ctor"
+_MARK = "__syncfree_xla_scoped__"
+
+
+def _enabled(options: Mapping[str, Any] | None) -> bool:
+    try:
+        return options_mod.resolve(options).syncfree_passes
+    except ValueError:
+        return True  # the backend itself reports bad options, with a clear message
+
+
+_scope_lock = threading.Lock()
+_scope_depth = 0
+_scope_stack: contextlib.ExitStack | None = None
+
+
+@contextlib.contextmanager
+def _scope() -> Iterator[None]:
+    """Puts the settings in force while at least one of our calls runs, on any thread.
+
+    Counted rather than nested: two threads entering and leaving in interleaved order
+    would otherwise each restore what the other had set, and leave the patched values
+    in force for every backend after both returned.
+    """
+    global _scope_depth, _scope_stack
+    with _scope_lock:
+        if _scope_depth == 0:
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch._dynamo.config.patch(**DYNAMO_SETTINGS))
+            stack.enter_context(_static_tensor_shapes())
+            if not torch._dynamo.config.assume_static_by_default:  # dynamic=True
+                stack.enter_context(_norms_for_symbolic_sizes())
+            stack.enter_context(grad_scaler.masked_step())
+            stack.enter_context(step_counters.counters_on_device_when_traced())
+            stack.enter_context(_adafactor_groups_by_dtype())
+            _scope_stack = stack
+        _scope_depth += 1
+    try:
+        yield
+    finally:
+        with _scope_lock:
+            _scope_depth -= 1
+            if _scope_depth == 0 and _scope_stack is not None:
+                _scope_stack.close()
+                _scope_stack = None
+
+
+@contextlib.contextmanager
+def _static_tensor_shapes() -> Iterator[None]:
+    """Automatic dynamism for Python scalars only; tensor shapes stay static.
+
+    Dynamo's ``automatic_dynamic_shapes`` covers both: a float learning rate needs it
+    (else it is a guarded constant), tensor sizes must not have it (see the module
+    docstring). Dynamo asks ``process_automatic_dynamic`` once per scalar and per tensor
+    it wraps; a tensor's entry is answered with its own static sizes, unmerged.
+    """
+    from torch._dynamo.pgo import auto_dynamic
+    from torch._dynamo.variables import builder
+
+    stock = builder.process_automatic_dynamic
+
+    def scalars_only(tx: Any, name: str, entry: Any, **kwargs: Any) -> Any:
+        if entry.size is auto_dynamic:  # a Python int or float
+            return stock(tx, name, entry, **kwargs)
+        return entry
+
+    builder.process_automatic_dynamic = scalars_only
+    try:
+        yield
+    finally:
+        builder.process_automatic_dynamic = stock
+
+
+#: torch_xla's own autograd kernels that ask for concrete sizes (``numel()``), so that
+#: Dynamo cannot trace them with symbolic ones; PyTorch's reference implementations of
+#: the same ops can be traced either way and differentiate through plain aten ops.
+_SYMBOLIC_SIZE_REFS = ("native_layer_norm", "native_group_norm")
+
+
+@contextlib.contextmanager
+def _norms_for_symbolic_sizes() -> Iterator[None]:
+    """Layer and group norm traceable under ``torch.compile(dynamic=True)``.
+
+    While in force, the ``AutogradXLA`` kernels of :data:`_SYMBOLIC_SIZE_REFS` are the
+    ``torch._refs`` ones; leaving removes them, and torch_xla's come back.
+    """
+    import torch._refs
+
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            for name in _SYMBOLIC_SIZE_REFS:
+                lib.impl(name, getattr(torch._refs, name), "AutogradXLA")
+        yield
+    finally:
+        lib._destroy()
+
+
+def _adafactor_groups(tensorlists: list[list[Any]]) -> dict[tuple[Any, Any, bool], list[list[Any]]]:
+    """Adafactor's foreach grouping by device, dtype and dimensionality, also when traced.
+
+    torch 2.9 groups tensors under ``torch.compile`` as if of one unknown dtype
+    (``Optimizer._group_tensors_by_device_and_dtype`` returns ``(None, None)`` while
+    compiling), and then ``_multi_tensor_adafactor`` cannot derive its default ``eps1``
+    from the dtype: ``foreach=True`` fails to trace with any backend. The grads' devices
+    and dtypes are static facts to Dynamo, so the grouping can be done in full.
+    """
+    if not torch.compiler.is_compiling():
+        return _STOCK_ADAFACTOR_GROUPS(tensorlists)
+    grouped: dict[tuple[Any, Any, bool], list[list[Any]]] = {}
+    for j, grad in enumerate(tensorlists[1]):  # as torch's: grads are the second list
+        key = (grad.device, grad.dtype, grad.dim() > 1)
+        if key not in grouped:
+            grouped[key] = [[] for _ in tensorlists]
+        for lists, tensors in zip(grouped[key], tensorlists):
+            lists.append(tensors[j])
+    return grouped
+
+
+_STOCK_ADAFACTOR_GROUPS = torch_adafactor._group_tensors_by_device_dtype_and_is_multidim
+
+
+@contextlib.contextmanager
+def _adafactor_groups_by_dtype() -> Iterator[None]:
+    """Swaps in :func:`_adafactor_groups` for the duration (read by Dynamo as it traces)."""
+    torch_adafactor._group_tensors_by_device_dtype_and_is_multidim = _adafactor_groups
+    try:
+        yield
+    finally:
+        torch_adafactor._group_tensors_by_device_dtype_and_is_multidim = _STOCK_ADAFACTOR_GROUPS
+
+
+def backend_ctx(options: Mapping[str, Any] | None = None,
+                **_compile_kwargs: Any) -> contextlib.AbstractContextManager[Any]:
+    """The context Dynamo enters around each call of a function compiled by us.
+
+    Takes the keyword arguments ``torch.compile`` passes to the backend, so that
+    ``options={"syncfree_passes": False}`` (or ``SYNCFREE_XLA_SYNCFREE_PASSES=0``)
+    keeps stock Dynamo behaviour too: captured scalars without the passes that
+    rewrite them would crash AOTAutograd instead of merely syncing.
+    """
+    return _scope() if _enabled(options) else contextlib.nullcontext()
+
+
+def _forward_backend_ctx_ctor(self: Any, name: str) -> Any:
+    """``WrapBackendDebug.__getattr__``: runs only when normal lookup failed.
+
+    Forwards ``backend_ctx_ctor`` only from a backend :func:`install` marked, found as
+    the ``compiler_fn`` of ``torch.compile``'s ``_TorchCompileWrapper`` or as the wrapped
+    function itself. The options torch.compile passes the backend are resolved here,
+    once per ``torch.compile`` call, not at every step (that costs ~20 us). Any other
+    name, or any other backend, raises ``AttributeError`` as before.
+    """
+    if name == _FORWARDED:
+        inner = self.__dict__.get("_torchdynamo_orig_backend")
+        compiler_fn = getattr(inner, "compiler_fn", None)
+        if getattr(compiler_fn, _MARK, False):
+            kwargs = getattr(inner, "kwargs", None) or {}
+            return _scope if _enabled(kwargs.get("options")) else contextlib.nullcontext
+        if getattr(inner, _MARK, False):
+            return inner.backend_ctx_ctor
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+setattr(_forward_backend_ctx_ctor, _MARK, True)
+
+
+def installed() -> bool:
+    """Whether ``WrapBackendDebug`` forwards ``backend_ctx_ctor`` for marked backends."""
+    hook = WrapBackendDebug.__dict__.get("__getattr__")
+    return hook is not None and getattr(hook, _MARK, False)
+
+
+def install(backend: Callable[..., Any]) -> None:
+    """Makes ``torch.compile(..., backend=backend)`` run under this module's scope.
+
+    Idempotent. Sets ``backend.backend_ctx_ctor`` to :func:`backend_ctx` and marks
+    ``backend`` as one whose hook is forwarded. If some other code already gave
+    ``WrapBackendDebug`` a ``__getattr__``, that one is left alone (never replace
+    someone else's hook) and a warning says the settings will not be scoped.
+    """
+    backend.backend_ctx_ctor = backend_ctx  # type: ignore[attr-defined]
+    setattr(backend, _MARK, True)
+    if installed():
+        return
+    if "__getattr__" in WrapBackendDebug.__dict__:
+        log.warning(
+            "syncfree_xla: WrapBackendDebug already has a __getattr__ of someone else's; "
+            "not replacing it, so torch.compile may ignore this backend's Dynamo settings "
+            "(float learning rates may then recompile every step)"
+        )
+        return
+    WrapBackendDebug.__getattr__ = _forward_backend_ctx_ctor  # type: ignore[attr-defined]
+    log.debug("syncfree_xla: WrapBackendDebug now forwards %s", _FORWARDED)

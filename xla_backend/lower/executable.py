@@ -1,0 +1,129 @@
+"""The data model lowering and the graph cache share: what an executable feeds and returns.
+
+Lowering builds an :class:`Executable` from a trace, the cache rebuilds one from a stored
+entry; both run the graph's HLO through :func:`run_hlo`, so neither needs the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from passes.dynamo_graph import SYM_TYPES
+
+from .. import sharding, xla_internals
+
+# Tracing enters torch_xla's global lazy-tensor state (RNG seed, device data cache);
+# one trace at a time keeps traces from seeing each other's pending IR.
+trace_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Value:
+    """An output known when the graph was traced (a constant, a host value)."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Computed:
+    """An output the computation computes: its ``index`` among the computation's results."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Input:
+    """An output that is one of the device inputs, passed through (or a clone of it)."""
+
+    position: int
+    copy: bool = False  # a clone of the input: the caller must get a tensor of its own
+
+
+@dataclass
+class Executable:
+    """One compiled computation: which buffers to feed it and where results go."""
+
+    graph_hash: Any
+    params: list[tuple[str, Any]]  # ("input", device-input position) or ("const", tensor)
+    output_values: list[Any]  # per device output: Computed, Value or Input
+    ready: Future | None = None  # the compile; None when there is nothing to compile
+    op_by_op: bool = False  # torch_xla fell back to the CPU while tracing: run eagerly
+    # per computed output, the dtype the traced tensor had; a few torch_xla lowerings
+    # (cummax's indices) emit a narrower one in the HLO, which replay would hand out
+    dtypes: tuple[torch.dtype, ...] = ()
+    # (output index, dtype) for each replayed output to cast back; found on the first run
+    casts: list[tuple[int, torch.dtype]] | None = None
+
+
+@contextlib.contextmanager
+def constants_as_buffers(special_scalars: bool = False) -> Iterator[None]:
+    """While in force, each constant a trace creates is a device buffer of its own.
+
+    torch_xla's device-data cache would hand traces one shared buffer per scalar value,
+    and with ``special_scalars`` also off a 0-d 0 or 1 is not inlined as an IR literal.
+    Both are process-wide torch_xla settings: saved, set, and given back on the way out.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(xla_internals.device_data_cache(False))
+        if special_scalars:
+            stack.enter_context(xla_internals.special_scalars(False))
+        yield
+
+
+def any_symbolic(values: Sequence[Any]) -> bool:
+    """Whether Dynamo left a size or scalar symbolic: no stand-in can be made for it."""
+    return any(isinstance(v, SYM_TYPES) for v in values)
+
+
+def placeholder_tensor(example: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device buffer that traces as a computation parameter, sharded as ``example`` is.
+
+    torch_xla inlines 0-d tensors holding 0 or 1 as literals ("special scalars"),
+    which would bake a stand-in's value into the computation; 2 never is. Under SPMD
+    the stand-in carries the example's sharding, so the computation is partitioned for
+    the buffers it will be fed.
+    """
+    fill = False if example.dtype == torch.bool else 2
+    standin = torch.full(tuple(example.shape), fill, dtype=example.dtype).to(device)
+    sharding.copy_sharding(example, standin)
+    return standin
+
+
+def run_hlo(hlo: bytes, operands: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """``hlo`` applied to ``operands`` as one lazy-IR node, ready to compile and replay.
+
+    Returns the node's results and, per parameter of the compiled computation, the index
+    of the operand it takes. Why not compile the traced IR itself: torch_xla hashes a
+    graph by its ops and shapes, not by which input feeds which op (pytorch/xla#8353),
+    so ``x * x + y`` and ``x * y + y`` on inputs of one shape share a hash and the
+    second would replay the first's executable: a silently wrong result. A user
+    computation's hash covers the HLO module, whose parameters say exactly that.
+    """
+    name = "syncfree_graph_" + hashlib.sha256(hlo).hexdigest()[:32]
+    ids = {xla_internals.tensor_id(t): k for k, t in enumerate(operands)}
+    results = xla_internals.user_computation(name, hlo, operands)
+    param_ids, _ = xla_internals.device_data(results)
+    if not all(pid in ids for pid in param_ids):
+        raise RuntimeError(f"syncfree_xla: computation {name} reads a buffer it was not given")
+    return list(results), [ids[pid] for pid in param_ids]
+
+
+__all__ = [
+    "Computed",
+    "Executable",
+    "Input",
+    "Value",
+    "any_symbolic",
+    "constants_as_buffers",
+    "placeholder_tensor",
+    "run_hlo",
+    "trace_lock",
+]

@@ -1,0 +1,307 @@
+"""Runs an aten FX graph as one compiled XLA computation: the replay hot path.
+
+The first call for an input signature asks the graph cache for the graph's HLO, else
+traces it (``lower.trace``) and stores the trace; the XLA compile then runs on the
+compile pool, so the forward and backward handed over together compile side by side.
+Each later call hands the real device buffers straight to the compiled executable
+(``_run_cached_graph``): no Python tracing, no IR, no sync.
+
+Mutated inputs are returned as extra outputs and the caller's tensors are rebound to
+the new device buffers, so the next computation reads them without an extra execution.
+CPU-side pieces (optimizer step counters) run eagerly on the host; see ``lower.split``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+import torch_xla
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from .. import counters, sharding, xla_internals
+from ..cache import graph_cache
+from ..errors import DeviceMismatchError
+from ..lower.executable import Computed, Executable, Input, any_symbolic, trace_lock
+from ..lower.split import OutputSlot, SplitGraph, split
+from ..lower.trace import OpsFellBackInTrace, trace
+from ..options import Options, resolve
+from . import compile_pool
+
+log = logging.getLogger(__name__)
+
+
+def _signature(args: Sequence[Any], positions: Sequence[int], spmd: bool = False) -> tuple:
+    """What selects an executable: shapes and dtypes, and under SPMD each input's sharding.
+
+    A compiled SPMD executable takes its parameters in the sharding it was compiled for
+    and does not reshard them, so a resharded input must get an executable of its own.
+    """
+    sig = []
+    for i in positions:
+        a = args[i]
+        if isinstance(a, torch.Tensor):
+            sig.append((tuple(a.shape), a.dtype))
+        else:
+            sig.append(a)
+    if spmd:
+        sig.append(tuple(sharding.spec_of(args[i]) for i in positions))
+    return tuple(sig)
+
+
+def trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
+                      device: torch.device, options: Options | None = None,
+                      pinned: dict[int, int] | None = None) -> Executable:
+    """A stored entry for this graph and inputs, else a trace that is stored; then a compile.
+
+    A hit skips tracing and HLO lowering; on CPU the XLA compile itself still runs. The
+    compile runs on the runtime's pool and ``exe.ready`` says when it is done.
+    """
+    options = options if options is not None else resolve(None)
+    found = graph_cache.lookup(device_gm, inputs, device, options, pinned)
+    if found.executable is not None:
+        exe, to_compile = found.executable, found.to_compile
+    else:
+        traced = trace(device_gm, inputs, device, pinned)
+        exe, to_compile = traced.executable, traced.to_compile
+        found.store(traced)
+    if to_compile and exe.ready is None:
+        exe.ready = compile_pool.compile_once(
+            _hash_key(exe.graph_hash), lambda: _compile_and_release(to_compile),
+            options.resolved_compile_threads())
+    return exe
+
+
+def _compile_and_release(tensors: list[torch.Tensor]) -> None:
+    """Compiles the traced stand-ins, then lets them go, whether or not it worked.
+
+    Their lazy IR must not outlive the compile: a later sync of all live tensors would
+    run it (and hit a failed compile's error again) and keep the memory held.
+    """
+    try:
+        xla_internals.compile(tensors)
+    finally:
+        tensors.clear()
+
+
+def _hash_key(graph_hash: Any) -> str:
+    return graph_hash.hex() if isinstance(graph_hash, bytes) else str(graph_hash)
+
+
+def _materialize(tensors: list[torch.Tensor], device: torch.device) -> None:
+    """Turns inputs that are still lazy IR (autograd's ones_like seed, user ops) into data.
+
+    A compiled executable can only take device buffers. All pending tensors on the
+    device are materialized together, as a lazy-mode step boundary would: syncing only
+    some of them lets torch_xla donate a buffer that another pending tensor still reads
+    (an eager optimizer's momentum reads the old parameter). This is one asynchronous
+    execution, never a transfer to the host.
+    """
+    if any(xla_internals.needs_materialization(tensors)):
+        counters.incr(counters.INPUT_MATERIALIZATIONS)
+        with trace_lock:  # a trace in progress on another thread must stay lazy IR
+            xla_internals.sync_live_tensors(device)
+
+
+def _to_device_data(feed: list[Any], device: torch.device) -> None:
+    """Moves the host tensors in ``feed`` to the device, in place, as device data.
+
+    ``Tensor.to`` turns a 0-d tensor holding 0 or 1 into a torch_xla "special scalar"
+    (an IR literal), which costs a compile and an execution to materialize on every
+    call; a direct upload is a plain buffer whatever the value.
+    """
+    host = [k for k, t in enumerate(feed) if t.device.type != "xla"]
+    if host:
+        uploaded = xla_internals.upload([feed[k] for k in host], device)
+        for k, t in zip(host, uploaded):
+            feed[k] = t
+
+
+def _passed_through(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    # A lazy clone costs nothing now; it only runs if the caller keeps using it.
+    return t.clone() if copy else t
+
+
+def _check_writable(view: torch.Tensor, position: int, name: str) -> None:
+    """Refuses an in-place update of an expanded input, as eager PyTorch does.
+
+    torch_xla reports every tensor's strides as contiguous, so overlap is found by
+    counting: a view with more elements than its base repeats some of them.
+    """
+    base = view._base
+    if base is not None and view.numel() > base.numel():
+        raise RuntimeError(
+            f"syncfree_xla: input {position} of {name} is updated in place, but it is an "
+            f"expanded view ({tuple(base.shape)} -> {tuple(view.shape)}): more than one element "
+            f"of the written-to tensor refers to a single memory location. Clone it first."
+        )
+
+
+def _write_back(t: torch.Tensor, value: torch.Tensor, is_view: bool) -> None:
+    """Gives an input updated in place its new value.
+
+    A whole tensor is rebound to the computation's output buffer, free of any copy.
+    A view is written through (a lazy ``copy_``), so that its base and sibling views
+    see the update too.
+    """
+    if is_view:
+        with torch.no_grad():
+            t.copy_(value)
+    else:
+        xla_internals.rebind(t, value)
+
+
+class LoweredGraph:
+    """A boxed callable (takes a list of args) that runs an aten graph on XLA."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                 name: str = "graph", options: Options | None = None) -> None:
+        self.name = name
+        self._options = options  # where and whether the graph cache keeps entries
+        self._async_dispatch = (options if options is not None else resolve(None)).async_dispatch
+        self._split: SplitGraph = split(gm)
+        self._device = torch_xla.device()
+        self._executables: dict[tuple, Executable] = {}
+        self._compile_lock = threading.Lock()
+        self._device_arg_positions = [i for kind, i in self._split.device_inputs if kind == "arg"]
+        self._spmd = sharding.spmd_active()
+        # device output -> the device input it updates in place (kept sharded alike)
+        self._pinned = {out: self._split.device_inputs.index(("arg", arg))
+                        for arg, out in self._split.device_mutations.items()
+                        if ("arg", arg) in self._split.device_inputs}
+        self._signature_positions = self._device_arg_positions + [
+            i for kind, i in self._split.device_inputs if kind == "cpu_arg"
+        ] + self._split.scalar_inputs
+        self._prepare(list(example_inputs))
+
+    def _prepare(self, examples: list[Any]) -> None:
+        """Traces for the example inputs now and starts their compile on the pool.
+
+        AOTAutograd hands over the forward and the backward graph together, so both
+        compile side by side while the forward starts running. Examples carrying
+        symbolic sizes are left to the first call, which sees real ones.
+        """
+        if any_symbolic(examples):
+            return
+        host_examples = None
+        if self._split.host is not None:
+            out = next(n for n in self._split.host.graph.nodes if n.op == "output")
+            host_examples = [n.meta.get("val") for n in out.args[0]]
+            if not all(isinstance(v, torch.Tensor) for v in host_examples):
+                return
+        self._executable_for(examples, host_examples)
+
+    def _device_inputs(self, args: Sequence[Any], host_values: Sequence[Any] | None) -> list[Any]:
+        values: list[Any] = []
+        for kind, i in self._split.device_inputs:
+            if kind in ("arg", "cpu_arg", "scalar"):
+                values.append(args[i])
+            else:
+                values.append(host_values[i] if host_values is not None else None)
+        return values
+
+    def _executable_for(self, args: Sequence[Any], host_values: Sequence[Any] | None,
+                        at_call: bool = False) -> Executable:
+        key = _signature(args, self._signature_positions, self._spmd)
+        if host_values is not None:
+            key += tuple((tuple(h.shape), h.dtype) for h in host_values
+                         if isinstance(h, torch.Tensor))
+        exe = self._executables.get(key)
+        if exe is not None:
+            return exe
+        with self._compile_lock:
+            exe = self._executables.get(key)
+            if exe is None:
+                inputs = self._device_inputs(args, host_values)
+                # Dynamo may still have its fake-tensor mode active while it compiles;
+                # stand-ins must be real device buffers.
+                try:
+                    with unset_fake_temporarily():
+                        exe = trace_and_compile(self._split.device, inputs, self._device,
+                                                self._options, self._pinned)
+                except OpsFellBackInTrace as exc:
+                    if not at_call:
+                        raise  # at compile time the caller partitions the graph instead
+                    # a new signature seen only now: never replay a baked-in constant
+                    log.warning("syncfree_xla: %s runs op by op for this input signature: %s",
+                                self.name, str(exc))  # text: see warn_once.WarnOnce
+                    exe = Executable(None, [], [], op_by_op=True)
+                self._executables[key] = exe
+        return exe
+
+    def _check_devices(self, args: Sequence[Any]) -> None:
+        for i in self._device_arg_positions:
+            a = args[i]
+            if not isinstance(a, torch.Tensor) or a.device.type != "xla":
+                where = (f"a {a.device.type} tensor" if isinstance(a, torch.Tensor)
+                         else repr(type(a)))
+                raise DeviceMismatchError(
+                    f"syncfree_xla: input {i} of {self.name} is {where} but the graph was "
+                    f"compiled for the XLA device; move it with .to(torch_xla.device())"
+                )
+
+    def __call__(self, args: list[Any]) -> Any:
+        self._check_devices(args)
+        # inputs updated in place that are views: written through, checked first
+        views = {i for i in self._split.device_mutations if args[i]._is_view()}
+        for arg_index in views:
+            _check_writable(args[arg_index], arg_index, self.name)
+        split_ = self._split
+        host_values = None
+        if split_.host is not None:
+            host_values = split_.host(*[args[i] for i in split_.host_inputs])
+        exe = self._executable_for(args, host_values, at_call=True)
+        dev_inputs = self._device_inputs(args, host_values)
+        computed: list[Any] = []
+        if exe.op_by_op:
+            counters.incr(counters.EAGER_FALLBACKS)
+            with torch.no_grad():
+                computed = list(self._split.device(*dev_inputs))
+            exe = Executable(None, [], [Computed(i) for i in range(len(computed))])
+        elif exe.graph_hash is not None:
+            feed = [dev_inputs[value] if kind == "input" else value
+                    for kind, value in exe.params]
+            _to_device_data(feed, self._device)
+            if exe.ready is not None:
+                compile_pool.wait_compiled(exe.ready)
+            _materialize(feed, self._device)
+            computed = compile_pool.timed_wait(
+                lambda: xla_internals.run_cached(exe.graph_hash, feed))
+            counters.incr(counters.EXECUTIONS)
+            compile_pool.dispatched(computed, self._async_dispatch)
+            if exe.casts is None:
+                exe.casts = [(k, d) for k, (c, d) in enumerate(zip(computed, exe.dtypes))
+                             if c.dtype != d]
+            for k, dtype in exe.casts:
+                computed[k] = computed[k].to(dtype)  # lazy
+        device_results = [
+            computed[v.index] if isinstance(v, Computed)
+            else _passed_through(dev_inputs[v.position], v.copy) if isinstance(v, Input)
+            else v.value
+            for v in exe.output_values
+        ]
+        for arg_index, out_index in split_.device_mutations.items():
+            _write_back(args[arg_index], device_results[out_index], arg_index in views)
+        outs = [self._output(slot, args, host_values, device_results) for slot in split_.outputs]
+        return outs if split_.output_is_sequence else outs[0]
+
+    @staticmethod
+    def _output(slot: OutputSlot, args: Sequence[Any], host_values: Any,
+                device_results: Sequence[Any]) -> Any:
+        if slot.kind == "device":
+            return device_results[slot.index]
+        if slot.kind == "host":
+            return host_values[slot.index]
+        if slot.kind == "input":
+            return args[slot.index]
+        return slot.value
+
+
+def xla_device() -> torch.device:
+    return torch_xla.device()
+
+
+__all__ = ["LoweredGraph", "trace_and_compile", "xla_device"]
