@@ -17,9 +17,9 @@ Typical use (the whole mesh, before any XLA tensor exists)::
     train_step(model, opt, x, y)                    # first step creates the state
     sharding.shard_optimizer_state(opt, mesh)       # FSDP: state split like its param
 
-The lowering half of this module (``spec_of``, ``copy_sharding``, ``signature``)
-is what ``lowering`` and ``compile_cache`` use to keep shardings on stand-ins, in the
-executable signature and in the cache key.
+What the backend's stages need to keep shardings on stand-ins, in the executable
+signature and in the cache key lives in ``xla_backend.spmd``; ``spec_of`` and
+``spmd_active`` are re-exported here for scripts that inspect a layout.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch_xla
 import torch_xla.runtime as xr
 
 from . import xla_internals
+from .spmd import spec_of, spmd_active
 
 if TYPE_CHECKING:
     import torch_xla.distributed.spmd as xs
@@ -41,60 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
-_REPLICATED = "{replicated}"
 
 
 class ShardingError(ValueError):
     """A mesh, batch or model that cannot be sharded as asked; the message says why."""
-
-
-# ---------------------------------------------------------------------------
-# What lowering and the cache need
-
-
-def spmd_active() -> bool:
-    """Whether torch_xla runs in SPMD mode (one program over a mesh of devices)."""
-    return bool(xr.is_spmd())
-
-
-def _is_xla(t: Any) -> bool:
-    return (isinstance(t, torch.Tensor) and t.device.type == "xla"
-            and not isinstance(t, torch._subclasses.FakeTensor))
-
-
-def spec_of(t: Any) -> str:
-    """The tensor's SPMD sharding as torch_xla prints it ("" for none or non-XLA values).
-
-    The text names the device assignment too ("{devices=[4,1]0,1,2,3}"), so a mesh
-    with other devices or another order reads differently.
-    """
-    if not _is_xla(t):
-        return ""
-    spec = xla_internals.sharding_spec(t)
-    # Under SPMD an unannotated tensor is replicated already; results come back marked
-    # as such. One spelling for both keeps them one executable and one cache entry.
-    return "" if spec == _REPLICATED else spec
-
-
-def copy_sharding(source: Any, target: Any) -> None:
-    """Gives ``target`` the sharding of ``source``, if ``source`` has one.
-
-    A device buffer is laid out anew (a stand-in still holds its host copy, so no
-    device-to-host transfer); a pending value gets a sharding annotation in its IR.
-    """
-    if not (_is_xla(source) and _is_xla(target)) or not spec_of(source):
-        return
-    op_sharding = xla_internals.op_sharding(source)
-    if op_sharding is not None and spec_of(target) != spec_of(source):
-        xla_internals.mark_sharding(target, op_sharding)
-
-
-def signature(inputs: Sequence[Any], pinned: dict[int, int] | None = None) -> dict[str, Any]:
-    """The cache-key view of sharding: SPMD on/off, each input's sharding, pinned outputs."""
-    if not spmd_active():
-        return {"spmd": False}
-    return {"spmd": True, "inputs": [spec_of(x) for x in inputs],
-            "pinned": sorted((pinned or {}).items())}
 
 
 # ---------------------------------------------------------------------------
@@ -263,14 +214,12 @@ def shard_optimizer_state(opt: torch.optim.Optimizer, mesh: xs.Mesh,
 __all__ = [
     "DATA_AXIS",
     "ShardingError",
-    "copy_sharding",
     "data_parallel_mesh",
     "enable_spmd",
     "fsdp_partition",
     "shard_batch",
     "shard_model",
     "shard_optimizer_state",
-    "signature",
     "spec_of",
     "spmd_active",
 ]

@@ -74,7 +74,7 @@ def test_bench_rejects_bad_arguments(capsys, argv, expected):
 
 
 def test_bench_plot_without_matplotlib_says_how_to_get_it(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "matplotlib_available", lambda: False)
+    monkeypatch.setattr(bench.plot, "matplotlib_available", lambda: False)
     assert cli.main(["bench", "--plot", str(tmp_path / "c.png")]) == 2
     assert "pip install -e '.[dev]'" in capsys.readouterr().err
 
@@ -160,7 +160,7 @@ def test_a_cell_past_its_timeout_is_killed_and_recorded():
 
 
 def test_bench_command_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "run_cell", _fake_runner)
+    monkeypatch.setattr(bench.runner, "run_cell", _fake_runner)
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     status = cli.main(["bench", "--models", "mlp", "--backends", "eager", "openxla",
                        "syncfree_xla", "--loops", "A", "B", "--steps", "4",
@@ -220,7 +220,7 @@ def test_devices_reach_xla_cells_and_their_process_environment(monkeypatch):
         def poll(self):
             return 0
 
-    monkeypatch.setattr(bench.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(bench.runner.subprocess, "Popen", FakeProcess)
     assert bench.run_cell(specs[1]).ok
     assert seen["env"]["CPU_NUM_DEVICES"] == "4"
 
@@ -234,7 +234,7 @@ def test_cell_json_round_trip():
 
 
 def test_a_run_where_every_cell_failed_exits_1(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "run_cell", lambda spec, timeout_s: bench.CellResult(
+    monkeypatch.setattr(bench.runner, "run_cell", lambda spec, timeout_s: bench.CellResult(
         spec.model, spec.loop, spec.backend, status="failed", error="boom"))
     assert cli.main(["bench", "--models", "mlp", "--backends", "eager", "--loops", "A"]) == 1
     assert "failed: boom" in capsys.readouterr().out

@@ -16,7 +16,7 @@ The key is built from named components (``cache.key``): the device graph in a
 canonical form (ops, structure, literal and constant values; never node names or
 source locations, so renaming a user variable still hits), the input signature, the
 pass pipeline and entry format, library versions, scrubbed XLA_FLAGS, the device kind
-and count, the SPMD shardings of the inputs (``sharding.signature``), and the options
+and count, the SPMD shardings of the inputs (``spmd.signature``), and the options
 that change generated code.
 
 Entries are a small binary container (JSON header + raw blobs, never pickle). Any
@@ -48,7 +48,7 @@ import torch_xla.runtime as xr
 import passes
 from passes.rng import functionalize_rng
 
-from .. import counters, sharding, xla_internals
+from .. import counters, spmd, xla_internals
 from .. import options as options_mod
 from ..lower.executable import (
     Computed,
@@ -246,7 +246,7 @@ def graph_key(gm: torch.fx.GraphModule, inputs: Sequence[Any],
         key_mod.GRAPH: _dumps(canonical_graph(gm)),
         key_mod.INPUT_SIGNATURE: _dumps(input_signature(inputs)),
         key_mod.XLA_FLAGS: key_mod.scrub_xla_flags(os.environ.get("XLA_FLAGS")),
-        key_mod.SHARDING: _dumps(sharding.signature(inputs, pinned)),
+        key_mod.SHARDING: _dumps(spmd.signature(inputs, pinned)),
         key_mod.OPTIONS: _dumps(codegen),
     })
     return key_mod.backend_key(components)

@@ -18,7 +18,7 @@ import torch
 
 from passes.dynamo_graph import SYM_TYPES
 
-from .. import sharding, xla_internals
+from .. import spmd, xla_internals
 
 # Tracing enters torch_xla's global lazy-tensor state (RNG seed, device data cache);
 # one trace at a time keeps traces from seeing each other's pending IR.
@@ -93,7 +93,7 @@ def placeholder_tensor(example: torch.Tensor, device: torch.device) -> torch.Ten
     """
     fill = False if example.dtype == torch.bool else 2
     standin = torch.full(tuple(example.shape), fill, dtype=example.dtype).to(device)
-    sharding.copy_sharding(example, standin)
+    spmd.copy_sharding(example, standin)
     return standin
 
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-from .. import counters, sharding, xla_internals, xla_metrics
+from .. import counters, spmd, xla_internals, xla_metrics
 from ..device import NO_SPECIAL_SCALARS
 from ..errors import LoweredDtypeMismatch
 from .executable import (
@@ -112,7 +112,7 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
         r = results[out_index]
         if isinstance(r, torch.Tensor) and r.device.type == "xla" and \
                 xla_internals.needs_materialization([r])[0]:
-            sharding.copy_sharding(standins[position], r)
+            spmd.copy_sharding(standins[position], r)
     tensors: list[torch.Tensor] = []
     result_index: dict[int, int] = {}
     output_values: list[Any] = []
@@ -156,7 +156,7 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
     for out_index, position in (pinned or {}).items():
         value = output_values[out_index]
         if isinstance(value, Computed):
-            sharding.copy_sharding(standins[position], computed[value.index])
+            spmd.copy_sharding(standins[position], computed[value.index])
     counters.incr(counters.GRAPHS_LOWERED)
     exe = Executable(xla_internals.graph_hash(computed), [kinds[k] for k in order],
                      output_values, dtypes=tuple(t.dtype for t in tensors))

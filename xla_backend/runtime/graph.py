@@ -22,7 +22,7 @@ import torch.fx
 import torch_xla
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .. import counters, sharding, xla_internals
+from .. import counters, spmd, xla_internals
 from ..cache import graph_cache
 from ..errors import DeviceMismatchError
 from ..lower.executable import Computed, Executable, Input, any_symbolic, trace_lock
@@ -34,7 +34,7 @@ from . import compile_pool
 log = logging.getLogger(__name__)
 
 
-def _signature(args: Sequence[Any], positions: Sequence[int], spmd: bool = False) -> tuple:
+def _signature(args: Sequence[Any], positions: Sequence[int], sharded: bool = False) -> tuple:
     """What selects an executable: shapes and dtypes, and under SPMD each input's sharding.
 
     A compiled SPMD executable takes its parameters in the sharding it was compiled for
@@ -47,8 +47,8 @@ def _signature(args: Sequence[Any], positions: Sequence[int], spmd: bool = False
             sig.append((tuple(a.shape), a.dtype))
         else:
             sig.append(a)
-    if spmd:
-        sig.append(tuple(sharding.spec_of(args[i]) for i in positions))
+    if sharded:
+        sig.append(tuple(spmd.spec_of(args[i]) for i in positions))
     return tuple(sig)
 
 
@@ -167,7 +167,7 @@ class LoweredGraph:
         self._executables: dict[tuple, Executable] = {}
         self._compile_lock = threading.Lock()
         self._device_arg_positions = [i for kind, i in self._split.device_inputs if kind == "arg"]
-        self._spmd = sharding.spmd_active()
+        self._spmd = spmd.spmd_active()
         # device output -> the device input it updates in place (kept sharded alike)
         self._pinned = {out: self._split.device_inputs.index(("arg", arg))
                         for arg, out in self._split.device_mutations.items()

@@ -49,6 +49,7 @@ from .graph import LoweredGraph, xla_device
 log = logging.getLogger(__name__)
 
 _no_lowering = WarnOnce(log)
+_op_by_op = WarnOnce(log)
 
 
 @functools.cache
@@ -319,8 +320,9 @@ class EagerOnXla:
 
     def __init__(self, gm: torch.fx.GraphModule, reason: str, name: str) -> None:
         self._gm = gm
-        log.warning("syncfree_xla: running %s op by op instead of as one computation: %s",
-                    name, reason)
+        # once per reason: a recompiled graph (a new lr, a new shape) says it again
+        _op_by_op(reason, "syncfree_xla: running %s op by op instead of as one "
+                  "computation: %s", name, reason)
 
     def __call__(self, args: list[Any]) -> Any:
         counters.incr(counters.EAGER_FALLBACKS)
