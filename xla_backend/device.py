@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.util
 import logging
 import os
@@ -22,17 +24,45 @@ CPU_NAN_FLAG = "--xla_cpu_enable_fast_min_max=false"
 NO_SPECIAL_SCALARS = "XLA_NO_SPECIAL_SCALARS"
 
 
+#: glibc's ``mallopt`` parameter for the number of malloc arenas (``M_ARENA_MAX``).
+_M_ARENA_MAX = -8
+
+
+def one_malloc_arena() -> bool:
+    """Makes glibc keep one malloc arena, unless the user chose (``MALLOC_ARENA_MAX``).
+
+    XLA:CPU device buffers are host memory, allocated and freed by torch_xla's and
+    XLA's worker threads. glibc gives each thread an arena of its own and keeps what is
+    freed in it, so a buffer freed on one thread is not reused by the next allocation on
+    another: on a 50M-parameter MLP with AdamW, resident memory grew by 5.3-6.9 GB
+    against 2.3-2.6 GB with one arena, and steps were 10-15% faster with one
+    (``benchmarks/memory_bench.py``). Effective for arenas made after the call, so it is
+    made before torch_xla starts its threads. Whether it was applied.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return bool(mallopt(_M_ARENA_MAX, 1))
+
+
 def configure_pjrt() -> None:
     """Chooses CPU when nothing else is configured, before torch_xla is imported.
 
     torch_xla warns and guesses when PJRT_DEVICE is unset; users of this backend
     should not have to set it on a CPU machine, while a TPU host (libtpu installed)
     keeps torch_xla's own choice. On CPU, XLA_FLAGS gains :data:`CPU_NAN_FLAG` unless
-    it already sets that flag either way; :data:`NO_SPECIAL_SCALARS` defaults to on.
+    it already sets that flag either way, :data:`NO_SPECIAL_SCALARS` defaults to on, and
+    the process keeps one malloc arena (:func:`one_malloc_arena`).
     """
     if "PJRT_DEVICE" not in os.environ and importlib.util.find_spec("libtpu") is None:
         os.environ["PJRT_DEVICE"] = "CPU"
     os.environ.setdefault(NO_SPECIAL_SCALARS, "1")
+    if os.environ.get("PJRT_DEVICE") == "CPU":
+        one_malloc_arena()
     if os.environ.get("PJRT_DEVICE") == "CPU" and _add_xla_flag(CPU_NAN_FLAG) \
             and _runtime_started():
         log.warning(
