@@ -27,6 +27,8 @@ setup(
     },
     entry_points={
         "torch_dynamo_backends": ["syncfree_xla = xla_backend.backend:syncfree_xla"],
+        # run by `import torch`: PJRT_DEVICE and XLA_FLAGS set before torch_xla starts
+        "torch.backends": ["syncfree_xla = xla_backend.device:autoload"],
         "console_scripts": ["syncfree-xla = xla_backend.tools.cli:main"],
     },
 )

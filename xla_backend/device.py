@@ -49,6 +49,33 @@ def one_malloc_arena() -> bool:
     return bool(mallopt(_M_ARENA_MAX, 1))
 
 
+def autoload() -> None:
+    """torch's device-backend hook (entry point group ``torch.backends``), run by ``import torch``.
+
+    The usual script imports torch, then torch_xla, asks for the device, and only then
+    compiles: by the time this backend is imported torch_xla's runtime has started, too
+    late for ``PJRT_DEVICE`` (torch_xla warns and guesses) and for ``XLA_FLAGS`` (the NaN
+    flag is lost). Run by ``import torch``, the same defaults as :func:`configure_pjrt`
+    are in place before torch_xla starts, without importing it. The malloc setting stays
+    with the backend's import: this runs in every torch process of the environment, most
+    of which may never touch XLA. It never raises (a failure here would fail
+    ``import torch``); ``TORCH_DEVICE_BACKEND_AUTOLOAD=0`` turns it off.
+    """
+    try:
+        _environment_defaults()
+    except Exception as e:  # noqa: BLE001 - must not break import torch
+        log.debug("syncfree_xla: device defaults not set at torch import: %s", e)
+
+
+def _environment_defaults() -> bool:
+    """PJRT_DEVICE, XLA_NO_SPECIAL_SCALARS and, on CPU, the NaN flag; whether the flag
+    was added by this call."""
+    if "PJRT_DEVICE" not in os.environ and importlib.util.find_spec("libtpu") is None:
+        os.environ["PJRT_DEVICE"] = "CPU"
+    os.environ.setdefault(NO_SPECIAL_SCALARS, "1")
+    return os.environ.get("PJRT_DEVICE") == "CPU" and _add_xla_flag(CPU_NAN_FLAG)
+
+
 def configure_pjrt() -> None:
     """Chooses CPU when nothing else is configured, before torch_xla is imported.
 
@@ -58,18 +85,14 @@ def configure_pjrt() -> None:
     it already sets that flag either way, :data:`NO_SPECIAL_SCALARS` defaults to on, and
     the process keeps one malloc arena (:func:`one_malloc_arena`).
     """
-    if "PJRT_DEVICE" not in os.environ and importlib.util.find_spec("libtpu") is None:
-        os.environ["PJRT_DEVICE"] = "CPU"
-    os.environ.setdefault(NO_SPECIAL_SCALARS, "1")
-    if os.environ.get("PJRT_DEVICE") == "CPU":
-        one_malloc_arena()
-    if os.environ.get("PJRT_DEVICE") == "CPU" and _add_xla_flag(CPU_NAN_FLAG) \
-            and _runtime_started():
+    if _environment_defaults() and _runtime_started():
         log.warning(
             "syncfree_xla: torch_xla's runtime started before this backend was imported, "
             "so XLA_FLAGS %s cannot take effect: XLA:CPU max/min may drop NaN. Import "
             "xla_backend before using the XLA device, or set that flag in XLA_FLAGS "
             "yourself.", CPU_NAN_FLAG)
+    if os.environ.get("PJRT_DEVICE") == "CPU":
+        one_malloc_arena()
 
 
 def _runtime_started() -> bool:

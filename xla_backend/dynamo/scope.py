@@ -116,6 +116,7 @@ def _scope() -> Iterator[None]:
             stack.enter_context(grad_scaler.masked_step())
             stack.enter_context(step_counters.counters_on_device_when_traced())
             stack.enter_context(_adafactor_groups_by_dtype())
+            stack.enter_context(_quiet_profiler_notice())
             _scope_stack = stack
         _scope_depth += 1
     try:
@@ -126,6 +127,34 @@ def _scope() -> Iterator[None]:
             if _scope_depth == 0 and _scope_stack is not None:
                 _scope_stack.close()
                 _scope_stack = None
+
+
+class _DropProfilerNotice(logging.Filter):
+    """Drops Dynamo's "Profiler function ... will be ignored" (see _quiet_profiler_notice)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _PROFILER_NOTICE
+
+
+_PROFILER_NOTICE = "Profiler function %s will be ignored"
+_PROFILER_NOTICE_LOGGER = "torch._dynamo.variables.torch"
+
+
+@contextlib.contextmanager
+def _quiet_profiler_notice() -> Iterator[None]:
+    """Keeps a warning every user of a torch optimizer would get off stderr.
+
+    ``Optimizer.step`` runs inside ``torch.autograd.profiler.record_function``, which
+    Dynamo leaves out of the graph with a warning: nothing the user wrote or can
+    change, and nothing is lost (profiling a compiled step works as for any backend).
+    """
+    logger = logging.getLogger(_PROFILER_NOTICE_LOGGER)
+    drop = _DropProfilerNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 @contextlib.contextmanager
