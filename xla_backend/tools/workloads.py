@@ -551,6 +551,7 @@ def mlp_workload(
     hidden: int = 128,
     num_classes: int = 10,
     seed: int = 0,
+    depth: int = 2,
 ) -> Workload:
     """MLP on Gaussian inputs labelled by a fixed random linear teacher."""
     teacher = _teacher(in_features, num_classes)
@@ -559,7 +560,8 @@ def mlp_workload(
         x = torch.randn(batch, in_features, generator=g)
         return x, (x @ teacher).argmax(dim=1)
 
-    return Workload("mlp", lambda: MLP(in_features, hidden, num_classes), batch_fn, seed=seed)
+    return Workload("mlp", lambda: MLP(in_features, hidden, num_classes, depth), batch_fn,
+                    seed=seed)
 
 
 def _image_batch_fn(batch: int, channels: int, size: int, num_classes: int) -> Callable:

@@ -48,6 +48,7 @@ def make_report(results: Sequence[CellResult], config: Mapping[str, Any]) -> dic
         data = asdict(r)
         base = eager.get((r.model, r.loop))
         data["vs_eager"] = (r.steady_ms / base) if (r.ok and base and r.steady_ms) else None
+        data["rss_growth_mb"] = rss_growth_mb(r)
         cells.append(data)
     return {
         "schema": SCHEMA_VERSION,
@@ -62,6 +63,14 @@ def make_report(results: Sequence[CellResult], config: Mapping[str, Any]) -> dic
     }
 
 
+def rss_growth_mb(r: CellResult) -> float | None:
+    """How far training raised the resident-set high-water mark above its pre-training
+    value (model, optimizer and batches built): what a step holds, without the runtime."""
+    if r.peak_rss_mb is None or r.start_rss_mb is None:
+        return None
+    return r.peak_rss_mb - r.start_rss_mb
+
+
 def eager_times(results: Iterable[CellResult]) -> dict[tuple[str, str], float]:
     """Eager's steady step time per (model, loop): what every ratio is taken against."""
     return {(r.model, r.loop): r.steady_ms for r in results
@@ -74,13 +83,13 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
 
 TABLE_HEADER = ("model", "loop", "backend", "first step", "warm-up", "steady (median)",
                 "pipelined", "vs eager", "syncs/step", "execs/step", "XLA compiles",
-                "Dynamo graphs", "peak RSS", "status")
+                "Dynamo graphs", "peak RSS", "RSS growth", "status")
 
 
 def table_row(r: CellResult, eager_ms: float | None) -> tuple[str, ...]:
     if not r.ok:
         status = f"{r.status}: {one_line(r.error or '', 120)}"
-        return (r.model, r.loop, r.backend, *(["-"] * 10), status)
+        return (r.model, r.loop, r.backend, *(["-"] * 11), status)
     ratio = r.steady_ms / eager_ms if (eager_ms and r.steady_ms) else None
     return (
         r.model, r.loop, r.backend,
@@ -94,6 +103,7 @@ def table_row(r: CellResult, eager_ms: float | None) -> tuple[str, ...]:
         _fmt(r.xla_compiles_after_warmup, "d"),
         _fmt(r.dynamo_graphs_after_warmup, "d"),
         _fmt(r.peak_rss_mb, ".0f", " MiB"),
+        _fmt(rss_growth_mb(r), ".0f", " MiB"),
         "ok" + (f" ({', '.join(r.notes)})" if r.notes else ""),
     )
 

@@ -22,6 +22,8 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         "transformer_lm",
         {"batch": 8, "seq": 32, "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256},
     ),
+    # issue 13's memory workload: 12 x Linear(2048, 2048), 50M parameters
+    "mlp50m": ("mlp", {"batch": 64, "in_features": 2048, "hidden": 2048, "depth": 12}),
     "gpt": ("gpt", {}),
     "bert": ("bert", {}),
 }
