@@ -30,5 +30,6 @@ setup(
         # run by `import torch`: PJRT_DEVICE and XLA_FLAGS set before torch_xla starts
         "torch.backends": ["syncfree_xla = xla_backend.device:autoload"],
         "console_scripts": ["syncfree-xla = xla_backend.tools.cli:main"],
+        "pytest11": ["syncfree_xla = xla_backend.tools.pytest_plugin"],
     },
 )

@@ -11,9 +11,10 @@ step. Reported: the growth after the last step ("steady") and the high-water mar
 a multiple of eager's. Peak RSS of the whole process would hide the growth behind the
 runtime's own footprint, which is why the baseline is subtracted.
 
-``syncfree_xla-arenas`` is syncfree_xla with glibc's default number of malloc arenas
-(``MALLOC_ARENA_MAX`` = 8 per core) instead of the one the backend keeps on the CPU
-client (``xla_backend.device.one_malloc_arena``): what that choice saves.
+``syncfree_xla-one-arena`` is syncfree_xla with ``MALLOC_ARENA_MAX=1``: XLA:CPU buffers
+are host memory freed on worker threads, and glibc keeps what is freed in each thread's
+own arena, so one arena keeps much less. It is not the default: it slows small-tensor
+workloads (the perf gate's transformer_lm_small loop A by 40-60%), see the README.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ("eager", "lazy", "syncfree_xla", "syncfree_xla-arenas")
+BACKENDS = ("eager", "lazy", "syncfree_xla", "syncfree_xla-one-arena")
 
 
 def _rss_gb() -> float:
@@ -84,8 +85,8 @@ def child(backend: str, steps: int, width: int, layers: int, batch: int) -> dict
 def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("MALLOC_ARENA_MAX", None)
-    if backend == "syncfree_xla-arenas":
-        env["MALLOC_ARENA_MAX"] = str(8 * (os.cpu_count() or 1))  # glibc's default
+    if backend == "syncfree_xla-one-arena":
+        env["MALLOC_ARENA_MAX"] = "1"
     proc = subprocess.run(
         [sys.executable, __file__, "--child", backend, "--steps", str(args.steps),
          "--width", str(args.width), "--layers", str(args.layers), "--batch", str(args.batch)],

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# pytester: tests/e2e/test_budgets.py runs the budget plugin as a user would
+pytest_plugins = ["pytester"]
+
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "xla", "e2e")
 

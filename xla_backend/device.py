@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import importlib.util
 import logging
 import os
@@ -24,31 +22,6 @@ CPU_NAN_FLAG = "--xla_cpu_enable_fast_min_max=false"
 NO_SPECIAL_SCALARS = "XLA_NO_SPECIAL_SCALARS"
 
 
-#: glibc's ``mallopt`` parameter for the number of malloc arenas (``M_ARENA_MAX``).
-_M_ARENA_MAX = -8
-
-
-def one_malloc_arena() -> bool:
-    """Makes glibc keep one malloc arena, unless the user chose (``MALLOC_ARENA_MAX``).
-
-    XLA:CPU device buffers are host memory, allocated and freed by torch_xla's and
-    XLA's worker threads. glibc gives each thread an arena of its own and keeps what is
-    freed in it, so a buffer freed on one thread is not reused by the next allocation on
-    another: on a 50M-parameter MLP with AdamW, resident memory grew by 5.3-6.9 GB
-    against 2.3-2.6 GB with one arena, and steps were 10-15% faster with one
-    (``benchmarks/memory_bench.py``). Effective for arenas made after the call, so it is
-    made before torch_xla starts its threads. Whether it was applied.
-    """
-    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    return bool(mallopt(_M_ARENA_MAX, 1))
-
-
 def autoload() -> None:
     """torch's device-backend hook (entry point group ``torch.backends``), run by ``import torch``.
 
@@ -56,10 +29,9 @@ def autoload() -> None:
     compiles: by the time this backend is imported torch_xla's runtime has started, too
     late for ``PJRT_DEVICE`` (torch_xla warns and guesses) and for ``XLA_FLAGS`` (the NaN
     flag is lost). Run by ``import torch``, the same defaults as :func:`configure_pjrt`
-    are in place before torch_xla starts, without importing it. The malloc setting stays
-    with the backend's import: this runs in every torch process of the environment, most
-    of which may never touch XLA. It never raises (a failure here would fail
-    ``import torch``); ``TORCH_DEVICE_BACKEND_AUTOLOAD=0`` turns it off.
+    are in place before torch_xla starts, without importing it. It never raises (a
+    failure here would fail ``import torch``); ``TORCH_DEVICE_BACKEND_AUTOLOAD=0`` turns
+    it off.
     """
     try:
         _environment_defaults()
@@ -82,8 +54,7 @@ def configure_pjrt() -> None:
     torch_xla warns and guesses when PJRT_DEVICE is unset; users of this backend
     should not have to set it on a CPU machine, while a TPU host (libtpu installed)
     keeps torch_xla's own choice. On CPU, XLA_FLAGS gains :data:`CPU_NAN_FLAG` unless
-    it already sets that flag either way, :data:`NO_SPECIAL_SCALARS` defaults to on, and
-    the process keeps one malloc arena (:func:`one_malloc_arena`).
+    it already sets that flag either way; :data:`NO_SPECIAL_SCALARS` defaults to on.
     """
     if _environment_defaults() and _runtime_started():
         log.warning(
@@ -91,8 +62,6 @@ def configure_pjrt() -> None:
             "so XLA_FLAGS %s cannot take effect: XLA:CPU max/min may drop NaN. Import "
             "xla_backend before using the XLA device, or set that flag in XLA_FLAGS "
             "yourself.", CPU_NAN_FLAG)
-    if os.environ.get("PJRT_DEVICE") == "CPU":
-        one_malloc_arena()
 
 
 def _runtime_started() -> bool:

@@ -1,0 +1,142 @@
+"""Sync and recompile budgets in a user's own CI: ``xla_backend.testing`` and the plugin.
+
+The plugin is tested the way a user meets it: an inner pytest session, in a process of
+its own, running test files written as a user would write them.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from xla_backend import testing
+
+STEP_MODULE = textwrap.dedent("""
+    import torch
+    import torch_xla
+
+    def build(read_loss=False):
+        device = torch_xla.device()
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 2).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(x, y):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if read_loss:
+                print(loss.item())  # SYNC-HERE
+            return loss.detach()
+
+        batches = [(torch.randn(4, 8).to(device), torch.randn(4, 2).to(device))
+                   for _ in range(6)]
+        return torch.compile(step, backend="syncfree_xla"), batches
+""")
+
+
+def _step(xla, read_loss: bool):
+    model = torch.nn.Linear(8, 2).to(xla)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if read_loss:
+            print(loss.item())  # the line the failure must name
+        return loss.detach()
+
+    batches = [(torch.randn(4, 8).to(xla), torch.randn(4, 2).to(xla)) for _ in range(6)]
+    return torch.compile(step, backend="syncfree_xla"), batches
+
+
+def test_a_syncfree_step_is_within_budget(xla):
+    step, batches = _step(xla, read_loss=False)
+    counts = testing.measure(step, batches, warmup=3)
+    assert (counts.steps, counts.syncs_per_step, counts.compiles, counts.recompiles) == \
+        (3, 0, 0, 0)
+    assert counts.executions_per_step >= 1
+    testing.assert_budget(counts)
+
+
+def test_a_host_read_fails_the_budget_and_says_where(xla):
+    step, batches = _step(xla, read_loss=True)
+    counts = testing.measure(step, batches, warmup=3)
+    assert counts.syncs_per_step >= 1
+    with pytest.raises(testing.BudgetExceeded) as failure:
+        testing.assert_budget(counts, max_syncs_per_step=0)
+    text = str(failure.value)
+    assert "syncs_per_step: " in text and "> 0 allowed" in text
+    assert "test_budgets.py" in text, text
+
+
+def test_measure_says_when_the_batches_run_out(xla):
+    step, batches = _step(xla, read_loss=False)
+    with pytest.raises(ValueError, match="ran out"):
+        testing.measure(step, batches[:2], warmup=3)
+
+
+USER_TESTS = textwrap.dedent("""
+    import pytest
+    from steps import build
+
+    @pytest.mark.syncfree(warmup=3, max_syncs_per_step=0, max_compiles=0)
+    def test_clean(syncfree_budget):
+        step, batches = build()
+        syncfree_budget.run(step, batches)
+
+    @pytest.mark.syncfree(warmup=3)
+    def test_reads_the_loss(syncfree_budget):
+        step, batches = build(read_loss=True)
+        syncfree_budget.run(step, batches)
+""")
+
+
+def _user_project(pytester: pytest.Pytester, tests: str) -> None:
+    pytester.makepyfile(steps=STEP_MODULE, test_user=tests)
+
+
+def test_the_plugin_passes_a_clean_step_and_fails_a_syncing_one_with_its_line(pytester):
+    _user_project(pytester, USER_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*BudgetExceeded*syncfree_xla budget exceeded*",
+                                 "*syncs_per_step: * > 0 allowed*"])
+    assert "steps.py" in result.stdout.str()
+
+
+def test_the_baseline_fails_a_test_whose_counters_went_up(pytester):
+    _user_project(pytester, USER_TESTS.split("@pytest.mark.syncfree(warmup=3)\n")[0])
+    baseline = pytester.path / "perf" / "syncfree.json"
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--syncfree-baseline={baseline}",
+                                  "--syncfree-update").assert_outcomes(passed=1)
+    recorded = json.loads(baseline.read_text())
+    (test_id, counters), = recorded.items()
+    assert test_id.endswith("test_user.py::test_clean") and counters["syncs_per_step"] == 0
+    assert counters["executions_per_step"] >= 1
+    counters["executions_per_step"] = 0.5  # as if the step used to run fewer executions
+    baseline.write_text(json.dumps(recorded))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
+                                           f"--syncfree-baseline={baseline}")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*test_clean: executions_per_step: 0.5 -> * (baseline)*"])
+
+
+def test_a_misspelled_budget_is_named_with_the_accepted_ones(pytester):
+    _user_project(pytester, textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.syncfree(max_sync_per_step=0)
+        def test_typo(syncfree_budget):
+            pass
+    """))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*unknown max_sync_per_step; accepted: warmup, steps, "
+                                 "max_syncs_per_step*"])

@@ -1,0 +1,130 @@
+"""pytest plugin: sync and recompile budgets as a marker, a fixture and a baseline file.
+
+Installed with the package (entry point group ``pytest11``)::
+
+    @pytest.mark.syncfree(warmup=3, steps=5, max_syncs_per_step=0, max_compiles=0)
+    def test_train_step_is_syncfree(syncfree_budget):
+        step = torch.compile(train_step, backend="syncfree_xla")
+        syncfree_budget.run(step, batches)     # warms up, measures, asserts
+
+``pytest --syncfree-baseline perf/syncfree.json`` then also fails a marked test whose
+counters went up since the file was written, naming the test, the counter and both
+values; ``--syncfree-update`` rewrites the file with this run's counters. Counters
+only: they are exact, where timings on shared CI machines are not.
+
+Importing this module imports neither torch nor torch_xla: pytest loads it in every
+session of the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MARKER = "syncfree"
+_BUDGET_KEYS = ("max_syncs_per_step", "max_compiles", "max_recompiles",
+                "max_executions_per_step", "max_graph_breaks")
+_RUN_KEYS = ("warmup", "steps")
+_RESULTS = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("syncfree_xla", "sync and recompile budgets (syncfree_xla)")
+    group.addoption("--syncfree-baseline", metavar="FILE", default=None,
+                    help="fail a @pytest.mark.syncfree test whose counters went up since "
+                         "FILE was written")
+    group.addoption("--syncfree-update", action="store_true",
+                    help="write this run's counters to --syncfree-baseline instead")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{MARKER}(warmup=3, steps=None, max_syncs_per_step=0, max_compiles=0, "
+        "max_recompiles=0, max_executions_per_step=None, max_graph_breaks=None): the "
+        "budgets syncfree_budget.run() asserts (syncfree_xla)")
+    if config.getoption("--syncfree-update") and not config.getoption("--syncfree-baseline"):
+        raise pytest.UsageError("--syncfree-update needs --syncfree-baseline FILE")
+    config.stash[_RESULTS] = {}
+
+
+class SyncfreeBudget:
+    """The ``syncfree_budget`` fixture: measures a step against its test's marker."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._request = request
+        marker = request.node.get_closest_marker(MARKER)
+        kwargs = dict(marker.kwargs) if marker is not None else {}
+        unknown = sorted(set(kwargs) - set(_BUDGET_KEYS) - set(_RUN_KEYS))
+        if marker is not None and marker.args:
+            unknown.append(f"positional arguments {marker.args!r}")
+        if unknown:
+            raise pytest.UsageError(
+                f"@pytest.mark.{MARKER} on {request.node.nodeid}: unknown {', '.join(unknown)}"
+                f"; accepted: {', '.join(_RUN_KEYS + _BUDGET_KEYS)}")
+        self.warmup = kwargs.pop("warmup", 3)
+        self.steps = kwargs.pop("steps", None)
+        self.budget = kwargs
+
+    def run(self, step: Callable[..., Any], batches: Iterable[Any]) -> Any:
+        """Warms ``step`` up, measures it, asserts the budgets and the baseline."""
+        from xla_backend import testing
+
+        measurement = testing.measure(step, batches, warmup=self.warmup, steps=self.steps)
+        config = self._request.config
+        config.stash[_RESULTS][self._request.node.nodeid] = measurement.counters()
+        testing.assert_budget(measurement, **self.budget)
+        path = config.getoption("--syncfree-baseline")
+        if path and not config.getoption("--syncfree-update"):
+            recorded = _read(Path(path)).get(self._request.node.nodeid)
+            if recorded is not None:
+                worse = testing.compare_with_baseline(measurement, recorded)
+                if worse:
+                    raise testing.BudgetExceeded(testing.failure_message(
+                        measurement, [f"{self._request.node.nodeid}: {w}" for w in worse]))
+        return measurement
+
+
+@pytest.fixture
+def syncfree_budget(request: pytest.FixtureRequest) -> SyncfreeBudget:
+    """Measures a training step against the test's ``@pytest.mark.syncfree`` budgets."""
+    return SyncfreeBudget(request)
+
+
+def _read(path: Path) -> dict[str, dict[str, float]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise pytest.UsageError(f"--syncfree-baseline {path}: cannot read it ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise pytest.UsageError(f"--syncfree-baseline {path}: not a baseline written by "
+                                "--syncfree-update (a JSON object of test ids)")
+    return data
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    path = config.getoption("--syncfree-baseline")
+    results = config.stash.get(_RESULTS, {})
+    if not (path and config.getoption("--syncfree-update") and results):
+        return
+    path = Path(path)
+    merged = {**_read(path), **results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written whole or not at all: a temporary file renamed over the old one
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dict(sorted(merged.items())), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
