@@ -20,12 +20,17 @@ a CI log without running anything again. The pytest plugin
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["COUNTERS", "BudgetExceeded", "Measurement", "assert_budget", "compare_with_baseline",
-           "failure_message", "measure"]
+__all__ = ["COUNTERS", "BudgetExceeded", "Measurement", "Snapshot", "assert_budget", "between",
+           "budget_problems", "compare_with_baseline", "failure_message", "measure",
+           "read_baseline", "snapshot", "write_baseline"]
 
 #: The counters a measurement compares, each with the budget keyword that bounds it.
 COUNTERS: dict[str, str] = {
@@ -69,6 +74,41 @@ def _call(step: Callable[..., Any], batch: Any) -> Any:
     return step(*batch) if isinstance(batch, (tuple, list)) else step(batch)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """torch_xla's and Dynamo's running totals at one moment, all queued work done."""
+
+    syncs: int
+    executions: int
+    compiles: int
+    dynamo_graphs: int
+
+
+def snapshot() -> Snapshot:
+    """Waits for the device, then reads the totals a :class:`Measurement` is made of."""
+    import torch_xla.core.xla_model as xm
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    from . import xla_metrics
+
+    xm.wait_device_ops()
+    return Snapshot(xla_metrics.device_to_host_transfers(), xla_metrics.executions(),
+                    xla_metrics.compiles(), int(dynamo_counters["stats"]["unique_graphs"]))
+
+
+def between(start: Snapshot, end: Snapshot, steps: int, warmup: int,
+            report: Any = None) -> Measurement:
+    """The measurement of ``steps`` steps that ran from ``start`` to ``end``."""
+    return Measurement(
+        steps=steps, warmup=warmup,
+        syncs_per_step=(end.syncs - start.syncs) / steps,
+        executions_per_step=(end.executions - start.executions) / steps,
+        compiles=end.compiles - start.compiles,
+        recompiles=end.dynamo_graphs - start.dynamo_graphs,
+        graph_breaks=len(report.graph_breaks) if report is not None else 0,
+        report=report)
+
+
 def measure(step: Callable[..., Any], batches: Iterable[Any], warmup: int = 3,
             steps: int | None = None) -> Measurement:
     """Runs ``step`` on ``warmup`` batches, then counts what the next ``steps`` cost.
@@ -77,10 +117,6 @@ def measure(step: Callable[..., Any], batches: Iterable[Any], warmup: int = 3,
     the one argument. ``steps=None`` measures every batch after the warm-up. The step's
     results are left on the device: reading them would be a sync of the test's own.
     """
-    import torch_xla.core.xla_model as xm
-    from torch._dynamo.utils import counters as dynamo_counters
-
-    from . import xla_metrics
     from .tools.explain import ExplainSession
 
     if warmup < 0 or (steps is not None and steps < 1):
@@ -94,44 +130,46 @@ def measure(step: Callable[..., Any], batches: Iterable[Any], warmup: int = 3,
             except StopIteration:
                 raise ValueError(f"the batches ran out during warm-up, after {k} of "
                                  f"{warmup}") from None
-        xm.wait_device_ops()
-        syncs, execs = xla_metrics.device_to_host_transfers(), xla_metrics.executions()
-        compiles = xla_metrics.compiles()
-        graphs = int(dynamo_counters["stats"]["unique_graphs"])
+        start = snapshot()
         measured = 0
         for batch in batches:
             _call(step, batch)
             measured += 1
             if steps is not None and measured == steps:
                 break
-        xm.wait_device_ops()
-        if measured == 0 or (steps is not None and measured < steps):
-            raise ValueError(f"the batches ran out: {measured} measured step(s) after "
-                             f"{warmup} warm-up step(s), {steps or 'at least 1'} asked")
-        result = Measurement(
-            steps=measured, warmup=warmup,
-            syncs_per_step=(xla_metrics.device_to_host_transfers() - syncs) / measured,
-            executions_per_step=(xla_metrics.executions() - execs) / measured,
-            compiles=xla_metrics.compiles() - compiles,
-            recompiles=int(dynamo_counters["stats"]["unique_graphs"]) - graphs,
-            graph_breaks=0)
-    result.report = session.report()
-    result.graph_breaks = len(result.report.graph_breaks)
-    return result
+        end = snapshot()
+    if measured == 0 or (steps is not None and measured < steps):
+        raise ValueError(f"the batches ran out: {measured} measured step(s) after "
+                         f"{warmup} warm-up step(s), {steps or 'at least 1'} asked")
+    return between(start, end, measured, warmup, session.report())
 
 
-def assert_budget(measurement: Measurement, max_syncs_per_step: float | None = 0,
-                  max_compiles: int | None = 0, max_recompiles: int | None = 0,
-                  max_executions_per_step: float | None = None,
-                  max_graph_breaks: int | None = None) -> None:
-    """Raises :class:`BudgetExceeded` if a counter is above its budget (None: no bound)."""
+def budget_problems(measurement: Measurement, max_syncs_per_step: float | None = 0,
+                    max_compiles: int | None = 0, max_recompiles: int | None = 0,
+                    max_executions_per_step: float | None = None,
+                    max_graph_breaks: int | None = None) -> list[str]:
+    """Each counter above its budget (None: no bound), as 'name: value > limit allowed'."""
     limits = {"max_syncs_per_step": max_syncs_per_step, "max_compiles": max_compiles,
               "max_recompiles": max_recompiles,
               "max_executions_per_step": max_executions_per_step,
               "max_graph_breaks": max_graph_breaks}
-    over = [f"{name}: {getattr(measurement, name):g} > {limits[limit]:g} allowed"
+    return [f"{name}: {getattr(measurement, name):g} > {limits[limit]:g} allowed"
             for name, limit in COUNTERS.items()
             if limits[limit] is not None and getattr(measurement, name) > limits[limit]]
+
+
+def assert_budget(measurement: Measurement, **budget: float | None) -> None:
+    """Raises :class:`BudgetExceeded` if a counter is above its budget.
+
+    The budgets are :func:`budget_problems`'s keywords: ``max_syncs_per_step`` (default
+    0), ``max_compiles`` (0), ``max_recompiles`` (0), ``max_executions_per_step`` and
+    ``max_graph_breaks`` (no bound); None lifts a bound.
+    """
+    unknown = sorted(set(budget) - set(COUNTERS.values()))
+    if unknown:
+        raise TypeError(f"unknown budget {', '.join(unknown)}; accepted: "
+                        f"{', '.join(COUNTERS.values())}")
+    over = budget_problems(measurement, **budget)
     if over:
         raise BudgetExceeded(failure_message(measurement, over))
 
@@ -152,3 +190,32 @@ def compare_with_baseline(measurement: Measurement, baseline: Mapping[str, float
     return [f"{name}: {baseline[name]:g} -> {value:g} (baseline)"
             for name, value in measurement.counters().items()
             if name in baseline and value > baseline[name]]
+
+
+def read_baseline(path: Path) -> dict[str, dict[str, float]]:
+    """The counters a baseline file holds, by test id; empty if there is no file yet."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"baseline {path}: cannot read it ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"baseline {path}: not a baseline file (a JSON object of test ids "
+                         "to counters)")
+    return data
+
+
+def write_baseline(path: Path, results: Mapping[str, Mapping[str, float]]) -> None:
+    """Merges ``results`` into the baseline at ``path``: written whole or not at all."""
+    merged = {**read_baseline(path), **results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dict(sorted(merged.items())), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

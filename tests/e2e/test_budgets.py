@@ -140,3 +140,67 @@ def test_a_misspelled_budget_is_named_with_the_accepted_ones(pytester):
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*unknown max_sync_per_step; accepted: warmup, steps, "
                                  "max_syncs_per_step*"])
+
+
+TRAIN_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch, torch_xla
+    device = torch_xla.device()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    read = "--read" in sys.argv
+
+    @torch.compile(backend="syncfree_xla")
+    def step(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        if read and loss.item() > 1e9:  # line 14: a data-dependent branch
+            print("diverged")
+        return loss.detach()
+
+    for i in range(20):
+        step(torch.randn(4, 8).to(device), torch.randn(4, 2).to(device))
+""")
+
+
+def _check(tmp_path, *args: str) -> int:
+    from xla_backend.tools import cli
+
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    return cli.main(["check", *args, str(script)] if "--" not in args else
+                    ["check", *args[:args.index("--")], str(script), *args[args.index("--"):]])
+
+
+def test_check_passes_a_syncfree_script(xla, tmp_path, capsys):
+    assert _check(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "within budget (syncs_per_step=0, compiles=0, recompiles=0" in out
+
+
+def test_check_fails_a_syncing_script_naming_the_line_and_writes_junit(xla, tmp_path, capsys):
+    junit = tmp_path / "reports" / "check.xml"
+    assert _check(tmp_path, "--junit-xml", str(junit), "--", "--read") == 1
+    err = capsys.readouterr().err
+    assert "syncs_per_step: 1 > 0 allowed" in err
+    assert "train.py:14" in err, err
+    xml = junit.read_text()
+    assert 'failures="1"' in xml and "syncs_per_step: 1 &gt; 0 allowed" in xml
+
+
+def test_check_baseline_fails_on_an_increase(xla, tmp_path, capsys):
+    baseline = tmp_path / "syncfree.json"
+    assert _check(tmp_path, "--baseline", str(baseline), "--update", "--name", "train") == 0
+    recorded = json.loads(baseline.read_text())["train"]
+    assert recorded["syncs_per_step"] == 0 and recorded["executions_per_step"] >= 1
+    recorded["executions_per_step"] = 0.5
+    baseline.write_text(json.dumps({"train": recorded}))
+    torch._dynamo.reset()
+    assert _check(tmp_path, "--baseline", str(baseline), "--name", "train") == 1
+    assert "executions_per_step: 0.5 -> " in capsys.readouterr().err
+
+
+def test_check_refuses_update_without_a_baseline(tmp_path, capsys):
+    assert _check(tmp_path, "--update") == 2
+    assert "--update needs --baseline FILE" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The ``syncfree-xla`` command.
 
 Each subcommand group lives in its own ``add_*_commands(subparsers)`` function
-listed in ``COMMAND_GROUPS``; adding ``bench`` or ``explain`` later means
+listed in ``COMMAND_GROUPS``; adding another command group means
 writing one such function and appending it there. Every command function takes
 the parsed arguments and returns the exit status.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import options
 from ..cache.store import CACHE_DIR_ENV, DEFAULT_MAX_BYTES, EntryInfo, Store, default_cache_dir
-from .argtypes import positive_int
+from .argtypes import non_negative_float, non_negative_int, positive_int
 from .bench import add_bench_commands
 
 if TYPE_CHECKING:
@@ -296,10 +296,131 @@ def explain_script(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# syncfree-xla check SCRIPT
+
+
+def add_check_commands(subparsers: Subparsers) -> None:
+    """Register ``check SCRIPT [budgets] [--baseline FILE [--update]] [-- ARGS]``."""
+    check = subparsers.add_parser(
+        "check", help="run a script; fail if its step syncs or recompiles past a budget",
+        description="Runs a Python script unchanged for --warmup + --steps calls of a "
+                    "function it compiled with syncfree_xla, counts what the steps after "
+                    "the warm-up cost (host syncs and executions per step, XLA compiles, "
+                    "Dynamo recompiles, graph breaks) and exits 1 if a count is above its "
+                    "budget or its --baseline value, listing where each sync, break and "
+                    "recompile is. Options go before the script; its arguments after --.",
+    )
+    check.add_argument("--warmup", type=non_negative_int, default=3, metavar="N",
+                       help="steps before measuring (default: %(default)s)")
+    check.add_argument("--steps", type=positive_int, default=5, metavar="N",
+                       help="steps measured after the warm-up (default: %(default)s)")
+    check.add_argument("--max-syncs", type=non_negative_float, default=0.0, metavar="F",
+                       help="host syncs per step allowed (default: %(default)g)")
+    check.add_argument("--max-compiles", type=non_negative_int, default=0, metavar="N",
+                       help="XLA compiles allowed after the warm-up (default: %(default)s)")
+    check.add_argument("--max-recompiles", type=non_negative_int, default=0, metavar="N",
+                       help="Dynamo recompiles allowed after the warm-up "
+                            "(default: %(default)s)")
+    check.add_argument("--max-executions", type=non_negative_float, default=None,
+                       metavar="F", help="XLA executions per step allowed (default: any)")
+    check.add_argument("--max-graph-breaks", type=non_negative_int, default=None,
+                       metavar="N", help="distinct graph breaks allowed (default: any)")
+    check.add_argument("--baseline", default=None, metavar="FILE",
+                       help="also fail on any count above this file's entry for the script")
+    check.add_argument("--update", action="store_true",
+                       help="write this run's counts to --baseline instead of comparing")
+    check.add_argument("--name", default=None,
+                       help="the script's entry in --baseline and in the JUnit report "
+                            "(default: its path as given)")
+    check.add_argument("--junit-xml", default=None, metavar="FILE",
+                       help="also write the verdict as JUnit XML, for CI dashboards")
+    check.add_argument("script", help="the Python script to run")
+    check.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                       help="the script's own arguments")
+    check.set_defaults(func=check_script)
+
+
+def check_script(args: argparse.Namespace) -> int:
+    if not Path(args.script).is_file():
+        print(f"syncfree-xla check: no such script: {args.script}", file=sys.stderr)
+        return 2
+    if args.update and not args.baseline:
+        print("syncfree-xla check: --update needs --baseline FILE", file=sys.stderr)
+        return 2
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    name = args.name or args.script
+    from .. import testing  # imports torch: only for this command
+    from .explain import run_script
+
+    starts: list[testing.Snapshot] = []
+
+    def on_step(n: int) -> None:
+        if n == args.warmup + 1:
+            starts.append(testing.snapshot())
+
+    run = run_script(args.script, rest, steps=args.warmup + args.steps, on_step=on_step)
+    end = testing.snapshot()
+    if run.error is not None:
+        if run.traceback:
+            print(run.traceback, end="", file=sys.stderr)
+        print(f"syncfree-xla check: {args.script} failed (status {run.exit_code}) before "
+              "its steps were measured", file=sys.stderr)
+        return 2
+    measured = (run.steps_run or 0) - args.warmup
+    if not starts or measured < args.steps:
+        print(f"syncfree-xla check: {args.script} ran {run.steps_run or 0} step(s) of a "
+              f"function compiled with syncfree_xla; --warmup {args.warmup} and --steps "
+              f"{args.steps} need {args.warmup + args.steps}", file=sys.stderr)
+        return 2
+    measurement = testing.between(starts[0], end, measured, args.warmup, run.report)
+    problems = testing.budget_problems(
+        measurement, max_syncs_per_step=args.max_syncs, max_compiles=args.max_compiles,
+        max_recompiles=args.max_recompiles, max_executions_per_step=args.max_executions,
+        max_graph_breaks=args.max_graph_breaks)
+    if args.baseline:
+        path = Path(args.baseline)
+        try:
+            if args.update:
+                testing.write_baseline(path, {name: measurement.counters()})
+            else:
+                recorded = testing.read_baseline(path).get(name)
+                if recorded is not None:
+                    problems += testing.compare_with_baseline(measurement, recorded)
+        except (OSError, ValueError) as e:
+            print(f"syncfree-xla check: {e}", file=sys.stderr)
+            return 2
+    counts = ", ".join(f"{k}={v:g}" for k, v in measurement.counters().items())
+    if args.junit_xml:
+        write_junit(Path(args.junit_xml), name,
+                    testing.failure_message(measurement, problems) if problems else None)
+    if problems:
+        print(testing.failure_message(measurement, problems), file=sys.stderr)
+        return 1
+    print(f"syncfree-xla check: {name}: within budget ({counts})")
+    return 0
+
+
+def write_junit(path: Path, name: str, failure: str | None) -> None:
+    """One test case, failed with ``failure`` or passed, as JUnit XML."""
+    from xml.etree import ElementTree
+
+    suite = ElementTree.Element("testsuite", name="syncfree-xla check", tests="1",
+                                failures="1" if failure else "0")
+    case = ElementTree.SubElement(suite, "testcase", classname="syncfree-xla check",
+                                  name=name)
+    if failure:
+        element = ElementTree.SubElement(case, "failure",
+                                         message=failure.splitlines()[1].strip())
+        element.text = failure
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ElementTree.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+
+
+# ---------------------------------------------------------------------------
 # Entry point
 
 COMMAND_GROUPS: list[Callable[[Subparsers], None]] = [
-    add_cache_commands, add_bench_commands, add_explain_commands,
+    add_cache_commands, add_bench_commands, add_explain_commands, add_check_commands,
 ]
 
 

@@ -18,9 +18,6 @@ session of the environment.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -97,16 +94,12 @@ def syncfree_budget(request: pytest.FixtureRequest) -> SyncfreeBudget:
 
 
 def _read(path: Path) -> dict[str, dict[str, float]]:
+    from xla_backend import testing
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise pytest.UsageError(f"--syncfree-baseline {path}: cannot read it ({e})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise pytest.UsageError(f"--syncfree-baseline {path}: not a baseline written by "
-                                "--syncfree-update (a JSON object of test ids)")
-    return data
+        return testing.read_baseline(path)
+    except ValueError as e:
+        raise pytest.UsageError(f"--syncfree-baseline: {e}") from None
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -115,16 +108,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     results = config.stash.get(_RESULTS, {})
     if not (path and config.getoption("--syncfree-update") and results):
         return
-    path = Path(path)
-    merged = {**_read(path), **results}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # written whole or not at all: a temporary file renamed over the old one
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    from xla_backend import testing
+
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dict(sorted(merged.items())), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        testing.write_baseline(Path(path), results)
+    except ValueError as e:
+        raise pytest.UsageError(f"--syncfree-baseline: {e}") from None

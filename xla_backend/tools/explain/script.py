@@ -51,17 +51,21 @@ class _StepCounter:
     function is wrapped with ``functools.wraps``.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_step: Callable[[int], None] | None = None) -> None:
         self.limit = limit
         self.most = 0
         self._calls: dict[int, int] = {}
+        self._on_step = on_step
 
     def tick(self, key: int) -> None:
         calls = self._calls.get(key, 0)
         if calls >= self.limit:
             raise StepLimitReached(f"stopped after {self.limit} steps")
         self._calls[key] = calls + 1
-        self.most = max(self.most, calls + 1)
+        if calls + 1 > self.most:
+            self.most = calls + 1
+            if self._on_step is not None:
+                self._on_step(self.most)
 
     def wrap(self, compiled: Any) -> Any:
         key = id(compiled)
@@ -112,19 +116,22 @@ def _as_main(script: str, argv: Sequence[str]) -> Iterator[None]:
 
 
 def run_script(path: str | os.PathLike[str], argv: Sequence[str] = (),
-               steps: int | None = None) -> ScriptRun:
+               steps: int | None = None,
+               on_step: Callable[[int], None] | None = None) -> ScriptRun:
     """Runs a user's script as ``__main__`` inside an :class:`ExplainSession`.
 
     The script needs no change: every ``torch.compile(..., backend="syncfree_xla")``
     in it is recorded. With ``steps``, the script is stopped once any function it
-    compiled with syncfree_xla is about to be called the ``steps + 1``-th time.
+    compiled with syncfree_xla is about to be called the ``steps + 1``-th time, and
+    ``on_step(n)`` is called just before step ``n`` starts (the first call that makes
+    some compiled function's count ``n``), as ``syncfree-xla check`` measures from one.
     An exception from the script is returned (with its traceback), not raised.
     Raises FileNotFoundError when ``path`` is not a file.
     """
     script = os.path.abspath(os.fspath(path))
     if not Path(script).is_file():
         raise FileNotFoundError(f"no such script: {os.fspath(path)}")
-    counter = _StepCounter(steps) if steps is not None else None
+    counter = _StepCounter(steps, on_step) if steps is not None else None
     real_compile = counter.install() if counter is not None else None
     error: BaseException | None = None
     exit_code = 0
