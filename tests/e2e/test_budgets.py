@@ -56,6 +56,12 @@ def _step(xla, read_loss: bool):
     return torch.compile(step, backend="syncfree_xla"), batches
 
 
+def test_the_plugin_knows_every_budget():
+    from xla_backend.tools import pytest_plugin
+
+    assert set(pytest_plugin.BUDGET_KEYS) == set(testing.COUNTERS.values())
+
+
 def test_a_syncfree_step_is_within_budget(xla):
     step, batches = _step(xla, read_loss=False)
     counts = testing.measure(step, batches, warmup=3)

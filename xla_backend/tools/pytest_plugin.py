@@ -25,9 +25,11 @@ from typing import Any
 import pytest
 
 MARKER = "syncfree"
-_BUDGET_KEYS = ("max_syncs_per_step", "max_compiles", "max_recompiles",
-                "max_executions_per_step", "max_graph_breaks")
-_RUN_KEYS = ("warmup", "steps")
+#: ``xla_backend.testing.COUNTERS``' budget keywords, spelled out so that loading the plugin
+#: imports no torch (a test keeps the two equal).
+BUDGET_KEYS = ("max_syncs_per_step", "max_compiles", "max_recompiles",
+               "max_executions_per_step", "max_graph_breaks")
+RUN_KEYS = ("warmup", "steps")
 _RESULTS = pytest.StashKey[dict]()
 
 
@@ -57,13 +59,13 @@ class SyncfreeBudget:
         self._request = request
         marker = request.node.get_closest_marker(MARKER)
         kwargs = dict(marker.kwargs) if marker is not None else {}
-        unknown = sorted(set(kwargs) - set(_BUDGET_KEYS) - set(_RUN_KEYS))
+        unknown = sorted(set(kwargs) - set(BUDGET_KEYS) - set(RUN_KEYS))
         if marker is not None and marker.args:
             unknown.append(f"positional arguments {marker.args!r}")
         if unknown:
             raise pytest.UsageError(
                 f"@pytest.mark.{MARKER} on {request.node.nodeid}: unknown {', '.join(unknown)}"
-                f"; accepted: {', '.join(_RUN_KEYS + _BUDGET_KEYS)}")
+                f"; accepted: {', '.join(RUN_KEYS + BUDGET_KEYS)}")
         self.warmup = kwargs.pop("warmup", 3)
         self.steps = kwargs.pop("steps", None)
         self.budget = kwargs
