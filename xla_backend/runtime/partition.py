@@ -84,7 +84,7 @@ def _touches_device(node: torch.fx.Node) -> bool:
 def unsupported_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """The nodes of ``gm`` on the XLA device whose op has no XLA lowering.
 
-    Ops on host (CPU) values are left out: graph_split runs those eagerly anyway.
+    Ops on host (CPU) values are left out: ``lower.split`` runs those eagerly anyway.
     """
     return [node for node in gm.graph.nodes
             if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)

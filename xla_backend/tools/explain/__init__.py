@@ -11,7 +11,7 @@ A sync-free step is only as good as the proof that it is one. Counting host sync
   sizes a tensor, an op cannot take a 0-d tensor...);
 * for each of its AOTAutograd graphs (forward / backward / inference), whether it runs
   as one XLA computation or op by op, and the sync points that decided so
-  (``graph_split`` is asked the same question lowering asks);
+  (``lower.split`` is asked the same question lowering asks);
 * ``GradScaler`` steps taken with the masked, branch-free step (no host read) or the
   stock one (one host read), and why;
 * graph breaks (``torch._dynamo.graph_break_reasons``) and recompiles with the guard
