@@ -236,11 +236,11 @@ def programs(draw: Callable) -> Program:
     schedule = draw(st.sampled_from(SCHEDULES))
     if flags.get("capturable") and not whole_step:
         # Run eagerly (after a compiled model), the optimizer is torch's alone: torch
-        # refuses a capturable foreach step on XLA (foreach=None picks foreach there),
-        # and its capturable Adam divides 0 by -0 at lr = 0 (pytorch#126514; the
-        # compiled step is fixed by passes.fold_step_size_last)
+        # refuses a capturable foreach step on XLA (foreach=None picks foreach there) and
+        # any capturable Adadelta step there, and its capturable Adam divides 0 by -0 at
+        # lr = 0 (pytorch#126514; the compiled step is fixed by fold_step_size_last)
         flags["foreach"] = False
-        if schedule == "from_zero":
+        if schedule == "from_zero" or name == "Adadelta":
             flags["capturable"] = False
     if flags.get("nesterov"):
         flags["momentum"] = 0.9  # nesterov needs momentum (the default's too)
