@@ -9,9 +9,8 @@ from typing import Any, Callable
 import torch
 import torch_xla
 import torch_xla.core.xla_model as xm
-from torch._dynamo.utils import counters
 
-from xla_backend import xla_metrics
+from xla_backend import testing
 
 
 def settle() -> None:
@@ -43,8 +42,8 @@ class MetricWindow:
 
     @staticmethod
     def _read() -> tuple[int, int, int, int]:
-        return (xla_metrics.compiles(), xla_metrics.device_to_host_transfers(),
-                xla_metrics.executions(), int(counters["stats"]["unique_graphs"]))
+        now = testing.snapshot()
+        return (now.compiles, now.syncs, now.executions, now.dynamo_graphs)
 
 
 def warm_then_measure(one: Callable[[int], None], warmup: int, steps: int) -> MetricWindow:

@@ -170,13 +170,12 @@ TRAIN_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _check(tmp_path, *args: str) -> int:
+def _check(tmp_path, *options: str, script_args: tuple[str, ...] = ()) -> int:
     from xla_backend.tools import cli
 
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
-    return cli.main(["check", *args, str(script)] if "--" not in args else
-                    ["check", *args[:args.index("--")], str(script), *args[args.index("--"):]])
+    return cli.main(["check", *options, str(script), "--", *script_args])
 
 
 def test_check_passes_a_syncfree_script(xla, tmp_path, capsys):
@@ -187,7 +186,7 @@ def test_check_passes_a_syncfree_script(xla, tmp_path, capsys):
 
 def test_check_fails_a_syncing_script_naming_the_line_and_writes_junit(xla, tmp_path, capsys):
     junit = tmp_path / "reports" / "check.xml"
-    assert _check(tmp_path, "--junit-xml", str(junit), "--", "--read") == 1
+    assert _check(tmp_path, "--junit-xml", str(junit), script_args=("--read",)) == 1
     err = capsys.readouterr().err
     assert "syncs_per_step: 1 > 0 allowed" in err
     assert "train.py:14" in err, err

@@ -116,7 +116,6 @@ def _scope() -> Iterator[None]:
             stack.enter_context(grad_scaler.masked_step())
             stack.enter_context(step_counters.counters_on_device_when_traced())
             stack.enter_context(_adafactor_groups_by_dtype())
-            stack.enter_context(_quiet_profiler_notice())
             _scope_stack = stack
         _scope_depth += 1
     try:
@@ -130,31 +129,22 @@ def _scope() -> Iterator[None]:
 
 
 class _DropProfilerNotice(logging.Filter):
-    """Drops Dynamo's "Profiler function ... will be ignored" (see _quiet_profiler_notice)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg != _PROFILER_NOTICE
-
-
-_PROFILER_NOTICE = "Profiler function %s will be ignored"
-_PROFILER_NOTICE_LOGGER = "torch._dynamo.variables.torch"
-
-
-@contextlib.contextmanager
-def _quiet_profiler_notice() -> Iterator[None]:
     """Keeps a warning every user of a torch optimizer would get off stderr.
 
     ``Optimizer.step`` runs inside ``torch.autograd.profiler.record_function``, which
     Dynamo leaves out of the graph with a warning: nothing the user wrote or can
     change, and nothing is lost (profiling a compiled step works as for any backend).
+    Installed once on Dynamo's logger (:func:`install`); it drops the line only while
+    one of our calls runs, so other backends still get it, and costs no call of ours.
     """
-    logger = logging.getLogger(_PROFILER_NOTICE_LOGGER)
-    drop = _DropProfilerNotice()
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _scope_depth == 0 or record.msg != _PROFILER_NOTICE
+
+
+_PROFILER_NOTICE = "Profiler function %s will be ignored"
+_PROFILER_NOTICE_LOGGER = "torch._dynamo.variables.torch"
+_DROP_PROFILER_NOTICE = _DropProfilerNotice()
 
 
 @contextlib.contextmanager
@@ -294,6 +284,9 @@ def install(backend: Callable[..., Any]) -> None:
     """
     backend.backend_ctx_ctor = backend_ctx  # type: ignore[attr-defined]
     setattr(backend, _MARK, True)
+    profiler_logger = logging.getLogger(_PROFILER_NOTICE_LOGGER)
+    if _DROP_PROFILER_NOTICE not in profiler_logger.filters:
+        profiler_logger.addFilter(_DROP_PROFILER_NOTICE)
     if installed():
         return
     if "__getattr__" in WrapBackendDebug.__dict__:

@@ -3,47 +3,33 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1; the error names the bad text."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(convert: Callable[[str], N], ok: Callable[[N], bool],
+            what: str) -> Callable[[str], N]:
+    """An argparse type: ``convert(text)`` if ``ok`` of it, else an error naming the text."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """A number > 0; the error names the bad text."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An integer >= 0; the error names the bad text."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A number >= 0; the error names the bad text."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+#: An integer >= 1.
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+#: A number > 0.
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+#: An integer >= 0.
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+#: A number >= 0 (not NaN).
+non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
