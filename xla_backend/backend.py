@@ -31,7 +31,7 @@ configure_pjrt()
 
 # torch_xla must see PJRT_DEVICE before it is imported
 from .cache import graph_cache  # noqa: E402
-from .runtime import compile_pool, partition, rng_state  # noqa: E402
+from .runtime import compile_pool, partition, rng_state, step  # noqa: E402
 from .runtime.graph import xla_device  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ class SyncfreeXla:
         compile_pool.reset()
         warn_once.reset_all()
         pass_pipeline.reset()
+        step.joiner.reset()
 
 
 #: The backend instance the ``torch_dynamo_backends`` entry point names.
@@ -174,3 +175,5 @@ syncfree_xla = SyncfreeXla()
 
 # Dynamo settings for our frames only (float lr as an input, captured .item()).
 dynamo_scope.install(syncfree_xla)
+# The end of a compiled call is where a joined step runs (runtime.step, rule 1).
+dynamo_scope.RETURN_HOOKS.append(step.joiner.returned)

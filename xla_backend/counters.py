@@ -17,6 +17,11 @@ EAGER_FALLBACKS = "eager_fallbacks"
 GRAPHS_PARTITIONED = "graphs_partitioned"
 OP_FALLBACK_EXECUTIONS = "op_fallback_executions"
 INPUT_MATERIALIZATIONS = "input_materializations"
+# With join_graphs: steps run as one computation, and the graph calls they joined.
+STEPS_JOINED = "steps_joined"
+GRAPHS_JOINED = "graphs_joined"
+# joined steps that a host read or a host op ran in more than one execution
+STEPS_CUT = "steps_cut"
 HOST_TRANSFERS_TO_DEVICE = "host_to_device_transfers"
 DEVICE_TO_HOST_TRANSFERS = "device_to_host_transfers"
 COMPILE_SECONDS = "compile_seconds"

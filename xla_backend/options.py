@@ -65,6 +65,8 @@ _SPECS: dict[str, _Spec] = {
                              int, lambda v: v is None or v > 0, "a positive integer"),
     "async_dispatch": _Spec(bool, True, "return from a step as soon as its work is enqueued",
                             _parse_bool, accepted="True or False"),
+    "join_graphs": _Spec(bool, False, "run a step's graphs as one XLA computation",
+                         _parse_bool, accepted="True or False"),
     "syncfree_passes": _Spec(bool, True, "rewrite host syncs out of the graphs", _parse_bool,
                              accepted="True or False"),
     "fallback": _Spec(str, "warn", "what to do with a graph XLA cannot run as one computation",
@@ -79,6 +81,7 @@ class Options:
     cache_max_bytes: int = _SPECS["cache_max_bytes"].default
     compile_threads: int | None = _SPECS["compile_threads"].default
     async_dispatch: bool = _SPECS["async_dispatch"].default
+    join_graphs: bool = _SPECS["join_graphs"].default
     syncfree_passes: bool = _SPECS["syncfree_passes"].default
     fallback: str = _SPECS["fallback"].default
 

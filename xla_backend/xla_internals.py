@@ -87,11 +87,21 @@ def graph_hash(tensors: Sequence[torch.Tensor]) -> Any:
     return _XLAC._get_graph_hash(list(tensors))
 
 
+def computation_from_hlo(name: str, hlo: bytes) -> Any:
+    """The HLO module proto ``hlo`` as a computation torch_xla can apply to tensors."""
+    return _XLAC._xla_op_computation_from_module_proto(name, hlo)
+
+
+def apply_computation(name: str, computation: Any,
+                      operands: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``computation`` applied to ``operands`` as one lazy-IR node named ``name``."""
+    return list(_XLAC._xla_user_computation("xla::" + name, list(operands), computation))
+
+
 def user_computation(name: str, hlo: bytes,
                      operands: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``hlo`` applied to ``operands`` as one lazy-IR node named ``name``."""
-    computation = _XLAC._xla_op_computation_from_module_proto(name, hlo)
-    return list(_XLAC._xla_user_computation("xla::" + name, list(operands), computation))
+    return apply_computation(name, computation_from_hlo(name, hlo), operands)
 
 
 def compile(tensors: Sequence[torch.Tensor]) -> None:
@@ -161,8 +171,10 @@ def spmd_config_locked() -> bool:
 
 
 __all__ = [
+    "apply_computation",
     "clear_sharding",
     "compile",
+    "computation_from_hlo",
     "counters",
     "device_data",
     "device_data_cache",

@@ -662,8 +662,11 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
             params.append((kind, operands[k] if kind == "const" else value))
         graph_hash = xla_internals.graph_hash(results)
         counters.incr(counters.GRAPHS_LOWERED)
+        hlo_params = [(kind, operands[k] if kind == "const" else value)
+                      for k, (kind, value) in enumerate(entry.params)]
         return (Executable(graph_hash, params, outputs,
-                           dtypes=tuple(d for _, d in entry.computed)),
+                           dtypes=tuple(d for _, d in entry.computed),
+                           hlo=entry.hlo, hlo_params=hlo_params),
                 list(results))
 
 

@@ -68,7 +68,7 @@ from . import grad_scaler, step_counters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DYNAMO_SETTINGS", "backend_ctx", "install", "installed"]
+__all__ = ["DYNAMO_SETTINGS", "RETURN_HOOKS", "backend_ctx", "install", "installed", "running"]
 
 #: The Dynamo settings our frames are traced with (see the module docstring).
 DYNAMO_SETTINGS: dict[str, Any] = {
@@ -95,6 +95,9 @@ def _enabled(options: Mapping[str, Any] | None) -> bool:
 _scope_lock = threading.Lock()
 _scope_depth = 0
 _scope_stack: contextlib.ExitStack | None = None
+#: Called with no argument each time the last of our running calls returns: the end of
+#: a compiled step, which the runtime joins into one computation (``runtime.step``).
+RETURN_HOOKS: list[Callable[[], None]] = []
 
 
 @contextlib.contextmanager
@@ -120,12 +123,30 @@ def _scope() -> Iterator[None]:
         _scope_depth += 1
     try:
         yield
-    finally:
-        with _scope_lock:
-            _scope_depth -= 1
-            if _scope_depth == 0 and _scope_stack is not None:
-                _scope_stack.close()
-                _scope_stack = None
+    except BaseException:
+        _leave()
+        raise
+    if _leave():
+        for hook in list(RETURN_HOOKS):
+            hook()
+
+
+def running() -> bool:
+    """Whether one of our compiled calls is running (on any thread)."""
+    with _scope_lock:
+        return _scope_depth > 0
+
+
+def _leave() -> bool:
+    """One of our calls returned; whether it was the last one running."""
+    global _scope_depth, _scope_stack
+    with _scope_lock:
+        _scope_depth -= 1
+        last = _scope_depth == 0
+        if last and _scope_stack is not None:
+            _scope_stack.close()
+            _scope_stack = None
+    return last
 
 
 class _DropProfilerNotice(logging.Filter):

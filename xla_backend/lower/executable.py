@@ -11,7 +11,7 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -61,6 +61,30 @@ class Executable:
     dtypes: tuple[torch.dtype, ...] = ()
     # (output index, dtype) for each replayed output to cast back; found on the first run
     casts: list[tuple[int, torch.dtype]] | None = None
+    # The HLO module and what feeds each of its parameters (``params``' kinds, in HLO
+    # order): a step joined into one computation applies it as a lazy-IR node.
+    hlo: bytes | None = None
+    hlo_params: list[tuple[str, Any]] = field(default_factory=list)
+    _computation: Any = field(default=None, repr=False)
+
+    def apply(self, operands: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The HLO applied to ``operands`` (in HLO parameter order): lazy results, no run.
+
+        The results join whatever lazy IR reads them, and compile with it at the next
+        sync. The node's hash covers the HLO module (see :func:`run_hlo`).
+        """
+        if self._computation is None:
+            self._computation = xla_internals.computation_from_hlo(self.name, self.hlo)
+        return xla_internals.apply_computation(self.name, self._computation, operands)
+
+    @property
+    def name(self) -> str:
+        return hlo_name(self.hlo or b"")
+
+
+def hlo_name(hlo: bytes) -> str:
+    """The name a graph's computation has in torch_xla's IR: one per HLO module."""
+    return "syncfree_graph_" + hashlib.sha256(hlo).hexdigest()[:32]
 
 
 @contextlib.contextmanager
@@ -107,7 +131,7 @@ def run_hlo(hlo: bytes, operands: list[torch.Tensor]) -> tuple[list[torch.Tensor
     second would replay the first's executable: a silently wrong result. A user
     computation's hash covers the HLO module, whose parameters say exactly that.
     """
-    name = "syncfree_graph_" + hashlib.sha256(hlo).hexdigest()[:32]
+    name = hlo_name(hlo)
     ids = {xla_internals.tensor_id(t): k for k, t in enumerate(operands)}
     results = xla_internals.user_computation(name, hlo, operands)
     param_ids, _ = xla_internals.device_data(results)
@@ -123,6 +147,7 @@ __all__ = [
     "Value",
     "any_symbolic",
     "constants_as_buffers",
+    "hlo_name",
     "placeholder_tensor",
     "run_hlo",
     "trace_lock",

@@ -159,7 +159,8 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
             spmd.copy_sharding(standins[position], computed[value.index])
     counters.incr(counters.GRAPHS_LOWERED)
     exe = Executable(xla_internals.graph_hash(computed), [kinds[k] for k in order],
-                     output_values, dtypes=tuple(t.dtype for t in tensors))
+                     output_values, dtypes=tuple(t.dtype for t in tensors),
+                     hlo=hlo, hlo_params=kinds)
     return Trace(exe, computed, hlo, kinds, [(tuple(t.shape), t.dtype) for t in tensors])
 
 

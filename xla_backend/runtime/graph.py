@@ -25,11 +25,19 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from .. import counters, spmd, xla_internals
 from ..cache import graph_cache
 from ..errors import DeviceMismatchError
-from ..lower.executable import Computed, Executable, Input, any_symbolic, trace_lock
+from ..lower.executable import (
+    Computed,
+    Executable,
+    Input,
+    any_symbolic,
+    constants_as_buffers,
+    placeholder_tensor,
+    trace_lock,
+)
 from ..lower.split import OutputSlot, SplitGraph, split
 from ..lower.trace import OpsFellBackInTrace, trace
 from ..options import Options, resolve
-from . import compile_pool
+from . import compile_pool, step
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,9 @@ def trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
     """A stored entry for this graph and inputs, else a trace that is stored; then a compile.
 
     A hit skips tracing and HLO lowering; on CPU the XLA compile itself still runs. The
-    compile runs on the runtime's pool and ``exe.ready`` says when it is done.
+    compile runs on the runtime's pool and ``exe.ready`` says when it is done. With
+    ``join_graphs`` the graph compiles as part of its step instead, so nothing is
+    compiled here (:func:`start_compile` does it if the graph ever runs alone).
     """
     options = options if options is not None else resolve(None)
     found = graph_cache.lookup(device_gm, inputs, device, options, pinned)
@@ -68,11 +78,28 @@ def trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
         traced = trace(device_gm, inputs, device, pinned)
         exe, to_compile = traced.executable, traced.to_compile
         found.store(traced)
-    if to_compile and exe.ready is None:
+    # a computation that reads no buffer cannot be a lazy node of its own: it runs alone
+    if to_compile and exe.ready is None and not (options.join_graphs and exe.hlo_params):
         exe.ready = compile_pool.compile_once(
             _hash_key(exe.graph_hash), lambda: _compile_and_release(to_compile),
             options.resolved_compile_threads())
     return exe
+
+
+def start_compile(exe: Executable, feed: list[Any], device: torch.device,
+                  options: Options) -> None:
+    """Starts the compile of a graph traced without one (under ``join_graphs``).
+
+    ``feed`` is what the graph is about to run on, in HLO parameter order: stand-ins of
+    its shapes and shardings make the lazy node to compile, as a trace would.
+    """
+    with trace_lock, torch.no_grad(), constants_as_buffers(special_scalars=True):
+        standins = [placeholder_tensor(t, device) if kind == "input" else t
+                    for (kind, _), t in zip(exe.hlo_params, feed)]
+        to_compile = exe.apply(standins)
+    exe.ready = compile_pool.compile_once(
+        _hash_key(exe.graph_hash), lambda: _compile_and_release(to_compile),
+        options.resolved_compile_threads())
 
 
 def _compile_and_release(tensors: list[torch.Tensor]) -> None:
@@ -140,14 +167,16 @@ def _check_writable(view: torch.Tensor, position: int, name: str) -> None:
         )
 
 
-def _write_back(t: torch.Tensor, value: torch.Tensor, is_view: bool) -> None:
+def _write_back(t: torch.Tensor, value: torch.Tensor, through: bool) -> None:
     """Gives an input updated in place its new value.
 
     A whole tensor is rebound to the computation's output buffer, free of any copy.
-    A view is written through (a lazy ``copy_``), so that its base and sibling views
-    see the update too.
+    ``through``: written through instead (a lazy ``copy_``), as a view must be, so that
+    its base and sibling views see the update too; and as a joined step does, whose
+    sync then updates the tensor's buffer in place (torch_xla aliases an in-place
+    update's result to the buffer it replaces).
     """
-    if is_view:
+    if through:
         with torch.no_grad():
             t.copy_(value)
     else:
@@ -161,7 +190,9 @@ class LoweredGraph:
                  name: str = "graph", options: Options | None = None) -> None:
         self.name = name
         self._options = options  # where and whether the graph cache keeps entries
-        self._async_dispatch = (options if options is not None else resolve(None)).async_dispatch
+        resolved = options if options is not None else resolve(None)
+        self._async_dispatch = resolved.async_dispatch
+        self._join = resolved.join_graphs
         self._split: SplitGraph = split(gm)
         self._device = torch_xla.device()
         self._executables: dict[tuple, Executable] = {}
@@ -256,22 +287,34 @@ class LoweredGraph:
         exe = self._executable_for(args, host_values, at_call=True)
         dev_inputs = self._device_inputs(args, host_values)
         computed: list[Any] = []
+        joined = False
         if exe.op_by_op:
             counters.incr(counters.EAGER_FALLBACKS)
             with torch.no_grad():
                 computed = list(self._split.device(*dev_inputs))
             exe = Executable(None, [], [Computed(i) for i in range(len(computed))])
+        elif exe.graph_hash is not None and self._join and exe.hlo_params:
+            feed = [dev_inputs[value] if kind == "input" else value
+                    for kind, value in exe.hlo_params]
+            _to_device_data(feed, self._device)
+            step.joiner.before(id(self), self._device)
+            computed = exe.apply(feed)
+            joined = True
         elif exe.graph_hash is not None:
             feed = [dev_inputs[value] if kind == "input" else value
                     for kind, value in exe.params]
             _to_device_data(feed, self._device)
-            if exe.ready is not None:
-                compile_pool.wait_compiled(exe.ready)
+            if exe.ready is None:
+                start_compile(exe, [dev_inputs[value] if kind == "input" else value
+                                    for kind, value in exe.hlo_params],
+                              self._device, self._options or resolve(None))
+            compile_pool.wait_compiled(exe.ready)
             _materialize(feed, self._device)
             computed = compile_pool.timed_wait(
                 lambda: xla_internals.run_cached(exe.graph_hash, feed))
             counters.incr(counters.EXECUTIONS)
             compile_pool.dispatched(computed, self._async_dispatch)
+        if computed and exe.graph_hash is not None:
             if exe.casts is None:
                 exe.casts = [(k, d) for k, (c, d) in enumerate(zip(computed, exe.dtypes))
                              if c.dtype != d]
@@ -284,7 +327,11 @@ class LoweredGraph:
             for v in exe.output_values
         ]
         for arg_index, out_index in split_.device_mutations.items():
-            _write_back(args[arg_index], device_results[out_index], arg_index in views)
+            # joined: written through, so the step's one sync can donate the old buffer
+            _write_back(args[arg_index], device_results[out_index],
+                        through=arg_index in views or joined)
+        if joined:
+            step.joiner.after(id(self), self.name, self._device, wait=not self._async_dispatch)
         outs = [self._output(slot, args, host_values, device_results) for slot in split_.outputs]
         return outs if split_.output_is_sequence else outs[0]
 

@@ -44,6 +44,7 @@ from ..lower.split import UnsplittableGraph
 from ..lower.trace import OpsFellBackInTrace
 from ..options import Options
 from ..warn_once import WarnOnce
+from . import step
 from .graph import LoweredGraph, xla_device
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,9 @@ class PartitionedGraph:
                 return torch.device("cpu")
             return v
 
+        # the joined step so far runs first, as one execution: the copies below then
+        # read buffers instead of running the pending IR they depend on a second time
+        step.joiner.flush(self._device, cut=True)
         args, kwargs = pytree.tree_map(to_host, (args, kwargs))
         result = node.target(*args, **kwargs)
         leaves, spec = pytree.tree_flatten(result)

@@ -168,6 +168,10 @@ class ExplainReport:
     host_syncs_per_call: list[int] = field(default_factory=list)
     xla_compiles: int = 0
     op_by_op_runs: int = 0
+    steps_joined: int = 0  # steps run as one computation (join_graphs)
+    graphs_joined: int = 0  # graph calls those steps joined
+    steps_cut: int = 0  # joined steps a host read or a host op ran in parts
+    last_step: list[str] = field(default_factory=list)  # the graphs the last step joined
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -204,6 +208,7 @@ class ExplainReport:
             f"graph breaks: {sum(b.count for b in self.graph_breaks)}; "
             f"recompiles: {len(self.recompiles)}",
         ]
+        lines.append("  " + self._steps_line())
         lines += [f"  note: {note}" for note in self.notes]
         if self.graphs:
             lines += ["", "Graphs"]
@@ -216,6 +221,22 @@ class ExplainReport:
         lines += ["", "Recompiles" + ("" if self.recompiles else ": none")]
         lines += [_indent(str(r), "  ") for r in self.recompiles]
         return "\n".join(lines)
+
+
+    def _steps_line(self) -> str:
+        """Whether the steps ran as one computation each, which graphs, and why not."""
+        if not self.steps_joined:
+            return ("one computation per step: no step was joined (join_graphs is off, "
+                    "or no graph ran): each graph runs as an execution of its own")
+        per_step = self.graphs_joined / self.steps_joined
+        text = (f"one computation per step: {self.steps_joined} steps joined into one XLA "
+                f"computation each, of {per_step:.1f} graph calls on average")
+        if self.last_step:
+            text += f"; the last one joined {', '.join(self.last_step)}"
+        if self.steps_cut:
+            text += (f"; {self.steps_cut} steps were cut into more executions by a host "
+                     f"read or an op that runs on the host (see the sync points below)")
+        return text
 
 
 def _indent(text: str, prefix: str) -> str:

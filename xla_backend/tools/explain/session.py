@@ -21,6 +21,7 @@ from passes import pipeline as pass_pipeline
 
 from ... import backend, counters, xla_metrics
 from ...dynamo import grad_scaler
+from ...runtime import step
 from . import dynamo_records
 from .analysis import DynamoRecord, aten_graph_report, dynamo_sync_points
 from .location import frames_from_summaries, innermost
@@ -56,10 +57,10 @@ class ExplainSession:
         self._breaks_before: list[Any] = []
         self._breaks: list[Any] = []
         self._per_call: list[int] = []
-        self._start: tuple[int, int, float] = (0, 0, 0.0)
+        self._start: tuple[float, ...] = (0,) * 6
         self._compile_syncs = 0
         self._compile_start: int | None = None
-        self._end: tuple[int, int, float] | None = None
+        self._end: tuple[float, ...] | None = None
         self._active = False
 
     # -- lifetime
@@ -108,9 +109,11 @@ class ExplainSession:
             self._per_call.append(xla_metrics.device_to_host_transfers() - before)
 
     @staticmethod
-    def _counts() -> tuple[int, int, float]:
+    def _counts() -> tuple[float, ...]:
         return (xla_metrics.device_to_host_transfers(), xla_metrics.compiles(),
-                counters.counter(counters.EAGER_FALLBACKS))
+                counters.counter(counters.EAGER_FALLBACKS),
+                counters.counter(counters.STEPS_JOINED), counters.counter(counters.GRAPHS_JOINED),
+                counters.counter(counters.STEPS_CUT))
 
     # -- hooks (called by Dynamo, backend.py and passes/pipeline.py)
 
@@ -218,6 +221,10 @@ class ExplainSession:
                 host_syncs_per_call=list(self._per_call),
                 xla_compiles=end[1] - self._start[1],
                 op_by_op_runs=int(end[2] - self._start[2]),
+                steps_joined=int(end[3] - self._start[3]),
+                graphs_joined=int(end[4] - self._start[4]),
+                steps_cut=int(end[5] - self._start[5]),
+                last_step=step.joiner.last_step(),
             )
             if self._orphans:
                 report.graphs.append(GraphReport("?", "", None, "an unknown point", True,

@@ -1,0 +1,190 @@
+"""``join_graphs``: a training step's graphs run as one XLA computation.
+
+What must hold with the option on: after warm-up, each step of the plain loop, loop A
+(clip + scheduler) and loop B (GradScaler) is exactly one XLA execution, with no host
+sync and no compile, and the numbers are eager's (losses, parameters, optimizer state).
+torch_xla's own metrics count the executions. Without the option (the default), a step
+is one execution per graph, as the rest of the suite checks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.xla_helpers import (
+    MetricWindow,
+    assert_same_optimizer_state,
+    assert_same_state,
+    settle,
+    twin,
+)
+from xla_backend import counters
+from xla_backend.tools import workloads
+from xla_backend.tools.explain import ExplainSession
+
+JOIN = {"join_graphs": True}
+WARMUP, STEPS = 3, 8
+
+
+def _loop(kind: str, model: torch.nn.Module, device: torch.device):
+    """The loop's optimizer and a step taking the batch; the CPU twin gets its own."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if kind == "plain":
+        return opt, lambda step, x, y: step(model, opt, x, y)
+    if kind == "A":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        return opt, lambda step, x, y: step(model, opt, x, y, scheduler=sched)
+    scaler = workloads.make_grad_scaler(device, init_scale=2.0**8, growth_interval=2)
+    return opt, lambda step, x, y: step(model, opt, scaler, x, y)
+
+
+STEP_FNS = {"plain": workloads.train_step, "A": workloads.train_step_clip,
+            "B": workloads.train_step_amp}
+
+
+@pytest.mark.parametrize("kind", ["plain", "A", "B"])
+def test_each_loop_is_one_execution_per_step_with_eager_numbers(xla, kind):
+    work = workloads.get_workload("mlp", hidden=48)
+    model, reference = twin(work.build_model(), xla)
+    opt, run = _loop(kind, model, xla)
+    ref_opt, ref_run = _loop(kind, reference, torch.device("cpu"))
+    compiled = torch.compile(STEP_FNS[kind], backend="syncfree_xla", options=JOIN)
+    got, want = [], []
+    for i in range(WARMUP):
+        got.append(run(compiled, *work.make_batch(i, xla)))
+        want.append(ref_run(STEP_FNS[kind], *work.make_batch(i)))
+    with MetricWindow() as window:
+        for i in range(WARMUP, STEPS):
+            got.append(run(compiled, *work.make_batch(i, xla)))
+            want.append(ref_run(STEP_FNS[kind], *work.make_batch(i)))
+    steps = STEPS - WARMUP
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles, window.counts.dynamo_graphs) == (steps, 0, 0, 0), window.counts
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
+    assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
+
+
+def test_adam_with_param_groups_and_a_changing_lr_matches_eager(xla):
+    """Issue 12's first bug, joined: two groups, an lr that changes at every step."""
+    def build(device):
+        torch.manual_seed(0)
+        a, b = torch.nn.Linear(6, 3), torch.nn.Linear(3, 1)
+        a, b = a.to(device), b.to(device)
+        opt = torch.optim.AdamW([{"params": a.parameters(), "weight_decay": 0.1},
+                                 {"params": b.parameters(), "weight_decay": 0.0}], lr=0.05)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20)
+
+        def step(x):
+            loss = b(torch.relu(a(x))).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+        return (a, b), opt, sched, step
+
+    mods, opt, sched, step = build(xla)
+    ref_mods, ref_opt, ref_sched, ref_step = build(torch.device("cpu"))
+    compiled = torch.compile(step, backend="syncfree_xla", options=JOIN)
+    for i in range(10):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(i))
+        got, want = compiled(x.to(xla)), ref_step(x)
+        sched.step()
+        ref_sched.step()
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-6)
+    settle()
+    for mod, ref in zip(mods, ref_mods):
+        assert_same_state(mod, ref, rtol=1e-4)
+    assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
+
+
+def test_compiled_model_with_an_eager_optimizer_joins_it_into_the_step(xla):
+    """``torch.compile(model)``: forward, backward and the eager optimizer's lazy ops."""
+    work = workloads.get_workload("mlp", hidden=40)
+    model, reference = twin(work.build_model(), xla)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    compiled = torch.compile(model, backend="syncfree_xla", options=JOIN)
+
+    def one(net, optimizer, i, device):
+        x, y = work.make_batch(i, device)
+        loss = workloads.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for i in range(WARMUP):
+        one(compiled, opt, i, xla)
+        one(reference, ref_opt, i, "cpu")
+    with MetricWindow() as window:
+        for i in range(WARMUP, STEPS):
+            one(compiled, opt, i, xla)
+            one(reference, ref_opt, i, "cpu")
+    # one per step; the last step's optimizer update (eager lazy ops, after the step's
+    # backward) runs at the window's closing sync instead of joining a next step
+    steps = STEPS - WARMUP
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles) == (steps + 1, 0, 0), window.counts
+    assert_same_state(model, reference, rtol=1e-4)
+
+
+def test_default_runs_each_graph_as_its_own_execution(xla):
+    """The per-graph path stays the default and the fallback: more than one per step."""
+    work = workloads.get_workload("mlp", hidden=44)
+    model = work.build_model().to(xla)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    compiled = torch.compile(workloads.train_step, backend="syncfree_xla")
+    for i in range(WARMUP):
+        compiled(model, opt, *work.make_batch(i, xla))
+    with MetricWindow() as window:
+        for i in range(WARMUP, STEPS):
+            compiled(model, opt, *work.make_batch(i, xla))
+    assert window.counts.executions >= 3 * (STEPS - WARMUP), window.counts
+    assert counters.counter(counters.STEPS_JOINED) == 0
+
+
+def test_explain_says_which_graphs_a_step_joined(xla):
+    work = workloads.get_workload("mlp", hidden=36)
+    model = work.build_model().to(xla)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    compiled = torch.compile(workloads.train_step, backend="syncfree_xla", options=JOIN)
+    with ExplainSession() as session:
+        for i in range(4):
+            compiled(model, opt, *work.make_batch(i, xla))
+    report = session.report()
+    assert report.steps_joined == 4 and report.steps_cut == 0
+    assert [name.split(" ")[0] for name in report.last_step] == [
+        "forward", "backward", "inference"]
+    assert "4 steps joined into one XLA computation each" in str(report)
+
+
+def test_a_host_read_inside_the_step_is_reported_as_a_cut(xla):
+    model = torch.nn.Linear(4, 1).to(xla)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(x):
+        loss = model(x).square().mean()
+        loss.backward()
+        print_me = float(loss)  # a host read between the backward and the update
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return print_me
+
+    compiled = torch.compile(step, backend="syncfree_xla", options=JOIN)
+    with ExplainSession() as session:
+        for _ in range(3):
+            compiled(torch.ones(2, 4, device=xla))
+    report = session.report()
+    assert report.steps_cut >= 1, str(report)
+    assert "cut into more executions by a host read" in str(report)
+
+
+def test_a_graph_that_reads_no_buffer_runs_alone(xla):
+    """A computation with no parameter cannot be a lazy node: it runs as its own."""
+    compiled = torch.compile(lambda: torch.arange(6, device=xla).float() * 2,
+                             backend="syncfree_xla", options=JOIN)
+    for _ in range(2):
+        assert compiled().cpu().tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]

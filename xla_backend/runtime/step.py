@@ -1,0 +1,146 @@
+"""Joins the graphs of one training step into one XLA computation.
+
+With ``join_graphs`` on, a compiled graph does not run when it is called: its HLO
+becomes one lazy-IR node (``Executable.apply``) fed by the step's earlier results, and
+the step's parameters and optimizer state are rebound to its outputs. At the step
+boundary one torch_xla sync compiles everything pending into one executable (cached by
+torch_xla, so a later step with the same graphs only runs it) and enqueues it. That
+sync donates each parameter's old buffer to its new value, and nothing computed inside
+the step (activations, gradients) outlives it as a buffer of its own.
+
+Where the step boundary is, in the order the rules apply:
+
+1. The compiled function returns (the last of our calls running; ``dynamo.scope``'s
+   return hook) and every forward graph joined since the last boundary has had its
+   backward: the step is run there. This is the whole-step form,
+   ``torch.compile(train_step)``.
+2. A graph that already joined since the last boundary is called again: the step
+   before ended, so it is run first. The same when an op must run on the host
+   (``runtime.partition``): the step so far runs, and counts as cut.
+3. Outside a compiled call, the graphs joined since the last boundary are exactly the
+   previous step's: the step is run right away. This is ``torch.compile(model)`` with
+   an eager optimizer, whose backward runs after the compiled call returned; the
+   optimizer's own lazy ops join the next step's computation.
+4. Anything that syncs in torch_xla (a host read, ``torch_xla.sync()``,
+   ``MpDeviceLoader``'s next batch) runs what is pending with it; a host read between
+   two graphs of a step counts the step as cut.
+
+A graph's name starts with its AOTAutograd kind (``forward``, ``backward``,
+``inference``: ``backend.py`` names them), which is how rule 1 pairs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from .. import counters, xla_internals, xla_metrics
+from ..dynamo import scope
+from ..lower.executable import trace_lock
+from . import compile_pool
+
+log = logging.getLogger(__name__)
+
+
+class StepJoiner:
+    """Tracks the graphs joined since the last step boundary, and runs the step there."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: list[tuple[int, str]] = []  # (graph id, name) joined since the boundary
+        self._previous: list[tuple[int, str]] | None = None  # the last step's
+        self._transfers: tuple[int, float] = (0, 0)  # _reads() as the step's first graph joined
+        self._open = 0  # forwards joined since the boundary whose backward has not
+        self._device: torch.device | None = None
+        self._wait = False
+
+    def returned(self) -> None:
+        """The last running compiled call returned: the step ends here, unless a
+        forward that joined still waits for its backward (``torch.compile(model)``,
+        whose backward and optimizer run after it returns)."""
+        with self._lock:
+            device, end = self._device, bool(self._since) and self._open <= 0
+        if end and device is not None:
+            self.flush(device)
+
+    def before(self, graph_id: int, device: torch.device) -> None:
+        """Called as a graph is about to join: runs the previous step if this starts one."""
+        with self._lock:
+            again = any(gid == graph_id for gid, _ in self._since)
+        if again:
+            self.flush(device)
+
+    def after(self, graph_id: int, name: str, device: torch.device, wait: bool = False) -> None:
+        """Called once a graph joined; runs the step if it is the last step's whole list.
+
+        ``wait``: the step's execution is waited for (``async_dispatch`` off).
+        """
+        transfers = None if self._since else self._reads()
+        with self._lock:
+            if transfers is not None:
+                self._transfers = transfers  # a step starts: host reads from now cut it
+            self._since.append((graph_id, name))
+            self._device, self._wait = device, wait
+            kind = name.split(" ", 1)[0]
+            self._open += (kind == "forward") - (kind == "backward")
+            done = self._previous is not None and self._since == self._previous
+        # inside a compiled call, rule 1 ends the step: eager code after its last graph
+        # (GradScaler's masked step) belongs to it
+        done = done and not scope.running()
+        if done:
+            self.flush(device)
+
+    def flush(self, device: torch.device, cut: bool = False) -> None:
+        """Runs everything pending on ``device`` as one asynchronous execution.
+
+        ``cut``: the step is not over (an op must run on the host), so it is counted as
+        a step that could not be joined whole. A host read torch_xla made since the last
+        boundary (``.item()`` between two graphs) counts the same way.
+        """
+        transfers = self._reads()
+        with self._lock:
+            joined, self._since, self._open = self._since, [], 0
+            cut = cut or (transfers[0] != self._transfers[0]
+                          and transfers[1] == self._transfers[1])
+            if joined:
+                self._previous = joined
+        if not joined:
+            return
+        compiles, started = xla_metrics.compiles(), time.perf_counter()
+        with trace_lock:  # a trace in progress on another thread must stay lazy IR
+            xla_internals.sync_live_tensors(device)
+        if xla_metrics.compiles() != compiles:  # the sync compiled the step first
+            counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
+        if self._wait:
+            compile_pool.timed_wait(xla_internals.wait_device_ops)
+        counters.incr(counters.EXECUTIONS)
+        counters.incr(counters.STEPS_JOINED)
+        counters.incr(counters.GRAPHS_JOINED, len(joined))
+        if cut:
+            counters.incr(counters.STEPS_CUT)
+        log.debug("ran a joined step of %d graph calls%s", len(joined), " (cut)" if cut else "")
+
+    @staticmethod
+    def _reads() -> tuple[int, float]:
+        """Host reads so far, and graphs lowered: a step that lowered a graph may read
+        constants back while tracing, which is no host read of the step's."""
+        return (xla_metrics.device_to_host_transfers(),
+                counters.counter(counters.GRAPHS_LOWERED))
+
+    def last_step(self) -> list[str]:
+        """The names of the graphs the last step joined, in the order they ran."""
+        with self._lock:
+            return [name for _, name in self._previous or []]
+
+    def reset(self) -> None:
+        """Forgets the last step (``torch._dynamo.reset``); pending IR stays pending."""
+        with self._lock:
+            self._since, self._previous, self._open = [], None, 0
+
+
+joiner = StepJoiner()
+
+__all__ = ["StepJoiner", "joiner"]
