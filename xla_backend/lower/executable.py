@@ -66,6 +66,7 @@ class Executable:
     hlo: bytes | None = None
     hlo_params: list[tuple[str, Any]] = field(default_factory=list)
     _computation: Any = field(default=None, repr=False)
+    _name: str = field(default="", repr=False)
 
     def apply(self, operands: list[torch.Tensor]) -> list[torch.Tensor]:
         """The HLO applied to ``operands`` (in HLO parameter order): lazy results, no run.
@@ -73,13 +74,10 @@ class Executable:
         The results join whatever lazy IR reads them, and compile with it at the next
         sync. The node's hash covers the HLO module (see :func:`run_hlo`).
         """
-        if self._computation is None:
-            self._computation = xla_internals.computation_from_hlo(self.name, self.hlo)
-        return xla_internals.apply_computation(self.name, self._computation, operands)
-
-    @property
-    def name(self) -> str:
-        return hlo_name(self.hlo or b"")
+        if self._computation is None:  # once: hashing and parsing the HLO is not per step
+            self._name = hlo_name(self.hlo or b"")
+            self._computation = xla_internals.computation_from_hlo(self._name, self.hlo)
+        return xla_internals.apply_computation(self._name, self._computation, operands)
 
 
 def hlo_name(hlo: bytes) -> str:

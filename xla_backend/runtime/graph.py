@@ -147,6 +147,11 @@ def _to_device_data(feed: list[Any], device: torch.device) -> None:
             feed[k] = t
 
 
+def _feed(params: list[tuple[str, Any]], dev_inputs: list[Any]) -> list[Any]:
+    """What an executable's parameters take: a device input by position, or a constant."""
+    return [dev_inputs[value] if kind == "input" else value for kind, value in params]
+
+
 def _passed_through(t: torch.Tensor, copy: bool) -> torch.Tensor:
     # A lazy clone costs nothing now; it only runs if the caller keeps using it.
     return t.clone() if copy else t
@@ -294,20 +299,17 @@ class LoweredGraph:
                 computed = list(self._split.device(*dev_inputs))
             exe = Executable(None, [], [Computed(i) for i in range(len(computed))])
         elif exe.graph_hash is not None and self._join and exe.hlo_params:
-            feed = [dev_inputs[value] if kind == "input" else value
-                    for kind, value in exe.hlo_params]
+            feed = _feed(exe.hlo_params, dev_inputs)
             _to_device_data(feed, self._device)
             step.joiner.before(id(self), self._device)
             computed = exe.apply(feed)
             joined = True
         elif exe.graph_hash is not None:
-            feed = [dev_inputs[value] if kind == "input" else value
-                    for kind, value in exe.params]
+            feed = _feed(exe.params, dev_inputs)
             _to_device_data(feed, self._device)
             if exe.ready is None:
-                start_compile(exe, [dev_inputs[value] if kind == "input" else value
-                                    for kind, value in exe.hlo_params],
-                              self._device, self._options or resolve(None))
+                start_compile(exe, _feed(exe.hlo_params, dev_inputs), self._device,
+                              self._options or resolve(None))
             compile_pool.wait_compiled(exe.ready)
             _materialize(feed, self._device)
             computed = compile_pool.timed_wait(

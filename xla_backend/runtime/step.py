@@ -61,6 +61,8 @@ class StepJoiner:
         """The last running compiled call returned: the step ends here, unless a
         forward that joined still waits for its backward (``torch.compile(model)``,
         whose backward and optimizer run after it returns)."""
+        if not self._since:  # every compiled call returns here; nothing joined, no lock
+            return
         with self._lock:
             device, end = self._device, bool(self._since) and self._open <= 0
         if end and device is not None:

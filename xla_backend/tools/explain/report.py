@@ -222,7 +222,6 @@ class ExplainReport:
         lines += [_indent(str(r), "  ") for r in self.recompiles]
         return "\n".join(lines)
 
-
     def _steps_line(self) -> str:
         """Whether the steps ran as one computation each, which graphs, and why not."""
         if not self.steps_joined:
