@@ -21,6 +21,12 @@ OpenMP worker and its step time swings by 100x, which no tolerance absorbs. Eage
 steps are interleaved with syncfree_xla's in that process and the ratio is the median
 of per-step ratios, so a load that comes and goes slows both sides of each ratio.
 An intended change (fewer graphs, a new workload) is recorded with ``--update``.
+
+One implementation with users' CI: the cells count with ``xla_backend.testing``'s
+snapshots, the baseline is a baseline file of ``xla_backend.testing`` (the pytest
+plugin's and ``syncfree-xla check``'s format: one entry per workload, its timing ratio
+under ``ratios`` with its ``tolerance``, plus an ``_about`` record), and each workload
+is judged by ``testing.compare_entry``.
 """
 
 from __future__ import annotations
@@ -35,11 +41,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from xla_backend.tools import bench  # noqa: E402
+from xla_backend import testing
+from xla_backend.tools import bench
 
 BASELINE = Path(__file__).resolve().parent / "perf_baseline.json"
 REFRESH = "make perf-baseline (python benchmarks/perf_check.py --update)"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: an xla_backend.testing baseline file
 
 CHECKS: tuple[tuple[str, str], ...] = (
     ("mlp", "A"),
@@ -50,7 +57,7 @@ CHECKS: tuple[tuple[str, str], ...] = (
 STEPS = 20
 WARMUP = 3
 THREADS = 1
-TOLERANCE = 0.25
+TOLERANCE = testing.DEFAULT_TOLERANCE
 TIMEOUT_S = 300.0
 RETRIES = 2  # re-measurements of a ratio past the tolerance before it counts as a regression
 UPDATE_RATIO_SAMPLES = 3  # --update records the median of this many ratio runs
@@ -59,14 +66,13 @@ UPDATE_RATIO_SAMPLES = 3  # --update records the median of this many ratio runs
 LOWER_IS_BETTER = (
     "syncs_per_step",
     "executions_per_step",
-    "xla_compiles_after_warmup",
-    "dynamo_graphs_after_warmup",
+    "compiles",
+    "recompiles",
     "eager_fallbacks",
     "warm_cache_graph_misses",
 )
 HIGHER_IS_BETTER = ("warm_cache_graph_hits",)
 RATIO = "syncfree_xla_over_eager"
-_EPS = 1e-9
 
 
 def key_of(model: str, loop: str) -> str:
@@ -112,8 +118,8 @@ def measure(steps: int = STEPS, warmup: int = WARMUP, timeout_s: float = TIMEOUT
         current["counters"][key] = {
             "syncs_per_step": cold.syncs_per_step,
             "executions_per_step": cold.executions_per_step,
-            "xla_compiles_after_warmup": cold.xla_compiles_after_warmup,
-            "dynamo_graphs_after_warmup": cold.dynamo_graphs_after_warmup,
+            "compiles": cold.xla_compiles_after_warmup,
+            "recompiles": cold.dynamo_graphs_after_warmup,
             "eager_fallbacks": cold.eager_fallbacks,
             "warm_cache_graph_hits": warm.cache_graph_hits,
             "warm_cache_graph_misses": warm.cache_graph_misses,
@@ -157,73 +163,47 @@ def _describe(cell: bench.CellResult) -> str:
 # --------------------------------------------------------------------------- comparing
 
 
-def _num(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+def _entries(baseline: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The baseline's workload entries: every key but the ``_about`` record."""
+    return {key: entry for key, entry in baseline.items() if not key.startswith("_")}
+
+
+def _current_entry(current: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """One workload's measured figures in the shape of a baseline entry."""
+    return {**current["counters"][key], testing.RATIOS: current.get("ratios", {}).get(key, {})}
 
 
 def compare(baseline: Mapping[str, Any], current: Mapping[str, Any],
             tolerance: float | None = None) -> tuple[list[str], list[str]]:
     """(failures, notes): every regression of ``current`` against ``baseline``, in words.
 
-    Counters must not move the wrong way at all; the timing ratio may grow by
-    ``tolerance`` (default: the baseline's, else 25%). Improvements and new
-    workloads are notes: they pass, and ``--update`` records them.
+    Each workload is judged by ``xla_backend.testing.compare_entry``, as a marked test
+    of the pytest plugin is: counters must not move the wrong way at all; the timing
+    ratio may grow by ``tolerance`` (default: the entry's, else 25%). Improvements and
+    new workloads are notes: they pass, and ``--update`` records them.
     """
-    tol = tolerance if tolerance is not None else float(baseline.get("tolerance", TOLERANCE))
     failures: list[str] = []
     notes: list[str] = []
     cur_counters = current.get("counters", {})
     cur_failures = current.get("failures", {})
-    for key, old_counters in sorted(baseline.get("counters", {}).items()):
+    entries = _entries(baseline)
+    for key, recorded in sorted(entries.items()):
         if key in cur_failures:
             failures.append(f"{key}: the measurement failed: {cur_failures[key]}")
             continue
-        new_counters = cur_counters.get(key)
-        if new_counters is None:
+        if key not in cur_counters:
             failures.append(f"{key}: in the baseline but not measured")
             continue
-        for metric, old in sorted(old_counters.items()):
-            new = new_counters.get(metric)
-            if old is None:
-                continue
-            if new is None:
-                failures.append(f"{metric} on {key}: baseline {_num(old)}, now not measured")
-                continue
-            higher_better = metric in HIGHER_IS_BETTER
-            worse = new < old - _EPS if higher_better else new > old + _EPS
-            better = new > old + _EPS if higher_better else new < old - _EPS
-            if worse:
-                change = "a decrease" if higher_better else "an increase"
-                failures.append(f"{metric} on {key}: baseline {_num(old)}, now {_num(new)} "
-                                f"({change}; counters must not get worse)")
-            elif better:
-                notes.append(f"{metric} on {key} improved: baseline {_num(old)}, now {_num(new)}")
-    for key, old_ratios in sorted(baseline.get("ratios", {}).items()):
-        new_ratios = current.get("ratios", {}).get(key)
-        if new_ratios is None:
-            if key not in cur_failures and key in cur_counters:
-                failures.append(f"{key}: timing ratio not measured")
-            continue  # a failed or missing cell was reported above
-        for metric, old in sorted(old_ratios.items()):
-            new = new_ratios.get(metric)
-            if new is None:
-                failures.append(f"{metric} on {key}: baseline {old:.3f}, now not measured")
-                continue
-            change = new / old - 1
-            if new > old * (1 + tol):
-                failures.append(f"{metric} on {key}: baseline {old:.3f}, now {new:.3f} "
-                                f"({change:+.0%}, tolerance {tol:.0%})")
-            elif new < old * (1 - tol):
-                notes.append(f"{metric} on {key} is {-change:.0%} better than the baseline "
-                             f"({old:.3f} -> {new:.3f})")
-    for key in sorted(set(cur_counters) - set(baseline.get("counters", {}))):
+        if recorded.get(testing.RATIOS) and not current.get("ratios", {}).get(key):
+            failures.append(f"{key}: timing ratio not measured")
+        worse, better = testing.compare_entry(recorded, _current_entry(current, key),
+                                              HIGHER_IS_BETTER, tolerance, where=key)
+        failures += worse
+        notes += better
+    for key in sorted(set(cur_counters) - set(entries)):
         notes.append(f"{key}: not in the baseline yet")
     for key, error in sorted(cur_failures.items()):
-        if key not in baseline.get("counters", {}):
+        if key not in entries:
             failures.append(f"{key}: the measurement failed: {error}")
     return failures, notes
 
@@ -231,11 +211,12 @@ def compare(baseline: Mapping[str, Any], current: Mapping[str, Any],
 def ratio_regressions(baseline: Mapping[str, Any], current: Mapping[str, Any],
                       tolerance: float | None = None) -> list[str]:
     """Workload keys whose timing ratio grew past the tolerance (candidates to confirm)."""
-    tol = tolerance if tolerance is not None else float(baseline.get("tolerance", TOLERANCE))
     keys = []
-    for key, old_ratios in baseline.get("ratios", {}).items():
+    for key, entry in _entries(baseline).items():
+        tol = tolerance if tolerance is not None else float(
+            entry.get(testing.TOLERANCE, testing.DEFAULT_TOLERANCE))
         new = current.get("ratios", {}).get(key, {}).get(RATIO)
-        old = old_ratios.get(RATIO)
+        old = entry.get(testing.RATIOS, {}).get(RATIO)
         if new is not None and old is not None and new > old * (1 + tol):
             keys.append(key)
     return sorted(keys)
@@ -265,19 +246,21 @@ def confirm_ratios(baseline: Mapping[str, Any], current: dict[str, Any],
 
 
 def make_baseline(current: Mapping[str, Any], tolerance: float = TOLERANCE) -> dict[str, Any]:
-    """The file ``--update`` writes: the figures, the tolerance, and how to refresh them."""
-    return {
+    """The file ``--update`` writes: a baseline file of ``xla_backend.testing`` (one entry
+    per workload: counters, the timing ratio and its tolerance), plus an ``_about``
+    record of how and where it was measured."""
+    baseline: dict[str, Any] = {"_about": {
         "schema": SCHEMA_VERSION,
-        "about": "CI perf gate baseline; counters are exact, ratios allow the tolerance. "
-                 f"Refresh with {REFRESH}.",
+        "about": "CI perf gate baseline (an xla_backend.testing baseline file); counters "
+                 f"are exact, ratios allow the tolerance. Refresh with {REFRESH}.",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": bench.environment(),
         "settings": {"steps": STEPS, "warmup": WARMUP, "threads": THREADS},
-        "tolerance": tolerance,
-        "counters": current["counters"],
-        "ratios": current["ratios"],
         "timings_ms": current.get("timings_ms", {}),
-    }
+    }}
+    for key in sorted(current["counters"]):
+        baseline[key] = {**_current_entry(current, key), testing.TOLERANCE: tolerance}
+    return baseline
 
 
 # --------------------------------------------------------------------------- command line
@@ -317,21 +300,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("perf-check: not updating the baseline while a measurement fails")
             return 1
         tolerance = args.tolerance if args.tolerance is not None else TOLERANCE
-        args.baseline.write_text(json.dumps(make_baseline(current, tolerance), indent=2,
-                                            sort_keys=False) + "\n", encoding="utf-8")
+        testing.write_baseline(args.baseline, make_baseline(current, tolerance), merge=False)
         print(f"perf-check: wrote {args.baseline} ({len(current['counters'])} workloads) "
               f"in {time.perf_counter() - started:.0f} s")
         return 0
 
-    if not args.baseline.is_file():
+    try:
+        baseline = testing.read_baseline(args.baseline)
+    except ValueError as e:
+        print(f"perf-check: {e}; refresh it with {REFRESH}")
+        return 1
+    if not baseline:
         print(f"perf-check: no baseline at {args.baseline}; create one with {REFRESH}")
         return 1
-    baseline = json.loads(args.baseline.read_text(encoding="utf-8"))
     if args.current is None:
         confirm_ratios(baseline, current, args.tolerance, args.steps, args.warmup)
     failures, notes = compare(baseline, current, args.tolerance)
     for key, ratios in sorted(current.get("ratios", {}).items()):
-        old = baseline.get("ratios", {}).get(key, {}).get(RATIO)
+        old = baseline.get(key, {}).get(testing.RATIOS, {}).get(RATIO)
         print(f"  {key}: {RATIO} {ratios[RATIO]:.3f}"
               + (f" (baseline {old:.3f})" if old is not None else ""))
     for note in notes:
@@ -343,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"perf-check: {len(failures)} regression(s) in {elapsed:.0f} s. If intended, "
               f"refresh the baseline with {REFRESH} and commit it.")
         return 1
-    print(f"perf-check: passed ({len(baseline.get('counters', {}))} workloads) in {elapsed:.0f} s")
+    print(f"perf-check: passed ({len(_entries(baseline))} workloads) in {elapsed:.0f} s")
     return 0
 
 

@@ -22,15 +22,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COUNTERS", "BudgetExceeded", "Measurement", "Snapshot", "assert_budget", "between",
-           "budget_problems", "compare_with_baseline", "failure_message", "measure",
-           "read_baseline", "snapshot", "write_baseline"]
+__all__ = ["COUNTERS", "DEFAULT_TOLERANCE", "RATIOS", "STEP_OVER_REFERENCE", "TOLERANCE",
+           "BudgetExceeded", "Measurement", "Snapshot", "assert_budget", "between",
+           "budget_problems", "compare_entry", "compare_with_baseline", "failure_message",
+           "measure", "read_baseline", "snapshot", "write_baseline"]
 
 #: The counters a measurement compares, each with the budget keyword that bounds it.
 COUNTERS: dict[str, str] = {
@@ -40,6 +43,18 @@ COUNTERS: dict[str, str] = {
     "executions_per_step": "max_executions_per_step",
     "graph_breaks": "max_graph_breaks",
 }
+
+
+#: A baseline entry's timing ratios, by name. Timings are opt-in: CI machines are noisy,
+#: so a ratio measured in one run (the step over a reference step, interleaved) is
+#: compared, with a tolerance, and only where the run measured one.
+RATIOS = "ratios"
+#: An entry's allowed growth of its ratios, as a fraction (0.25: 25% slower passes).
+TOLERANCE = "tolerance"
+DEFAULT_TOLERANCE = 0.25
+#: The ratio :func:`measure` records with a ``reference``: median per-step time over its.
+STEP_OVER_REFERENCE = "step_over_reference"
+_EPS = 1e-9
 
 
 class BudgetExceeded(AssertionError):
@@ -64,10 +79,20 @@ class Measurement:
     recompiles: int
     graph_breaks: int
     report: Any = dataclasses.field(repr=False, default=None)
+    #: the step's time over the reference step's (median of per-step ratios), when
+    #: :func:`measure` was given a reference; None otherwise
+    ratio: float | None = None
 
     def counters(self) -> dict[str, float]:
-        """The counters alone, as a baseline file keeps them."""
+        """The counters alone."""
         return {name: getattr(self, name) for name in COUNTERS}
+
+    def entry(self) -> dict[str, Any]:
+        """What a baseline file keeps of this measurement: counters, and a measured ratio."""
+        entry: dict[str, Any] = dict(self.counters())
+        if self.ratio is not None:
+            entry[RATIOS] = {STEP_OVER_REFERENCE: self.ratio}
+        return entry
 
 
 def _call(step: Callable[..., Any], batch: Any) -> Any:
@@ -110,12 +135,19 @@ def between(start: Snapshot, end: Snapshot, steps: int, warmup: int,
 
 
 def measure(step: Callable[..., Any], batches: Iterable[Any], warmup: int = 3,
-            steps: int | None = None) -> Measurement:
+            steps: int | None = None,
+            reference: Callable[..., Any] | None = None) -> Measurement:
     """Runs ``step`` on ``warmup`` batches, then counts what the next ``steps`` cost.
 
     A batch that is a tuple or list is passed as positional arguments, anything else as
     the one argument. ``steps=None`` measures every batch after the warm-up. The step's
     results are left on the device: reading them would be a sync of the test's own.
+
+    ``reference`` (opt-in timing): a step to time against, usually the same step run
+    eagerly, called on each measured batch right after ``step``. The measurement's
+    ``ratio`` is then the median over the measured steps of ``step``'s time (waited
+    for on the device) over the reference's; interleaving them makes load from other
+    processes slow both sides of each ratio. The counters exclude the reference calls.
     """
     from .tools.explain import ExplainSession
 
@@ -131,17 +163,41 @@ def measure(step: Callable[..., Any], batches: Iterable[Any], warmup: int = 3,
                 raise ValueError(f"the batches ran out during warm-up, after {k} of "
                                  f"{warmup}") from None
         start = snapshot()
-        measured = 0
+        end = start
+        measured, ratios = 0, []
         for batch in batches:
-            _call(step, batch)
+            if reference is None:
+                _call(step, batch)
+            else:
+                # timed without explain's host-read watch; the warm-up steps ran the
+                # same code under it, so a host read is still placed
+                with session.unprofiled():
+                    before, started = snapshot(), time.perf_counter()
+                    _call(step, batch)
+                    after = snapshot()
+                    took = time.perf_counter() - started
+                    started = time.perf_counter()
+                    _call(reference, batch)
+                    ratios.append(took / max(time.perf_counter() - started, 1e-9))
+                end = _plus(end, before, after)
             measured += 1
             if steps is not None and measured == steps:
                 break
-        end = snapshot()
+        if reference is None:
+            end = snapshot()
     if measured == 0 or (steps is not None and measured < steps):
         raise ValueError(f"the batches ran out: {measured} measured step(s) after "
                          f"{warmup} warm-up step(s), {steps or 'at least 1'} asked")
-    return between(start, end, measured, warmup, session.report())
+    measurement = between(start, end, measured, warmup, session.report())
+    measurement.ratio = statistics.median(ratios) if ratios else None
+    return measurement
+
+
+def _plus(total: Snapshot, before: Snapshot, after: Snapshot) -> Snapshot:
+    """``total`` advanced by what happened from ``before`` to ``after``."""
+    return Snapshot(*(t + a - b for t, b, a in zip(dataclasses.astuple(total),
+                                                     dataclasses.astuple(before),
+                                                     dataclasses.astuple(after))))
 
 
 def budget_problems(measurement: Measurement, max_syncs_per_step: float | None = 0,
@@ -185,15 +241,70 @@ def failure_message(measurement: Measurement, problems: Iterable[str]) -> str:
     return "\n".join(lines)
 
 
-def compare_with_baseline(measurement: Measurement, baseline: Mapping[str, float]) -> list[str]:
-    """Each counter above its baseline value, as 'name: old -> new'."""
-    return [f"{name}: {baseline[name]:g} -> {value:g} (baseline)"
-            for name, value in measurement.counters().items()
-            if name in baseline and value > baseline[name]]
+def _num(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) and not value.is_integer() else \
+        f"{value:g}"
 
 
-def read_baseline(path: Path) -> dict[str, dict[str, float]]:
-    """The counters a baseline file holds, by test id; empty if there is no file yet."""
+def compare_entry(recorded: Mapping[str, Any], current: Mapping[str, Any],
+                  higher_is_better: Iterable[str] = (), tolerance: float | None = None,
+                  where: str = "") -> tuple[list[str], list[str]]:
+    """(regressions, improvements) of ``current`` against a baseline entry, in words.
+
+    Counters are exact: any move the wrong way is a regression, naming the counter, the
+    baseline and the new value (an increase, or a decrease for ``higher_is_better``
+    ones), and a counter the entry has but ``current`` lacks is one too. Timing ratios
+    (:data:`RATIOS`) are compared only where ``current`` measured them, and may grow by
+    ``tolerance`` (default: the entry's :data:`TOLERANCE`, else 25%). ``where`` (a test
+    or workload name) is added to each message.
+    """
+    on = f" on {where}" if where else ""
+    better_up = set(higher_is_better)
+    tol = tolerance if tolerance is not None else float(recorded.get(TOLERANCE,
+                                                                     DEFAULT_TOLERANCE))
+    regressions: list[str] = []
+    improvements: list[str] = []
+    for name, old in sorted(recorded.items()):
+        if name in (RATIOS, TOLERANCE) or old is None:
+            continue
+        new = current.get(name)
+        if new is None:
+            regressions.append(f"{name}{on}: baseline {_num(old)}, now not measured")
+            continue
+        up = name in better_up
+        if (new < old - _EPS) if up else (new > old + _EPS):
+            change = "a decrease" if up else "an increase"
+            regressions.append(f"{name}{on}: baseline {_num(old)}, now {_num(new)} "
+                               f"({change}; counters must not get worse)")
+        elif (new > old + _EPS) if up else (new < old - _EPS):
+            improvements.append(f"{name}{on} improved: baseline {_num(old)}, now {_num(new)}")
+    measured = current.get(RATIOS) or {}
+    for name, old in sorted((recorded.get(RATIOS) or {}).items()):
+        new = measured.get(name)
+        if new is None:
+            continue
+        change = new / old - 1
+        if new > old * (1 + tol):
+            regressions.append(f"{name}{on}: baseline {old:.3f}, now {new:.3f} "
+                               f"({change:+.0%}, tolerance {tol:.0%})")
+        elif new < old * (1 - tol):
+            improvements.append(f"{name}{on} is {-change:.0%} better than the baseline "
+                                f"({old:.3f} -> {new:.3f})")
+    return regressions, improvements
+
+
+def compare_with_baseline(measurement: Measurement, baseline: Mapping[str, Any],
+                          tolerance: float | None = None) -> list[str]:
+    """Each regression of ``measurement`` against its baseline entry (:func:`compare_entry`)."""
+    return compare_entry(baseline, measurement.entry(), tolerance=tolerance)[0]
+
+
+def read_baseline(path: Path) -> dict[str, dict[str, Any]]:
+    """The entries a baseline file holds, by test id; empty if there is no file yet.
+
+    An entry is a JSON object of counters, with timing ratios under :data:`RATIOS` and
+    their tolerance under :data:`TOLERANCE` where it has them.
+    """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -206,9 +317,11 @@ def read_baseline(path: Path) -> dict[str, dict[str, float]]:
     return data
 
 
-def write_baseline(path: Path, results: Mapping[str, Mapping[str, float]]) -> None:
-    """Merges ``results`` into the baseline at ``path``: written whole or not at all."""
-    merged = {**read_baseline(path), **results}
+def write_baseline(path: Path, results: Mapping[str, Mapping[str, Any]],
+                   merge: bool = True) -> None:
+    """Merges ``results`` into the baseline at ``path`` (or replaces it, ``merge=False``):
+    written whole or not at all."""
+    merged = {**(read_baseline(path) if merge else {}), **results}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:

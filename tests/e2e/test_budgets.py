@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,7 +80,28 @@ def test_a_host_read_fails_the_budget_and_says_where(xla):
         testing.assert_budget(counts, max_syncs_per_step=0)
     text = str(failure.value)
     assert "syncs_per_step: " in text and "> 0 allowed" in text
-    assert "test_budgets.py" in text, text
+    line = next(n for n, src in enumerate(Path(__file__).read_text().splitlines(), 1)
+                if src.strip().endswith("# the line the failure must name"))
+    assert f"test_budgets.py:{line}" in text, text
+
+
+def test_a_host_read_in_eager_code_around_the_step_is_placed_too(xla):
+    step, batches = _step(xla, read_loss=False)
+
+    def logged_step(x, y):
+        loss = step(x, y)
+        loss.item()  # an eager read: no graph shows it
+        return loss
+
+    counts = testing.measure(logged_step, batches, warmup=3)
+    text = testing.failure_message(counts, ["(for the test)"])
+    line = next(n for n, src in enumerate(Path(__file__).read_text().splitlines(), 1)
+                if src.strip().endswith("# an eager read: no graph shows it"))
+    assert counts.syncs_per_step == 1
+    placed = [row for row in text.splitlines() if "Tensor.item() of a device tensor, run "
+              "eagerly at " in row]
+    assert len(placed) == 1 and f"test_budgets.py:{line} " in placed[0], text
+    assert "(x6)" in text  # every call, warm-up and measured steps alike
 
 
 def test_measure_says_when_the_batches_run_out(xla):
@@ -131,7 +153,8 @@ def test_the_baseline_fails_a_test_whose_counters_went_up(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
                                            f"--syncfree-baseline={baseline}")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*test_clean: executions_per_step: 0.5 -> * (baseline)*"])
+    result.stdout.fnmatch_lines(["*test_clean: executions_per_step: baseline 0.5, now * "
+                                 "(an increase; counters must not get worse)*"])
 
 
 def test_a_misspelled_budget_is_named_with_the_accepted_ones(pytester):
@@ -203,9 +226,54 @@ def test_check_baseline_fails_on_an_increase(xla, tmp_path, capsys):
     baseline.write_text(json.dumps({"train": recorded}))
     torch._dynamo.reset()
     assert _check(tmp_path, "--baseline", str(baseline), "--name", "train") == 1
-    assert "executions_per_step: 0.5 -> " in capsys.readouterr().err
+    assert "executions_per_step: baseline 0.5, now " in capsys.readouterr().err
 
 
 def test_check_refuses_update_without_a_baseline(tmp_path, capsys):
     assert _check(tmp_path, "--update") == 2
     assert "--update needs --baseline FILE" in capsys.readouterr().err
+
+
+def test_a_reference_step_gives_a_ratio_and_stays_out_of_the_counters(xla):
+    step, batches = _step(xla, read_loss=False)
+    # the reference reads the batch back to the host: a sync the step itself never makes
+    counts = testing.measure(step, batches, warmup=3, reference=lambda x, y: x.cpu() @ x.cpu().T)
+    assert (counts.syncs_per_step, counts.compiles, counts.recompiles) == (0, 0, 0)
+    assert counts.ratio is not None and counts.ratio > 0
+    assert counts.entry()[testing.RATIOS] == {testing.STEP_OVER_REFERENCE: counts.ratio}
+    assert testing.RATIOS not in testing.measure(*_step(xla, read_loss=False), warmup=3).entry()
+
+
+TIMED_TESTS = textwrap.dedent("""
+    import pytest
+    import torch
+    from steps import build
+
+    def eager_reference(x, y):
+        return torch.randn(64, 64) @ torch.randn(64, 64)
+
+    @pytest.mark.syncfree(warmup=3)
+    def test_timed(syncfree_budget):
+        step, batches = build()
+        syncfree_budget.run(step, batches, reference=eager_reference)
+""")
+
+
+def test_timing_ratios_are_opt_in_and_judged_with_a_tolerance(pytester):
+    _user_project(pytester, TIMED_TESTS)
+    baseline = pytester.path / "syncfree.json"
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--syncfree-baseline={baseline}",
+                                  "--syncfree-update").assert_outcomes(passed=1)
+    recorded = json.loads(baseline.read_text())
+    (test_id, entry), = recorded.items()
+    ratio = entry[testing.RATIOS][testing.STEP_OVER_REFERENCE]
+    assert ratio > 0 and entry["syncs_per_step"] == 0
+    entry[testing.RATIOS][testing.STEP_OVER_REFERENCE] = ratio / 1000  # as if 1000x faster
+    baseline.write_text(json.dumps(recorded))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
+                                           f"--syncfree-baseline={baseline}")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*test_timed: step_over_reference: baseline *, now * "
+                                 "(+*%, tolerance 25%)*"])
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--syncfree-baseline={baseline}",
+                                  "--syncfree-tolerance=1e9").assert_outcomes(passed=1)

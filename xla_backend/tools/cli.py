@@ -381,7 +381,7 @@ def check_script(args: argparse.Namespace) -> int:
         path = Path(args.baseline)
         try:
             if args.update:
-                testing.write_baseline(path, {name: measurement.counters()})
+                testing.write_baseline(path, {name: measurement.entry()})
             else:
                 recorded = testing.read_baseline(path).get(name)
                 if recorded is not None:

@@ -9,8 +9,11 @@ Installed with the package (entry point group ``pytest11``)::
 
 ``pytest --syncfree-baseline perf/syncfree.json`` then also fails a marked test whose
 counters went up since the file was written, naming the test, the counter and both
-values; ``--syncfree-update`` rewrites the file with this run's counters. Counters
-only: they are exact, where timings on shared CI machines are not.
+values; ``--syncfree-update`` rewrites the file with this run's counters. Counters by
+default: they are exact, where timings on shared CI machines are not. Timing is
+opt-in: ``syncfree_budget.run(step, batches, reference=eager_step)`` also records the
+step's time over the reference's, and a later run fails if that ratio grew by more
+than ``--syncfree-tolerance`` (default 0.25, or the file's).
 
 Importing this module imports neither torch nor torch_xla: pytest loads it in every
 session of the environment.
@@ -40,6 +43,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "FILE was written")
     group.addoption("--syncfree-update", action="store_true",
                     help="write this run's counters to --syncfree-baseline instead")
+    group.addoption("--syncfree-tolerance", metavar="F", type=float, default=None,
+                    help="allowed growth of a timing ratio measured with a reference "
+                         "step (default: the baseline entry's, else 0.25)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -70,19 +76,26 @@ class SyncfreeBudget:
         self.steps = kwargs.pop("steps", None)
         self.budget = kwargs
 
-    def run(self, step: Callable[..., Any], batches: Iterable[Any]) -> Any:
-        """Warms ``step`` up, measures it, asserts the budgets and the baseline."""
+    def run(self, step: Callable[..., Any], batches: Iterable[Any],
+            reference: Callable[..., Any] | None = None) -> Any:
+        """Warms ``step`` up, measures it, asserts the budgets and the baseline.
+
+        ``reference`` (opt-in timing, see ``xla_backend.testing.measure``): a step timed
+        against ``step`` on the same batches; the ratio joins the baseline entry.
+        """
         from xla_backend import testing
 
-        measurement = testing.measure(step, batches, warmup=self.warmup, steps=self.steps)
+        measurement = testing.measure(step, batches, warmup=self.warmup, steps=self.steps,
+                                      reference=reference)
         config = self._request.config
-        config.stash[_RESULTS][self._request.node.nodeid] = measurement.counters()
+        config.stash[_RESULTS][self._request.node.nodeid] = measurement.entry()
         testing.assert_budget(measurement, **self.budget)
         path = config.getoption("--syncfree-baseline")
         if path and not config.getoption("--syncfree-update"):
             recorded = _read(Path(path)).get(self._request.node.nodeid)
             if recorded is not None:
-                worse = testing.compare_with_baseline(measurement, recorded)
+                worse = testing.compare_with_baseline(
+                    measurement, recorded, config.getoption("--syncfree-tolerance"))
                 if worse:
                     raise testing.BudgetExceeded(testing.failure_message(
                         measurement, [f"{self._request.node.nodeid}: {w}" for w in worse]))
