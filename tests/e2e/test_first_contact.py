@@ -53,3 +53,56 @@ def test_readme_example_prints_nothing(tmp_path):
                          env=env, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr == "" and run.stdout == ""
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment of a user who configured nothing."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PJRT_DEVICE", "XLA_FLAGS", "XLA_NO_SPECIAL_SCALARS")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def test_demo_prints_nothing_but_its_progress_lines():
+    cmd = [sys.executable, "-m", "xla_backend.tools.demo", "--steps", "4", "--d-model", "32",
+           "--layers", "1", "--heads", "2", "--batch", "2", "--seq", "16", "--no-baseline"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), cwd=ROOT,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stderr.splitlines()
+    assert lines, "the demo shows its progress on stderr"
+    assert all(re.fullmatch(r"step +\d+/4  loss .*steps/s", line) for line in lines), lines
+
+
+USER_TEST = """
+import pytest
+import torch
+import torch_xla
+
+
+@pytest.mark.syncfree(warmup=2, steps=2, max_syncs_per_step=0, max_compiles=0)
+def test_step(syncfree_budget):
+    model = torch.nn.Linear(4, 2).to(torch_xla.device())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step(x):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    batches = [torch.randn(3, 4).to(torch_xla.device()) for _ in range(4)]
+    syncfree_budget.run(torch.compile(step, backend="syncfree_xla"), [(b,) for b in batches])
+"""
+
+
+def test_a_plugin_test_run_prints_no_warnings(tmp_path):
+    (tmp_path / "test_user.py").write_text(USER_TEST, encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-s", "test_user.py"], capture_output=True, text=True,
+                         env=_clean_env(), cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stderr == ""
+    assert "warning" not in run.stdout.lower(), run.stdout  # also no warnings summary
+    assert "1 passed" in run.stdout

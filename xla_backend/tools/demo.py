@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -127,44 +127,50 @@ _CORPUS_BYTES = 4 << 20
 
 
 class ProgressBar:
-    """One line on stderr: redrawn in place on a TTY, plain periodic lines otherwise.
+    """Progress on stderr: a tqdm bar on a terminal, plain periodic lines otherwise.
 
     The loss shown is the last one *read*; reading it costs a host sync, so the caller
-    decides when (see ``Trainer``), and redraws in between show the stale value.
+    decides when (see ``Trainer``), and redraws in between show the stale value. Off a
+    terminal (CI logs, pipes), or without tqdm (it comes with the dev extra's
+    transformers), each point the caller marks ``log`` is one line.
     """
 
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 24) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self.tty = self.stream.isatty()
-        self._drawn = False
-        self._last_draw = 0.0
+        self._bar: Any = None
+        if self.stream.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=total, file=self.stream, unit="step",
+                                 dynamic_ncols=True, leave=True)
+
+    @property
+    def live(self) -> bool:
+        """Whether every step redraws it (a terminal bar), not only the logged ones."""
+        return self._bar is not None
 
     def update(self, step: int, loss: float | None, rate: float | None, log: bool) -> None:
         """Show progress after ``step`` steps; ``log`` marks a point worth a plain line."""
-        loss_s = f"{loss:7.4f}" if loss is not None else "      ?"
-        rate_s = f"{rate:6.2f}" if rate is not None else "     ?"
-        text = f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss_s}  {rate_s} steps/s"
-        if self.tty:
-            now = time.monotonic()
-            if not log and step != self.total and now - self._last_draw < 0.1:
-                return  # redraw at most ~10 times a second
-            self._last_draw = now
-            filled = self.width * step // max(self.total, 1)
-            bar = "#" * filled + "." * (self.width - filled)
-            self.stream.write(f"\r[{bar}] {text}")
-            self.stream.flush()
-            self._drawn = True
-        elif log:
-            self.stream.write(text + "\n")
+        if self._bar is not None:
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self._bar.update(step - self._bar.n)
+            return
+        if log:
+            loss_s = f"{loss:7.4f}" if loss is not None else "      ?"
+            rate_s = f"{rate:6.2f}" if rate is not None else "     ?"
+            self.stream.write(f"step {step:>{len(str(self.total))}}/{self.total}  "
+                              f"loss {loss_s}  {rate_s} steps/s\n")
             self.stream.flush()
 
     def close(self) -> None:
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 # --------------------------------------------------------------------------- measurement
@@ -327,7 +333,7 @@ def train(
         chunk_steps += 1
         is_log = (step + 1) % args.log_every == 0 or step == steps - 1
         if not is_log:
-            if progress and progress.tty:
+            if progress and progress.live:
                 rate = 1.0 / chunk_rates[-1] if chunk_rates else None
                 progress.update(step + 1, last_loss, rate, log=False)
             continue
