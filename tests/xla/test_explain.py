@@ -170,6 +170,7 @@ def test_session_leaves_no_hooks_behind(xla):
         assert grad_scaler.OBSERVERS
     assert backend.OBSERVERS == [] and pass_pipeline.OBSERVERS == []
     assert grad_scaler.OBSERVERS == []
+    assert sys.getprofile() is None  # its host-read watch is gone too
 
 
 def test_package_import_stays_cheap_and_explain_callable():

@@ -7,9 +7,13 @@ builds the :class:`~.report.ExplainReport` from it; :func:`explain` is the one-c
 
 from __future__ import annotations
 
+import contextlib
+import linecache
+import sys
 import threading
 import traceback
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -62,6 +66,7 @@ class ExplainSession:
         self._compile_start: int | None = None
         self._end: tuple[float, ...] | None = None
         self._active = False
+        self._previous_profiler: Any = None
 
     # -- lifetime
 
@@ -84,6 +89,8 @@ class ExplainSession:
         torch._dynamo.callback_handler.register_start_callback(self._on_compile_start)
         torch._dynamo.callback_handler.register_end_callback(self._on_compile_end)
         grad_scaler.OBSERVERS.append(self._grad_scaler_step)
+        self._previous_profiler = sys.getprofile()
+        sys.setprofile(self._on_c_call)
         self._active = True
 
     def stop(self) -> None:
@@ -97,8 +104,23 @@ class ExplainSession:
         _remove(torch._dynamo.callback_handler.start_callbacks, self._on_compile_start)
         _remove(torch._dynamo.callback_handler.end_callbacks, self._on_compile_end)
         _remove(grad_scaler.OBSERVERS, self._grad_scaler_step)
+        if sys.getprofile() == self._on_c_call:
+            sys.setprofile(self._previous_profiler)
         self._drain_dynamo()
         self._end = self._counts()
+
+    @contextlib.contextmanager
+    def unprofiled(self) -> Iterator[None]:
+        """Steps run in here are not watched for eager host reads: for timing them, which
+        the profile hook would slow down (counters are unaffected)."""
+        if sys.getprofile() != self._on_c_call:
+            yield
+            return
+        sys.setprofile(self._previous_profiler)
+        try:
+            yield
+        finally:
+            sys.setprofile(self._on_c_call)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Calls ``fn`` and records the host syncs of this one call."""
@@ -173,6 +195,44 @@ class ExplainSession:
                 owner = self._records[-1]
             (owner.aten if owner is not None else self._orphans).append(report)
 
+    # -- host reads in eager code
+
+    def _on_c_call(self, frame: types.FrameType, event: str, arg: Any) -> None:
+        """A profile hook (this thread, while recording): notes eager host reads.
+
+        ``loss.item()`` or ``t.cpu()`` on a device tensor, run eagerly (outside any
+        graph: after a graph break, or between steps), is a host sync that no graph
+        shows; this names its line. Reads through ``float(t)`` or ``if t:`` call no C
+        function Python reports, so they are counted but not placed.
+        """
+        if event != "c_call" or getattr(arg, "__name__", None) not in _HOST_READS:
+            return
+        tensor = getattr(arg, "__self__", None)
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "xla" or \
+                self._compile_start is not None:
+            return
+        if arg.__name__ == "to" and not _to_host(frame):
+            return
+        self._note_host_read(frame, arg.__name__)
+
+    @torch._dynamo.disable
+    def _note_host_read(self, frame: types.FrameType, method: str) -> None:
+        """Records one eager host read at ``frame``'s line. Dynamo must not trace this
+        (it runs inside compiled calls): a graph break here would count as the user's."""
+        inner, user = innermost(frames_from_summaries(traceback.extract_stack(frame)))
+        key = (user or inner, method)
+        with self._lock:
+            sync = self._eager.get(key)
+            if sync is not None:
+                sync.count += 1
+                return
+            if any(k[0] == key[0] for k in self._eager):
+                return  # a read the GradScaler hook already placed, and says why
+            self._eager[key] = SyncPoint(
+                f"Tensor.{method}() of a device tensor, run eagerly", inner, user,
+                reason="a host read outside the compiled graphs (after a graph break, or "
+                       "between steps)")
+
     # -- GradScaler
 
     def _grad_scaler_step(self, optimizer: torch.optim.Optimizer, masked: bool) -> None:
@@ -242,6 +302,17 @@ class ExplainSession:
             report.notes.append("torch_xla's metrics were cleared during the session: "
                                 "the sync counts are incomplete")
         return report
+
+
+#: Tensor methods that read a device tensor's value on the host.
+_HOST_READS = frozenset({"item", "tolist", "cpu", "numpy", "to"})
+
+
+def _to_host(frame: types.FrameType) -> bool:
+    """Whether the ``Tensor.to`` being called from ``frame`` goes to the CPU: it is told
+    by the call's own arguments, which the profile hook does not see, so by the source."""
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    return "cpu" in line
 
 
 def _remove(items: list[Any], item: Any) -> None:
