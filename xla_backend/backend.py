@@ -22,7 +22,7 @@ from passes import pipeline as pass_pipeline
 
 from . import counters, rewrites, warn_once
 from . import options as options_mod
-from .device import configure_pjrt
+from .device import configure_pjrt, cpu_client
 from .dynamo import scope as dynamo_scope
 from .errors import DeviceMismatchError, UnsupportedOnXla
 from .rewrites.norms import norm_decompositions
@@ -133,6 +133,8 @@ class SyncfreeXla:
             observer.on_dynamo_graph(gm, opts)
         if opts.syncfree_passes:  # Dynamo-level rewrites; placeholders stay as they are
             passes.run_pipeline(gm, passes.DYNAMO_PASSES)
+        if opts.cpu_rewrites and cpu_client():  # above AOTAutograd: rewrites the backward too
+            passes.run_pipeline(gm, rewrites.CPU_DYNAMO_REWRITES)
         compile_fn = aot_autograd(
             fw_compiler=self._aten_compiler("forward", opts),
             bw_compiler=self._aten_compiler("backward", opts),

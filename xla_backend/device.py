@@ -48,6 +48,11 @@ def _environment_defaults() -> bool:
     return os.environ.get("PJRT_DEVICE") == "CPU" and _add_xla_flag(CPU_NAN_FLAG)
 
 
+def cpu_client() -> bool:
+    """Whether torch_xla runs on its CPU PJRT client (rewrites that pay only there)."""
+    return os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
+
+
 def configure_pjrt() -> None:
     """Chooses CPU when nothing else is configured, before torch_xla is imported.
 

@@ -69,6 +69,9 @@ _SPECS: dict[str, _Spec] = {
                          _parse_bool, accepted="True or False"),
     "syncfree_passes": _Spec(bool, True, "rewrite host syncs out of the graphs", _parse_bool,
                              accepted="True or False"),
+    "cpu_rewrites": _Spec(bool, True, "on the CPU client, rewrite ops XLA:CPU runs slowly "
+                          "(small-output convolutions as a matmul)", _parse_bool,
+                          accepted="True or False"),
     "fallback": _Spec(str, "warn", "what to do with a graph XLA cannot run as one computation",
                       str, lambda v: v in ("warn", "error"), "'warn' or 'error'"),
 }
@@ -83,6 +86,7 @@ class Options:
     async_dispatch: bool = _SPECS["async_dispatch"].default
     join_graphs: bool = _SPECS["join_graphs"].default
     syncfree_passes: bool = _SPECS["syncfree_passes"].default
+    cpu_rewrites: bool = _SPECS["cpu_rewrites"].default
     fallback: str = _SPECS["fallback"].default
 
     def resolved_compile_threads(self) -> int:

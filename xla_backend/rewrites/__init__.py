@@ -15,6 +15,7 @@ from passes.base import GraphPass
 from .batch_norm_stats import UNBIASED_RUNNING_VAR
 from .nan_semantics import NAN_SEMANTICS
 from .scaled_addmm import SCALED_ADDMM
+from .small_conv import SMALL_CONV_AS_MATMUL
 from .type_promotion import promote_dtypes
 from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 
@@ -30,4 +31,9 @@ ATEN_REWRITES: tuple[GraphPass, ...] = (
     UNBIASED_RUNNING_VAR,
 )
 
-__all__ = ["ATEN_REWRITES"]
+#: Rewrites of Dynamo graphs (before AOTAutograd, so the backward follows them) that pay
+#: on torch_xla's CPU client only: patterns XLA:CPU runs far slower than eager does.
+#: TPU graphs keep torch_xla's lowering. The device kind is in the cache key.
+CPU_DYNAMO_REWRITES: tuple[GraphPass, ...] = (SMALL_CONV_AS_MATMUL,)
+
+__all__ = ["ATEN_REWRITES", "CPU_DYNAMO_REWRITES"]
