@@ -38,6 +38,9 @@ SMALL = {
     "transformer_lm": dict(batch=4, seq=16, vocab_size=64, d_model=32, n_layers=1, d_ff=64),
     "gpt": dict(batch=4, seq=16, vocab_size=64, d_model=32, n_layers=1),
     "bert": dict(batch=4, seq=16, vocab_size=64, d_model=32, n_layers=1),
+    "tv_resnet18": dict(batch=4, image_size=32),
+    "hf_gpt2": dict(batch=4, seq=16, vocab_size=64, d_model=32, n_layers=1),
+    "hf_bert": dict(batch=4, seq=16, vocab_size=64, d_model=32, n_layers=1),
 }
 EXPECTED_OUT = {
     "mlp": ((16, 16), (16,), (16, 10)),
@@ -46,6 +49,9 @@ EXPECTED_OUT = {
     "transformer_lm": ((4, 16), (4, 16), (4, 16, 64)),
     "gpt": ((4, 16), (4, 16), (4, 16, 64)),
     "bert": ((4, 16), (4,), (4, 2)),
+    "tv_resnet18": ((4, 3, 32, 32), (4,), (4, 10)),
+    "hf_gpt2": ((4, 16), (4, 16), (4, 16, 64)),
+    "hf_bert": ((4, 16), (4,), (4, 2)),
 }
 
 
@@ -94,6 +100,31 @@ def test_workload_is_deterministic(name: str) -> None:
 def test_get_workload_rejects_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown workload"):
         get_workload("nope")
+
+
+def test_library_workloads_say_which_package_is_missing(monkeypatch) -> None:
+    real = workloads.importlib.import_module
+
+    def without_torchvision(name: str):
+        if name == "torchvision":
+            raise ModuleNotFoundError("No module named 'torchvision'")
+        return real(name)
+
+    monkeypatch.setattr(workloads.importlib, "import_module", without_torchvision)
+    work = get_workload("tv_resnet18")  # building the workload needs nothing yet
+    with pytest.raises(ImportError, match=r"workload 'tv_resnet18' needs torchvision.*"
+                                          r"pip install torchvision"):
+        work.build_model()
+
+
+def test_hf_gpt2_keeps_its_embeddings_tied_when_moved(monkeypatch) -> None:
+    # As .to() onto an XLA device does: new Parameters instead of new data in the old ones.
+    monkeypatch.setattr(torch.__future__, "get_overwrite_module_params_on_conversion",
+                        lambda: True)
+    model = get_workload("hf_gpt2", **SMALL["hf_gpt2"]).build_model().double()
+    gpt2 = model.model
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    assert gpt2.lm_head.weight.dtype == torch.float64
 
 
 def test_clip_and_grad_scaler_loops_train() -> None:
@@ -217,6 +248,22 @@ def test_progress_bar_prints_plain_lines_when_not_a_tty() -> None:
     bar.update(10, 1.25, 2.0, log=True)
     bar.close()
     assert out.getvalue() == "step 10/20  loss  1.2500    2.00 steps/s\n"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_is_a_tqdm_bar_on_a_terminal() -> None:
+    out = _Terminal()
+    bar = demo.ProgressBar(20, stream=out)
+    bar.update(5, None, 2.0, log=False)
+    bar.update(10, 1.25, 2.0, log=True)
+    bar.close()
+    text = out.getvalue()
+    assert "\r" in text and "10/20" in text and "loss=1.2500" in text, text
+    assert "step 10/20  loss" not in text  # not the plain line form
 
 
 def test_demo_runs_end_to_end_eager() -> None:

@@ -12,12 +12,15 @@ functions so ``torch.compile(train_step, backend=...)`` can wrap them whole.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
+import os
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,7 @@ __all__ = [
     "WORKLOADS",
     "BertEncoder",
     "GPTDecoder",
+    "LibraryLogits",
     "ResNetish",
     "SmallCNN",
     "TransformerLM",
@@ -49,9 +53,12 @@ __all__ = [
     "bert_workload",
     "cnn_workload",
     "gpt_workload",
+    "hf_bert_workload",
+    "hf_gpt2_workload",
     "mlp_workload",
     "resnet_workload",
     "transformer_lm_workload",
+    "tv_resnet18_workload",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -685,21 +692,131 @@ def bert_workload(
     seed: int = 0,
 ) -> Workload:
     """BertEncoder classifying whether most tokens lie in the lower half of the vocab."""
-
-    def batch_fn(g: torch.Generator) -> Batch:
-        x = torch.randint(0, vocab_size, (batch, seq), generator=g)
-        x[:, 0] = 0  # a [CLS]-like first token, the one that gets pooled
-        low = (x[:, 1:] < vocab_size // 2).sum(dim=1)
-        return x, (low * 2 > seq - 1).long() % num_classes
-
     return Workload(
         "bert",
         lambda: BertEncoder(
             vocab_size, d_model, n_layers, n_heads, None, max(seq, 64), num_classes
         ),
-        batch_fn,
+        _majority_batch_fn(batch, seq, vocab_size, num_classes),
         seed=seed,
     )
+
+
+def _majority_batch_fn(batch: int, seq: int, vocab: int, num_classes: int) -> Callable:
+    def batch_fn(g: torch.Generator) -> Batch:
+        x = torch.randint(0, vocab, (batch, seq), generator=g)
+        x[:, 0] = 0  # a [CLS]-like first token, the one that gets pooled
+        low = (x[:, 1:] < vocab // 2).sum(dim=1)
+        return x, (low * 2 > seq - 1).long() % num_classes
+
+    return batch_fn
+
+
+# --------------------------------------------------------------------------- library models
+#
+# Models written by other people for eager PyTorch and inductor, from small configs and
+# randomly initialised (nothing is downloaded). torchvision and transformers are optional:
+# they come with this package's ``dev`` extra.
+
+
+def _library(module: str, workload: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"workload {workload!r} needs {module}, which is not installed; install it "
+            f"with `pip install {module}` or this package's dev extra "
+            f"(`pip install -e '.[dev]'`)") from err
+
+
+class LibraryLogits(nn.Module):
+    """A Hugging Face model called as ``model(input_ids)`` returning its logits.
+
+    Moving it to a device re-ties tied weights (GPT-2's ``lm_head`` and ``wte``):
+    ``.to()`` onto an XLA device makes new Parameters, which unties them.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids,
+                          attention_mask=torch.ones_like(input_ids)).logits
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LibraryLogits:
+        out = super()._apply(fn, recurse)
+        self.model.tie_weights()
+        return out
+
+
+def _transformers() -> ModuleType:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs only: never reach the Hub
+    module = _library("transformers", "hf_gpt2 / hf_bert")
+    module.logging.set_verbosity_error()
+    return module
+
+
+def tv_resnet18_workload(
+    batch: int = 16,
+    image_size: int = 64,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> Workload:
+    """torchvision's ResNet-18 at 64x64 (stem pooling: its last stage runs on 2x2 maps)."""
+
+    def factory() -> nn.Module:
+        return _library("torchvision", "tv_resnet18").models.resnet18(num_classes=num_classes)
+
+    return Workload("tv_resnet18", factory, _image_batch_fn(batch, 3, image_size, num_classes),
+                    seed=seed)
+
+
+def hf_gpt2_workload(
+    batch: int = 8,
+    seq: int = 64,
+    vocab_size: int = 1000,
+    d_model: int = 256,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    seed: int = 0,
+) -> Workload:
+    """Hugging Face's GPT2LMHeadModel (tied embeddings, SDPA) on the bigram LM task."""
+
+    def factory() -> nn.Module:
+        transformers = _transformers()
+        config = transformers.GPT2Config(
+            vocab_size=vocab_size, n_positions=max(seq, 64), n_embd=d_model,
+            n_layer=n_layers, n_head=n_heads, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0)
+        return LibraryLogits(transformers.GPT2LMHeadModel(config))
+
+    return Workload("hf_gpt2", factory, _lm_batch_fn(batch, seq, vocab_size), seed=seed)
+
+
+def hf_bert_workload(
+    batch: int = 8,
+    seq: int = 64,
+    vocab_size: int = 1000,
+    d_model: int = 128,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    num_classes: int = 2,
+    seed: int = 0,
+) -> Workload:
+    """Hugging Face's BertForSequenceClassification on the ``bert`` workload's task."""
+
+    def factory() -> nn.Module:
+        transformers = _transformers()
+        config = transformers.BertConfig(
+            vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layers,
+            num_attention_heads=n_heads, intermediate_size=4 * d_model,
+            max_position_embeddings=max(seq, 64), num_labels=num_classes,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return LibraryLogits(transformers.BertForSequenceClassification(config))
+
+    return Workload("hf_bert", factory,
+                    _majority_batch_fn(batch, seq, vocab_size, num_classes), seed=seed)
 
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {
@@ -709,6 +826,9 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "transformer_lm": transformer_lm_workload,
     "gpt": gpt_workload,
     "bert": bert_workload,
+    "tv_resnet18": tv_resnet18_workload,
+    "hf_gpt2": hf_gpt2_workload,
+    "hf_bert": hf_bert_workload,
 }
 
 

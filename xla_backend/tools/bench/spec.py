@@ -26,6 +26,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mlp50m": ("mlp", {"batch": 64, "in_features": 2048, "hidden": 2048, "depth": 12}),
     "gpt": ("gpt", {}),
     "bert": ("bert", {}),
+    # library models nobody here tuned for (torchvision, transformers: the dev extra)
+    "tv_resnet18": ("tv_resnet18", {}),
+    "hf_gpt2": ("hf_gpt2", {}),
+    "hf_bert": ("hf_bert", {}),
 }
 DEFAULT_MODELS = ("mlp", "resnet", "transformer_lm", "bert")
 
