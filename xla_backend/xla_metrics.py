@@ -36,6 +36,16 @@ def executions() -> int:
     return _metric_count("ExecuteTime") + _metric_count("ExecuteReplicatedTime")
 
 
+def execute_time_ns() -> int:
+    """Device time of every single-device execution so far, in nanoseconds."""
+    if "torch_xla" not in sys.modules:
+        return 0
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("ExecuteTime")
+    return int(data[1]) if data else 0
+
+
 def fallback_counts() -> dict[str, int]:
     """How often each op ran through torch_xla's CPU fallback (its ``aten::<op>`` counters).
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from xla_backend import testing
 from xla_backend.tools import bench, cli
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -245,7 +248,7 @@ def test_a_run_where_every_cell_failed_exits_1(monkeypatch, capsys):
 
 def _figures(**overrides: float) -> dict:
     counters = {"syncs_per_step": 0.0, "executions_per_step": 5.0,
-                "xla_compiles_after_warmup": 0, "dynamo_graphs_after_warmup": 0,
+                "compiles": 0, "recompiles": 0,
                 "eager_fallbacks": 0, "warm_cache_graph_hits": 5, "warm_cache_graph_misses": 0}
     ratio = overrides.pop("ratio", 2.0)
     changed = {**counters, **overrides}  # only mlp/A changes
@@ -256,31 +259,35 @@ def _figures(**overrides: float) -> dict:
             "failures": {}}
 
 
+def _baseline(**overrides: float) -> dict:
+    tolerance = overrides.pop("tolerance", perf_check.TOLERANCE)
+    return perf_check.make_baseline(_figures(**overrides), tolerance)
+
+
 def test_gate_passes_on_identical_figures():
-    assert perf_check.compare(_figures(), _figures()) == ([], [])
+    assert perf_check.compare(_baseline(), _figures()) == ([], [])
 
 
 @pytest.mark.parametrize(("metric", "old", "new"), [
     ("syncs_per_step", 0.0, 1.0),
     ("executions_per_step", 5.0, 5.1),
-    ("xla_compiles_after_warmup", 0, 1),
+    ("compiles", 0, 1),
     ("warm_cache_graph_misses", 0, 2),
 ])
 def test_gate_fails_on_any_counter_increase(metric, old, new):
-    failures, _ = perf_check.compare(_figures(**{metric: old}), _figures(**{metric: new}))
+    failures, _ = perf_check.compare(_baseline(**{metric: old}), _figures(**{metric: new}))
     assert len(failures) == 1
     message = failures[0]
     assert metric in message and "mlp/A" in message
-    assert f"baseline {perf_check._num(old)}" in message
-    assert f"now {perf_check._num(new)}" in message
+    assert f"baseline {old:g}, now {new:g}" in message
 
 
 def test_gate_fails_on_fewer_warm_cache_hits_and_notes_improvements():
-    failures, notes = perf_check.compare(_figures(warm_cache_graph_hits=5),
+    failures, notes = perf_check.compare(_baseline(warm_cache_graph_hits=5),
                                          _figures(warm_cache_graph_hits=3))
     assert failures == ["warm_cache_graph_hits on mlp/A: baseline 5, now 3 "
                         "(a decrease; counters must not get worse)"]
-    failures, notes = perf_check.compare(_figures(executions_per_step=5.0),
+    failures, notes = perf_check.compare(_baseline(executions_per_step=5.0),
                                          _figures(executions_per_step=4.0))
     assert failures == []
     assert any("executions_per_step on mlp/A improved" in n for n in notes)
@@ -289,7 +296,7 @@ def test_gate_fails_on_fewer_warm_cache_hits_and_notes_improvements():
 @pytest.mark.parametrize(("new", "fails"), [(2.0, False), (2.4, False), (2.49, False),
                                             (2.6, True), (1.0, False)])
 def test_gate_allows_timing_ratios_within_the_tolerance(new, fails):
-    failures, notes = perf_check.compare(_figures(ratio=2.0), _figures(ratio=new))
+    failures, notes = perf_check.compare(_baseline(ratio=2.0), _figures(ratio=new))
     assert bool(failures) == fails
     if fails:
         assert perf_check.RATIO in failures[0] and "mlp/A" in failures[0]
@@ -300,7 +307,7 @@ def test_gate_allows_timing_ratios_within_the_tolerance(new, fails):
 
 
 def test_gate_tolerance_comes_from_the_baseline_or_the_caller():
-    baseline = {**_figures(ratio=2.0), "tolerance": 0.5}
+    baseline = _baseline(ratio=2.0, tolerance=0.5)
     assert perf_check.compare(baseline, _figures(ratio=2.9))[0] == []
     assert perf_check.compare(baseline, _figures(ratio=2.9), tolerance=0.25)[0]
 
@@ -309,10 +316,10 @@ def test_gate_fails_when_a_measurement_fails_or_is_missing():
     current = _figures()
     del current["counters"]["mlp/A"], current["ratios"]["mlp/A"]
     current["failures"]["mlp/A"] = "cold: timed out after 300 s"
-    failures, _ = perf_check.compare(_figures(), current)
+    failures, _ = perf_check.compare(_baseline(), current)
     assert failures == ["mlp/A: the measurement failed: cold: timed out after 300 s"]
     current["failures"] = {}
-    failures, _ = perf_check.compare(_figures(), current)
+    failures, _ = perf_check.compare(_baseline(), current)
     assert failures == ["mlp/A: in the baseline but not measured"]
 
 
@@ -322,10 +329,14 @@ def test_gate_update_writes_the_baseline_and_then_compares(tmp_path, capsys):
     assert perf_check.main(["--current", str(current_file), "--baseline", str(baseline_file),
                             "--update"]) == 0
     written = json.loads(baseline_file.read_text())
-    assert written["counters"] == _figures()["counters"]
-    assert written["ratios"] == _figures()["ratios"]
-    assert written["tolerance"] == perf_check.TOLERANCE
-    assert "perf-baseline" in written["about"]
+    figures = _figures()
+    assert set(written) == {"_about", *figures["counters"]}
+    for key, counters in figures["counters"].items():
+        assert written[key] == {**counters, "ratios": figures["ratios"][key],
+                                "tolerance": perf_check.TOLERANCE}
+    assert "perf-baseline" in written["_about"]["about"]
+    # the plugin's and `check`'s reader takes it: one baseline format
+    assert testing.read_baseline(baseline_file) == written
     assert perf_check.main(["--current", str(current_file), "--baseline",
                             str(baseline_file)]) == 0
     current_file.write_text(json.dumps(_figures(syncs_per_step=1.0)))
@@ -347,12 +358,13 @@ def test_gate_refuses_to_record_a_failed_measurement(tmp_path):
 
 
 def test_committed_baseline_covers_every_check():
-    baseline = json.loads(perf_check.BASELINE.read_text())
+    baseline = testing.read_baseline(perf_check.BASELINE)
     keys = {perf_check.key_of(m, lp) for m, lp in perf_check.CHECKS}
-    assert set(baseline["counters"]) == keys
-    assert set(baseline["ratios"]) == keys
-    for counters in baseline["counters"].values():
-        assert set(counters) == {*perf_check.LOWER_IS_BETTER, *perf_check.HIGHER_IS_BETTER}
+    assert set(baseline) == {"_about", *keys}
+    for key in keys:
+        assert set(baseline[key]) == {*perf_check.LOWER_IS_BETTER, *perf_check.HIGHER_IS_BETTER,
+                                      "ratios", "tolerance"}
+        assert perf_check.RATIO in baseline[key]["ratios"]
 
 
 def test_plain_pytest_collects_only_tests():
@@ -360,8 +372,13 @@ def test_plain_pytest_collects_only_tests():
     assert 'testpaths = ["tests"]' in (REPO_ROOT / "pyproject.toml").read_text()
 
 
-def test_paired_eager_steps_are_interleaved_in_the_cell():
-    """In process: eager on the CPU, cheap; the ratio is a median of per-step ratios."""
+def test_paired_eager_steps_are_interleaved_in_the_cell(xla):
+    """In process: eager on the CPU, cheap; the ratio is a median of per-step ratios.
+
+    ``xla`` loads torch_xla first: a backward run before it registers its device leaves
+    torch's autograd engine without a queue for it, and every later XLA backward in
+    this process fails an internal assert.
+    """
     spec = bench.CellSpec("mlp", "plain", "eager", steps=3, warmup=1, pipelined=False,
                           paired="eager")
     result = bench.measure_cell(spec)
@@ -386,8 +403,24 @@ def test_gate_measures_a_slow_ratio_again_before_failing(monkeypatch, again, cal
     monkeypatch.setattr(perf_check, "measure_ratio", measure_ratio)
     monkeypatch.setattr(perf_check, "CHECKS", (("mlp", "A"), ("transformer_lm_small", "A")))
     current = _figures(ratio=3.0)
-    perf_check.confirm_ratios(_figures(ratio=2.0), current, None, steps=2, warmup=1)
+    perf_check.confirm_ratios(_baseline(ratio=2.0), current, None, steps=2, warmup=1)
     assert seen == [("mlp", "A")] * calls
     assert current["ratios"]["mlp/A"][perf_check.RATIO] == min([3.0, *again])
-    failures, _ = perf_check.compare(_figures(ratio=2.0), current)
+    failures, _ = perf_check.compare(_baseline(ratio=2.0), current)
     assert bool(failures) == fails
+
+
+def test_op_profile_names_the_heavy_ops_of_a_step():
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "op_profile.py"), "--model", "cnn",
+         "--reps", "1", "--top", "3"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("cnn: heavy ops of one AdamW step, cpu_rewrites on")
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| op")]
+    assert len(rows) == 3
+    ops = {row.split(" | ")[0].removeprefix("| ") for row in rows}
+    assert ops <= {"convolution", "convolution_backward", "addmm", "mm",
+                   "_native_batch_norm_legit_functional", "native_batch_norm_backward"}
+    # XLA time per op is measured, not zero: the ops run on the device
+    assert all(float(row.split(" | ")[3]) > 0 for row in rows)
