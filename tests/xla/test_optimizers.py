@@ -188,7 +188,7 @@ def test_lbfgs_with_a_compiled_closure_matches_eager(xla):
                 loss.backward()
                 return loss
 
-            losses.append(float(opt.step(closure)))
+            losses.append(float(opt.step(closure).detach()))
         runs.append(losses)
     assert runs[0] == pytest.approx(runs[1], rel=1e-4)
     assert_same_state(model, reference, rtol=1e-4)
