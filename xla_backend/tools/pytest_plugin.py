@@ -21,6 +21,8 @@ session of the environment.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,21 @@ BUDGET_KEYS = ("max_syncs_per_step", "max_compiles", "max_recompiles",
                "max_executions_per_step", "max_graph_breaks")
 RUN_KEYS = ("warmup", "steps")
 _RESULTS = pytest.StashKey[dict]()
+# torch's structured-trace logger: DEBUG records with no text at every compile step
+TORCH_TRACE_LOGGER = "torch.__trace"
+
+
+class _TorchTraceOnlyWhenTraced(logging.Filter):
+    """Keeps torch's structured-trace records out of pytest's captured logs.
+
+    pytest attaches its capture handlers to non-propagating loggers too, and torch's
+    trace logger is one, at DEBUG: a failing test's report then holds hundreds of
+    empty "DEBUG torch.__trace" lines around the budget message. The records only
+    matter when ``TORCH_TRACE`` asks torch to write them for tlparse.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(os.environ.get("TORCH_TRACE"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,6 +73,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--syncfree-update") and not config.getoption("--syncfree-baseline"):
         raise pytest.UsageError("--syncfree-update needs --syncfree-baseline FILE")
     config.stash[_RESULTS] = {}
+    trace = logging.getLogger(TORCH_TRACE_LOGGER)
+    if not any(isinstance(f, _TorchTraceOnlyWhenTraced) for f in trace.filters):
+        trace.addFilter(_TorchTraceOnlyWhenTraced())
 
 
 class SyncfreeBudget:
