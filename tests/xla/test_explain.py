@@ -119,6 +119,23 @@ def test_value_crossing_a_graph_break_is_kept_and_the_break_listed(xla):
     assert report.host_syncs >= 2  # one read per call
 
 
+def _break_here(x):
+    torch._dynamo.graph_break()
+    return x + 1
+
+
+def one_break_reached_twice(x):
+    return _break_here(_break_here(x * 2)) * 3
+
+
+def test_the_headline_counts_break_places_as_budgets_do(xla):
+    """``measure`` budgets distinct places; the headline says both, so they agree."""
+    report = xla_backend.explain(one_break_reached_twice, torch.ones(3, device=xla))
+    (graph_break,) = report.graph_breaks
+    assert graph_break.count > 1
+    assert f"graph breaks: 1 place ({graph_break.count} breaks);" in str(report)
+
+
 def scaled(x, scale: float):
     return (x * scale).sum()
 

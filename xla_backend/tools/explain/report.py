@@ -205,7 +205,7 @@ class ExplainReport:
             f"({op_by_op} op by op, {self.op_by_op_runs} op-by-op runs); "
             f"XLA compiles: {self.xla_compiles}",
             f"  sync points: {len(syncs)} ({removed} removed, {len(syncs) - removed} kept); "
-            f"graph breaks: {sum(b.count for b in self.graph_breaks)}; "
+            f"graph breaks: {_breaks(self.graph_breaks)}; "
             f"recompiles: {len(self.recompiles)}",
         ]
         lines.append("  " + self._steps_line())
@@ -236,6 +236,12 @@ class ExplainReport:
             text += (f"; {self.steps_cut} steps were cut into more executions by a host "
                      f"read or an op that runs on the host (see the sync points below)")
         return text
+
+
+def _breaks(breaks: list[GraphBreak]) -> str:
+    """Distinct places, as budgets count them, and how often Dynamo broke there."""
+    places, hits = len(breaks), sum(b.count for b in breaks)
+    return str(hits) if hits == places else f"{places} place{'s' * (places != 1)} ({hits} breaks)"
 
 
 def _indent(text: str, prefix: str) -> str:
