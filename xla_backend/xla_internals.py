@@ -117,15 +117,27 @@ def run_cached(graph_hash_: Any, buffers: Sequence[torch.Tensor]) -> list[torch.
 # --------------------------------------------------------------------------- settings
 
 
+def device_data_cache_enabled() -> bool:
+    """Whether torch_xla shares one device buffer per scalar value."""
+    return bool(_XLAC._get_xla_enable_device_data_cache())
+
+
+def set_device_data_cache(enabled: bool) -> bool:
+    """Turns torch_xla's cache of one shared device buffer per scalar value on or off
+    for the process; returns whether it was on."""
+    was = device_data_cache_enabled()
+    _XLAC._set_xla_enable_device_data_cache(enabled)
+    return was
+
+
 @contextlib.contextmanager
 def device_data_cache(enabled: bool) -> Iterator[None]:
     """torch_xla's cache of one shared device buffer per scalar value, on or off."""
-    was = _XLAC._get_xla_enable_device_data_cache()
-    _XLAC._set_xla_enable_device_data_cache(enabled)
+    was = set_device_data_cache(enabled)
     try:
         yield
     finally:
-        _XLAC._set_xla_enable_device_data_cache(was)
+        set_device_data_cache(was)
 
 
 @contextlib.contextmanager
@@ -178,6 +190,8 @@ __all__ = [
     "counters",
     "device_data",
     "device_data_cache",
+    "device_data_cache_enabled",
+    "set_device_data_cache",
     "graph_hash",
     "hlo_proto",
     "mark_sharding",

@@ -19,7 +19,7 @@ from tests.xla_helpers import (
     settle,
     twin,
 )
-from xla_backend import counters
+from xla_backend import counters, xla_internals
 from xla_backend.tools import workloads
 from xla_backend.tools.explain import ExplainSession
 
@@ -65,6 +65,52 @@ def test_each_loop_is_one_execution_per_step_with_eager_numbers(xla, kind):
                                rtol=1e-4, atol=1e-5)
     assert_same_state(model, reference, rtol=1e-4)
     assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
+
+
+def _poisoned_amp_step(model, opt, scaler, x, y, poison):
+    loss = workloads.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    for p in model.parameters():
+        p.grad.add_(poison)  # 0 on finite steps, inf to force a skip
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def test_grad_scaler_transitions_compile_nothing_when_joined(xla):
+    """A 0-d poison moved to the device as 0.0 shared torch_xla's cached buffer of the
+    constant 0.0 and as inf did not: the joined step hashed differently and compiled at
+    the first skip. The joiner turns that cache off, and ``reset()`` back on."""
+    work = workloads.get_workload("mlp", hidden=32)
+    model, reference = twin(work.build_model(), xla)
+    opt, ref_opt = (torch.optim.Adam(m.parameters(), lr=1e-3) for m in (model, reference))
+    scaler = workloads.make_grad_scaler(xla, init_scale=2.0**10, growth_interval=3)
+    ref_scaler = workloads.make_grad_scaler("cpu", init_scale=2.0**10, growth_interval=3)
+    step = torch.compile(_poisoned_amp_step, backend="syncfree_xla", options=JOIN)
+    executions, scales = [], []
+    for i in range(12):
+        x, y = work.make_batch(i)
+        poison = torch.tensor(float("inf") if i in (5, 6) else 0.0)
+        with MetricWindow() as window:
+            step(model, opt, scaler, x.to(xla), y.to(xla), poison.to(xla))
+            settle()
+        _poisoned_amp_step(reference, ref_opt, ref_scaler, x, y, poison)
+        scales.append(ref_scaler.get_scale())
+        if i >= 3:
+            assert (window.counts.compiles, window.counts.transfers_to_host) == (0, 0), \
+                (i, window.counts)
+            executions.append(window.counts.executions)
+    assert set(executions) == {1}, executions
+    # measured: growth (step 2), two skips with back-off (5, 6), recovery and growth (9)
+    assert scales[5] == scales[4] / 2 and scales[6] == scales[5] / 2, scales
+    assert scales[9] == 2 * scales[8], scales
+    assert float(scaler.get_scale()) == ref_scaler.get_scale()
+    assert_same_state(model, reference, rtol=1e-4)
+    assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
+    assert not xla_internals.device_data_cache_enabled()
+    torch._dynamo.reset()
+    assert xla_internals.device_data_cache_enabled()
 
 
 def test_adam_with_param_groups_and_a_changing_lr_matches_eager(xla):

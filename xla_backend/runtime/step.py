@@ -25,6 +25,14 @@ Where the step boundary is, in the order the rules apply:
    ``MpDeviceLoader``'s next batch) runs what is pending with it; a host read between
    two graphs of a step counts the step as cut.
 
+torch_xla keys the step's executable by its lazy graph, including which of its inputs
+share a buffer. Its cache of one device buffer per scalar value makes a 0-d input
+moved to the device (a GradScaler poison, a loss weight) share the buffer of an equal
+constant, so the same step would hash differently, and compile again, when the value
+changes (0 to inf). From the first joined step on, that cache is off for the process
+(each scalar of an eager op is then a buffer of its own, some microseconds more per
+op); ``reset()`` turns it back on.
+
 A graph's name starts with its AOTAutograd kind (``forward``, ``backward``,
 ``inference``: ``backend.py`` names them), which is how rule 1 pairs them.
 """
@@ -56,6 +64,7 @@ class StepJoiner:
         self._open = 0  # forwards joined since the boundary whose backward has not
         self._device: torch.device | None = None
         self._wait = False
+        self._cache_was: bool | None = None  # torch_xla's scalar-buffer cache, before
 
     def returned(self) -> None:
         """The last running compiled call returned: the step ends here, unless a
@@ -82,6 +91,8 @@ class StepJoiner:
         """
         transfers = None if self._since else self._reads()
         with self._lock:
+            if self._cache_was is None:
+                self._cache_was = xla_internals.set_device_data_cache(False)
             if transfers is not None:
                 self._transfers = transfers  # a step starts: host reads from now cut it
             self._since.append((graph_id, name))
@@ -138,9 +149,13 @@ class StepJoiner:
             return [name for _, name in self._previous or []]
 
     def reset(self) -> None:
-        """Forgets the last step (``torch._dynamo.reset``); pending IR stays pending."""
+        """Forgets the last step (``torch._dynamo.reset``) and gives torch_xla its
+        scalar-buffer cache back; pending IR stays pending."""
         with self._lock:
             self._since, self._previous, self._open = [], None, 0
+            if self._cache_was is not None:
+                xla_internals.set_device_data_cache(self._cache_was)
+                self._cache_was = None
 
 
 joiner = StepJoiner()
