@@ -79,6 +79,10 @@ class StepJoiner:
 
     def before(self, graph_id: int, device: torch.device) -> None:
         """Called as a graph is about to join: runs the previous step if this starts one."""
+        if self._cache_was is None:
+            with trace_lock:  # a trace saves and gives back the same setting
+                if self._cache_was is None:
+                    self._cache_was = xla_internals.set_device_data_cache(False)
         with self._lock:
             again = any(gid == graph_id for gid, _ in self._since)
         if again:
@@ -91,8 +95,6 @@ class StepJoiner:
         """
         transfers = None if self._since else self._reads()
         with self._lock:
-            if self._cache_was is None:
-                self._cache_was = xla_internals.set_device_data_cache(False)
             if transfers is not None:
                 self._transfers = transfers  # a step starts: host reads from now cut it
             self._since.append((graph_id, name))
@@ -153,6 +155,7 @@ class StepJoiner:
         scalar-buffer cache back; pending IR stays pending."""
         with self._lock:
             self._since, self._previous, self._open = [], None, 0
+        with trace_lock:
             if self._cache_was is not None:
                 xla_internals.set_device_data_cache(self._cache_was)
                 self._cache_was = None
