@@ -518,8 +518,9 @@ def test_poison_keeps_the_graph(xla):
     """Why the harness's NaN is one element of a vector (torch_xla behaviour, pinned).
 
     A 0-d tensor moved to the device holding 1.0 reads the same buffer as the constant
-    1.0 of a lazy graph; holding 2.0 it does not, and the graph hashes differently. When
-    this stops failing, the harness can go back to 0-d poison.
+    1.0 of a lazy graph; holding 2.0 it does not, and the graph hashes differently. The
+    day this test fails, torch_xla stopped sharing, and the harness can go back to 0-d
+    poison.
     """
     ones = torch.ones(3, device=xla)
     torch_xla.sync()
