@@ -213,8 +213,7 @@ def ratio_regressions(baseline: Mapping[str, Any], current: Mapping[str, Any],
     """Workload keys whose timing ratio grew past the tolerance (candidates to confirm)."""
     keys = []
     for key, entry in _entries(baseline).items():
-        tol = tolerance if tolerance is not None else float(
-            entry.get(testing.TOLERANCE, testing.DEFAULT_TOLERANCE))
+        tol = testing.tolerance_of(entry, tolerance)
         new = current.get("ratios", {}).get(key, {}).get(RATIO)
         old = entry.get(testing.RATIOS, {}).get(RATIO)
         if new is not None and old is not None and new > old * (1 + tol):

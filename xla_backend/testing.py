@@ -33,7 +33,7 @@ from typing import Any
 __all__ = ["COUNTERS", "DEFAULT_TOLERANCE", "RATIOS", "STEP_OVER_REFERENCE", "TOLERANCE",
            "BudgetExceeded", "Measurement", "Snapshot", "assert_budget", "between",
            "budget_problems", "compare_entry", "compare_with_baseline", "failure_message",
-           "measure", "read_baseline", "snapshot", "write_baseline"]
+           "measure", "read_baseline", "snapshot", "tolerance_of", "write_baseline"]
 
 #: The counters a measurement compares, each with the budget keyword that bounds it.
 COUNTERS: dict[str, str] = {
@@ -178,7 +178,7 @@ def measure(step: Callable[..., Any], batches: Iterable[Any], warmup: int = 3,
                     took = time.perf_counter() - started
                     started = time.perf_counter()
                     _call(reference, batch)
-                    ratios.append(took / max(time.perf_counter() - started, 1e-9))
+                    ratios.append(took / max(time.perf_counter() - started, _EPS))
                 end = _plus(end, before, after)
             measured += 1
             if steps is not None and measured == steps:
@@ -246,6 +246,13 @@ def _num(value: float) -> str:
         f"{value:g}"
 
 
+def tolerance_of(entry: Mapping[str, Any], override: float | None = None) -> float:
+    """How far an entry's timing ratios may grow: ``override``, else the entry's
+    :data:`TOLERANCE`, else :data:`DEFAULT_TOLERANCE`."""
+    return override if override is not None else float(entry.get(TOLERANCE,
+                                                                  DEFAULT_TOLERANCE))
+
+
 def compare_entry(recorded: Mapping[str, Any], current: Mapping[str, Any],
                   higher_is_better: Iterable[str] = (), tolerance: float | None = None,
                   where: str = "") -> tuple[list[str], list[str]]:
@@ -260,8 +267,7 @@ def compare_entry(recorded: Mapping[str, Any], current: Mapping[str, Any],
     """
     on = f" on {where}" if where else ""
     better_up = set(higher_is_better)
-    tol = tolerance if tolerance is not None else float(recorded.get(TOLERANCE,
-                                                                     DEFAULT_TOLERANCE))
+    tol = tolerance_of(recorded, tolerance)
     regressions: list[str] = []
     improvements: list[str] = []
     for name, old in sorted(recorded.items()):

@@ -150,7 +150,7 @@ def measure_cell(spec: CellSpec) -> CellResult:
     other = _prepare_paired(spec, total)
     # counted as the budget API counts (one way for the gate, the plugin and `check`)
     start = testing.snapshot() if on_xla else None
-    graphs, _ = _dynamo_counts()
+    graphs = None if on_xla else _dynamo_counts()[0]
     times, paired_times = [], []
     for i in range(spec.warmup, spec.warmup + spec.steps):
         started = time.perf_counter()
@@ -168,13 +168,14 @@ def measure_cell(spec: CellSpec) -> CellResult:
         result.paired_steady_ms = statistics.median(paired_times) * 1e3
         result.paired_steady_ms_min = min(paired_times) * 1e3
         result.paired_ratio = statistics.median(t / p for t, p in zip(times, paired_times))
-    result.dynamo_graphs_after_warmup = _dynamo_counts()[0] - graphs
     if start is not None:
         counted = testing.between(start, testing.snapshot(), spec.steps, spec.warmup)
         result.syncs_per_step = counted.syncs_per_step
         result.executions_per_step = counted.executions_per_step
         result.xla_compiles_after_warmup = counted.compiles
         result.dynamo_graphs_after_warmup = counted.recompiles
+    elif graphs is not None:
+        result.dynamo_graphs_after_warmup = _dynamo_counts()[0] - graphs
     if spec.backend in ("eager", "lazy"):
         result.dynamo_graphs_after_warmup = None  # nothing is compiled by Dynamo
 
