@@ -20,7 +20,7 @@ from torch._dynamo.backends.common import aot_autograd
 import passes
 from passes import pipeline as pass_pipeline
 
-from . import counters, rewrites, warn_once
+from . import aot, counters, rewrites, warn_once
 from . import options as options_mod
 from .device import configure_pjrt, cpu_client
 from .dynamo import scope as dynamo_scope
@@ -30,15 +30,16 @@ from .rewrites.norms import norm_decompositions
 configure_pjrt()
 
 # torch_xla must see PJRT_DEVICE before it is imported
-from .cache import graph_cache  # noqa: E402
+from .cache import aot_cache, graph_cache  # noqa: E402
 from .runtime import compile_pool, partition, rng_state, step  # noqa: E402
 from .runtime.graph import xla_device  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 #: Watchers told about every graph compiled here (``on_dynamo_graph(gm, options)`` before
-#: the passes, ``on_aten_graph(name, gm)`` before lowering), so ``xla_backend.tools.explain``
-#: can report sync points per graph. Empty unless it runs; must not modify ``gm``.
+#: the passes, ``on_aot(gm, outcome)`` with what the AOTAutograd cache did, and
+#: ``on_aten_graph(name, gm)`` before lowering), so ``xla_backend.tools.explain`` can
+#: report per graph. Empty unless it runs; must not modify ``gm``.
 OBSERVERS: list[Any] = []
 
 
@@ -135,14 +136,37 @@ class SyncfreeXla:
             passes.run_pipeline(gm, passes.DYNAMO_PASSES)
         if opts.cpu_rewrites and cpu_client():  # above AOTAutograd: rewrites the backward too
             passes.run_pipeline(gm, rewrites.CPU_DYNAMO_REWRITES)
-        compile_fn = aot_autograd(
-            fw_compiler=self._aten_compiler("forward", opts),
-            bw_compiler=self._aten_compiler("backward", opts),
-            inference_compiler=self._aten_compiler("inference", opts),
-            keep_inference_input_mutations=True,
+        compilers = aot.Compilers(
+            forward=self._aten_compiler("forward", opts),
+            backward=self._aten_compiler("backward", opts),
+            inference=self._aten_compiler("inference", opts),
             decompositions=norm_decompositions(),
         )
-        return compile_fn(gm, example_inputs)
+        if any(isinstance(x, (list, tuple, dict)) for x in example_inputs):
+            # nested inputs: Dynamo's own wrapper flattens them; not cached
+            return aot_autograd(fw_compiler=compilers.forward, bw_compiler=compilers.backward,
+                                inference_compiler=compilers.inference,
+                                keep_inference_input_mutations=True,
+                                decompositions=compilers.decompositions)(gm, example_inputs)
+        found = aot_cache.lookup(gm, example_inputs, opts, compilers.decompositions)
+        if found.artifacts is not None:
+            try:
+                compiled = aot.from_artifacts(gm, example_inputs, compilers, found.artifacts)
+            except Exception as e:  # a stored result that does not fit costs AOTAutograd
+                found.reject(e)
+            else:
+                found.hit()
+                self._tell_aot(gm, "skipped: its graphs and metadata came from the cache")
+                return compiled
+        self._tell_aot(gm, "ran; " + found.outcome)
+        return aot.compile_graph(gm, example_inputs, compilers,
+                                 found.store if found.cacheable else None)
+
+    @staticmethod
+    def _tell_aot(gm: torch.fx.GraphModule, outcome: str) -> None:
+        for observer in list(OBSERVERS):
+            if hasattr(observer, "on_aot"):
+                observer.on_aot(gm, outcome)
 
     def _aten_compiler(self, kind: str, opts: options_mod.Options
                        ) -> Callable[[torch.fx.GraphModule, Sequence[Any]], Callable]:

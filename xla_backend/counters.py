@@ -42,6 +42,12 @@ CACHE_GRAPH_HITS = "cache_graph_hits"
 CACHE_GRAPH_MISSES = "cache_graph_misses"
 CACHE_GRAPH_REJECTED = "cache_graph_rejected"
 CACHE_GRAPH_UNCACHEABLE = "cache_graph_uncacheable"
+# Per Dynamo graph: a hit skips AOTAutograd (its metadata pass, joint trace and
+# partitioner); uncacheable graphs are those whose result has no exact stored form.
+CACHE_AOT_HITS = "cache_aot_hits"
+CACHE_AOT_MISSES = "cache_aot_misses"
+CACHE_AOT_REJECTED = "cache_aot_rejected"
+CACHE_AOT_UNCACHEABLE = "cache_aot_uncacheable"
 INPUT_WAIT_SECONDS = "input_wait_seconds"
 INPUT_BATCHES = "input_batches"
 

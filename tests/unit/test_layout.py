@@ -20,7 +20,8 @@ PACKAGES = ("passes", "xla_backend")
 # errors, counters, device, sharding, xla_metrics). The package's own ``__init__``
 # (public names, the lazy ``explain``) is exempt.
 STAGES: tuple[tuple[str, ...], ...] = (
-    ("xla_backend.dynamo",), ("passes",), ("xla_backend.rewrites",), ("xla_backend.lower",),
+    ("xla_backend.dynamo",), ("passes",), ("xla_backend.aot",), ("xla_backend.rewrites",),
+    ("xla_backend.lower",),
     ("xla_backend.cache",), ("xla_backend.runtime",), ("xla_backend.backend",),
     ("xla_backend.tools", "xla_backend.testing"),  # built on the backend
 )

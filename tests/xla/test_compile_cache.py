@@ -96,6 +96,11 @@ def _entries(directory: Path) -> list[Path]:
     return sorted(directory.glob("*" + ENTRY_SUFFIX))
 
 
+def _graph_entries(directory: Path) -> list[str]:
+    """Digests of the graph tier's entries (the AOTAutograd tier's are marked "aot")."""
+    return sorted(e.digest for e in Store(directory).entries() if e.meta.get("tier") != "aot")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One first process fills a cache; then three restarted ones use copies of it at once.
@@ -126,19 +131,27 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return results
 
 
+def _aot_graphs(result: dict[str, Any]) -> int:
+    """Dynamo graphs whose AOTAutograd result has an entry of its own (cache.aot_cache)."""
+    return int(result["stats"].get("cache_aot_misses", 0))
+
+
 def test_first_process_misses_and_writes_every_graph(runs):
     directory, first = runs["cold"]
-    graphs = first["graphs"]
+    graphs, aot_graphs = first["graphs"], _aot_graphs(first)
     assert graphs >= 3  # forward, backward, optimizer
+    assert aot_graphs >= 2  # the forward (with its backward), the optimizer step
     assert first["stats"].get("cache_graph_misses") == graphs
-    assert first["stats"].get("cache_disk_writes") == graphs
-    assert len(_entries(directory)) == graphs
+    assert first["stats"].get("cache_disk_writes") == graphs + aot_graphs
+    assert len(_entries(directory)) == graphs + aot_graphs
+    assert len(_graph_entries(directory)) == graphs
 
 
 def test_second_process_hits_disk_for_every_graph_and_matches_bitwise(runs):
     first = runs["cold"][1]
     second = runs["warm"][1][BATCH]
-    assert second["stats"].get("cache_disk_hits") == first["graphs"]
+    assert second["stats"].get("cache_disk_hits") == first["graphs"] + _aot_graphs(first)
+    assert second["stats"].get("cache_aot_hits") == _aot_graphs(first)
     assert second["stats"].get("cache_graph_hits") == first["graphs"]
     assert second["stats"].get("cache_graph_misses", 0) == 0
     assert second["stats"].get("cache_disk_writes", 0) == 0
@@ -149,6 +162,7 @@ def test_renamed_variable_hits_and_another_shape_misses_with_a_reason(runs):
     first = runs["cold"][1]
     _, result, stderr = runs["renamed"]
     renamed, reshaped = result[BATCH], result[BATCH * 2]
+    assert renamed["stats"].get("cache_aot_hits") == _aot_graphs(first)
     assert renamed["stats"].get("cache_graph_hits") == first["graphs"]
     assert renamed["stats"].get("cache_graph_misses", 0) == 0
     assert renamed["losses"] == first["losses"]
@@ -162,9 +176,11 @@ def test_corrupted_entries_are_warned_about_rebuilt_and_train_correctly(runs):
     directory, result, stderr = runs["corrupted"]
     again = result[BATCH]
     assert "discarding bad cache entry" in stderr
-    assert again["stats"].get("cache_bad_entries") == first["graphs"]
+    entries = first["graphs"] + _aot_graphs(first)
+    assert again["stats"].get("cache_bad_entries") == entries
     assert again["stats"].get("cache_graph_misses") == first["graphs"]
-    assert again["stats"].get("cache_disk_writes") == first["graphs"]
+    assert again["stats"].get("cache_aot_misses") == _aot_graphs(first)
+    assert again["stats"].get("cache_disk_writes") == entries
     assert again["losses"] == first["losses"]
     assert Store(directory).verify().ok
 
@@ -201,20 +217,22 @@ def test_stats_report_hits_and_misses_per_tier(xla, tmp_path, fresh_cache_state,
     options = {"cache_dir": str(tmp_path / "c")}
     x = torch.randn(4, 4)
     want = (x @ x).relu() * 3.5
+    # the memory and disk tiers count every entry: one of each cache (AOTAutograd, graph)
     assert _same(_matmul_relu(options, x.to(xla)), want)
     s = xla_backend.stats()
-    assert (s["cache_memory_misses"], s["cache_disk_misses"], s["cache_disk_writes"]) == (1, 1, 1)
+    assert (s["cache_memory_misses"], s["cache_disk_misses"], s["cache_disk_writes"]) == (2, 2, 2)
+    assert (s["cache_aot_misses"], s["cache_graph_misses"]) == (1, 1)
     _matmul_relu(options, x.to(xla))  # the same process: the memory tier answers
-    assert xla_backend.stats()["cache_memory_hits"] == 1
+    assert xla_backend.stats()["cache_memory_hits"] == 2
     import weakref
 
     monkeypatch.setattr(compile_cache, "_stores", {})  # as if restarted
     monkeypatch.setattr(compile_cache, "_live", weakref.WeakValueDictionary())
     assert _same(_matmul_relu(options, x.to(xla)), want)
     s = xla_backend.stats()
-    assert s["cache_disk_hits"] == 1
-    assert s["cache_graph_hits"] == 2
-    assert s["cache_graph_misses"] == 1
+    assert s["cache_disk_hits"] == 2
+    assert s["cache_graph_hits"] == 2 and s["cache_aot_hits"] == 2
+    assert s["cache_graph_misses"] == 1 and s["cache_aot_misses"] == 1
 
 
 def test_cache_false_writes_nothing_to_disk(xla, tmp_path, fresh_cache_state):
@@ -225,7 +243,7 @@ def test_cache_false_writes_nothing_to_disk(xla, tmp_path, fresh_cache_state):
         assert _same(_matmul_relu(options, x.to(xla)), (x @ x).relu() * 3.5)
     assert not directory.exists()
     s = xla_backend.stats()
-    assert s["cache_memory_hits"] == 1
+    assert s["cache_memory_hits"] == 2  # the AOTAutograd entry and the graph entry
     assert s.get("cache_disk_writes", 0) == s.get("cache_disk_misses", 0) == 0
 
 
@@ -247,9 +265,9 @@ def test_structurally_bad_entry_is_rejected_and_rebuilt(xla, tmp_path, caplog,
     options = {"cache_dir": str(directory)}
     x = torch.randn(4, 4)
     _matmul_relu(options, x.to(xla))
-    (entry,) = _entries(directory)
-    digest = entry.name[:-len(ENTRY_SUFFIX)]
-    info = Store(directory).entries()[0]
+    (digest,) = _graph_entries(directory)
+    entry = directory / (digest + ENTRY_SUFFIX)
+    info = next(e for e in Store(directory).entries() if e.digest == digest)
     entry.unlink()  # replace it with a well-checksummed entry that makes no sense
     Store(directory).put(digest, b"checksummed nonsense", info.components, info.meta)
     import weakref
@@ -289,7 +307,7 @@ def test_a_computation_that_reads_no_buffer_is_not_stored(xla, tmp_path, caplog,
 
     first = run()
     assert xla_backend.stats().get("cache_graph_uncacheable", 0) >= 1
-    assert _entries(tmp_path / "c") == []
+    assert _graph_entries(tmp_path / "c") == []
     assert torch.equal(run(), first)
     assert "is unusable" not in caplog.text
 

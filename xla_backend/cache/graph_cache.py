@@ -144,11 +144,26 @@ def _target(target: Any) -> str:
         return f"hop:{target.name()}"
     module = getattr(target, "__module__", None)
     qualname = getattr(target, "__qualname__", None)
-    if module in ("_operator", "operator", "math", "builtins", "torch") and qualname:
-        owner = sys.modules.get(module)
-        if owner is not None and getattr(owner, qualname, None) is target:
+    if module in ("_operator", "operator", "math", "builtins") or _is_torch_module(module):
+        # torch's own functions (Dynamo graphs call torch.nn.functional.*, torch._C._nn.*):
+        # stable names, as the torch version is a key component of its own
+        if qualname and _resolve(str(module), qualname) is target:
             return f"fn:{module}.{qualname}"
+    name = getattr(target, "__name__", None)
+    if name and getattr(torch, name, None) is target:  # torch.arange and other C builtins
+        return f"fn:torch.{name}"
     raise Uncacheable(f"call target {target!r} cannot be named across processes")
+
+
+def _is_torch_module(module: Any) -> bool:
+    return module == "torch" or str(module).startswith("torch.")
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found
 
 
 def _tensor_fingerprint(t: torch.Tensor) -> dict[str, Any]:
@@ -210,7 +225,8 @@ def input_signature(inputs: Sequence[Any]) -> list[Any]:
     return signature
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
+    """The one JSON form of key components: compact, sorted, no NaN."""
     return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
 
 
@@ -218,7 +234,7 @@ _environment_lock = threading.Lock()
 _environment: dict[str, str] = {}
 
 
-def _environment_components() -> dict[str, str]:
+def environment_components() -> dict[str, str]:
     """The components that are the same for every graph in this process."""
     with _environment_lock:
         if not _environment:
@@ -242,13 +258,13 @@ def graph_key(gm: torch.fx.GraphModule, inputs: Sequence[Any],
     """
     codegen = {name: getattr(opts, name) for name in CODEGEN_OPTIONS}
     codegen["env"] = {name: os.environ[name] for name in CODEGEN_ENV if name in os.environ}
-    components = _environment_components()
+    components = environment_components()
     components.update({
-        key_mod.GRAPH: _dumps(canonical_graph(gm)),
-        key_mod.INPUT_SIGNATURE: _dumps(input_signature(inputs)),
+        key_mod.GRAPH: dumps(canonical_graph(gm)),
+        key_mod.INPUT_SIGNATURE: dumps(input_signature(inputs)),
         key_mod.XLA_FLAGS: key_mod.scrub_xla_flags(os.environ.get("XLA_FLAGS")),
-        key_mod.SHARDING: _dumps(spmd.signature(inputs, pinned)),
-        key_mod.OPTIONS: _dumps(codegen),
+        key_mod.SHARDING: dumps(spmd.signature(inputs, pinned)),
+        key_mod.OPTIONS: dumps(codegen),
     })
     return key_mod.backend_key(components)
 
@@ -316,7 +332,7 @@ def encode_entry(entry: GraphEntry) -> bytes:
         "outputs": outputs,
         "blob_lengths": [len(b) for b in blobs.blobs],
     }
-    raw = _dumps(header).encode("utf-8")
+    raw = dumps(header).encode("utf-8")
     return b"".join([PREAMBLE.pack(_MAGIC, ENTRY_FORMAT, len(raw)), raw, *blobs.blobs])
 
 
@@ -683,6 +699,8 @@ __all__ = [
     "decode_entry",
     "encode_entry",
     "graph_key",
+    "dumps",
+    "environment_components",
     "input_signature",
     "lookup",
     "reset",

@@ -89,6 +89,7 @@ class DynamoRecord:
     passes_failed: list[str] = field(default_factory=list)
     aten: list[AtenGraphReport] = field(default_factory=list)
     retraced: int = 0
+    aot: str | None = None  # what the AOTAutograd cache did with it
 
     @property
     def graph_break(self) -> bool:
@@ -155,7 +156,7 @@ class DynamoRecord:
             ended_by=self.ended_by(), syncfree_passes=self.syncfree_passes,
             passes_fired=list(self.passes_fired), passes_failed=list(self.passes_failed),
             sync_points=syncs,
-            aten_graphs=list(self.aten), retraced=self.retraced,
+            aten_graphs=list(self.aten), retraced=self.retraced, aot=self.aot,
         )
 
 

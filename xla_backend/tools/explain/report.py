@@ -97,6 +97,7 @@ class GraphReport:
     sync_points: list[SyncPoint] = field(default_factory=list)
     aten_graphs: list[AtenGraphReport] = field(default_factory=list)
     retraced: int = 0
+    aot: str | None = None  # what the AOTAutograd cache did with it
 
     def __str__(self) -> str:
         where = f" ({self.location})" if self.location else ""
@@ -104,6 +105,8 @@ class GraphReport:
                  f"ends at {self.ended_by}"]
         if self.retraced:
             lines.append(f"  traced {self.retraced + 1} times (Dynamo restarted its analysis)")
+        if self.aot:
+            lines.append(f"  AOTAutograd: {self.aot}")
         if not self.syncfree_passes:
             lines.append("  syncfree passes off (options={'syncfree_passes': False})")
         elif self.passes_fired:

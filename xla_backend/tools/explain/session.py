@@ -184,6 +184,13 @@ class ExplainSession:
                 if sync.removed_by is None and node not in alive:
                     sync.removed_by = pass_name
 
+    def on_aot(self, gm: torch.fx.GraphModule, outcome: str) -> None:
+        """What the AOTAutograd cache did with the Dynamo graph ``gm``."""
+        with self._lock:
+            owner = next((r for r in reversed(self._records) if r.gm is gm), None)
+            if owner is not None:
+                owner.aot = outcome
+
     def on_aten_graph(self, name: str, gm: torch.fx.GraphModule) -> None:
         """An AOTAutograd graph, before lowering: will it run as one computation?"""
         report = aten_graph_report(name, gm)

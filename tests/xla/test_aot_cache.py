@@ -1,0 +1,184 @@
+"""The AOTAutograd tier: a restarted process skips AOTAutograd for graphs it has seen.
+
+The restart test trains in fresh interpreters ("skips AOTAutograd after a restart"
+only holds if a process that never ran AOTAutograd can rebuild its result), with a
+loop that has everything the tier must carry: two Adam param groups with a scheduler,
+GradScaler (Dynamo runs the step as several frames), dropout, LayerNorm, and the
+step's ``loss.detach()``, an output AOTAutograd regenerates as a view.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import xla_backend
+from tests.xla_helpers import settle
+from xla_backend import warn_once
+from xla_backend.cache import graph_cache as compile_cache
+from xla_backend.cache.store import PREAMBLE, Store
+from xla_backend.tools.explain import ExplainSession
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent("""
+    import hashlib, json, sys
+    import torch
+    import torch_xla
+    import xla_backend
+    from xla_backend.tools import workloads
+
+    dev = torch_xla.device()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.LayerNorm(32),
+                                torch.nn.GELU(), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(32, 5)).to(dev)
+    opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": 3e-3},
+                            {"params": list(model[1].parameters())
+                                       + list(model[4].parameters()), "lr": 1e-3}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    scaler = workloads.make_grad_scaler(dev, init_scale=2.0 ** 8, growth_interval=2)
+    step = torch.compile(workloads.train_step_amp, backend="syncfree_xla",
+                         options={"cache_dir": sys.argv[1]})
+    torch.manual_seed(1)
+    batches = [(torch.randn(16, 12).to(dev), torch.randint(0, 5, (16,)).to(dev))
+               for _ in range(4)]
+    losses = []
+    for x, y in batches:
+        losses.append(step(model, opt, scaler, x, y))
+        sched.step()
+    torch_xla.sync()
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().numpy().tobytes())
+    stats = xla_backend.stats()
+    print("RESULT " + json.dumps({
+        "losses": [float(v.cpu()).hex() for v in losses],
+        "params": digest.hexdigest(),
+        "scale": float(scaler.get_scale()),
+        "stats": {k: v for k, v in stats.items() if k.startswith("cache_")},
+    }))
+""")
+
+
+def _run(cache_dir: Path) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(cache_dir)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=400,
+                          env=dict(os.environ, PJRT_DEVICE="CPU"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    cache_dir = tmp_path_factory.mktemp("aot") / "cache"
+    return _run(cache_dir), _run(cache_dir)
+
+
+def test_a_restarted_process_skips_aotautograd_for_every_graph(restarted):
+    cold, warm = restarted
+    graphs = cold["stats"].get("cache_aot_misses", 0)
+    assert graphs >= 3  # forward (with its backward), unscale/clip, the optimizer step
+    assert cold["stats"].get("cache_aot_uncacheable", 0) == 0
+    assert cold["stats"].get("cache_aot_hits", 0) == 0
+    assert warm["stats"].get("cache_aot_hits") == graphs
+    assert warm["stats"].get("cache_aot_misses", 0) == 0
+    assert warm["stats"].get("cache_aot_rejected", 0) == 0
+    assert warm["stats"].get("cache_graph_misses", 0) == 0  # the rebuilt graphs are the same
+
+
+def test_a_restarted_process_trains_bitwise_as_the_first(restarted):
+    cold, warm = restarted
+    assert warm["losses"] == cold["losses"]
+    assert warm["params"] == cold["params"]
+    assert warm["scale"] == cold["scale"]
+
+
+# ---------------------------------------------------------------------------
+# In this process
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: no stores or executables from earlier tests."""
+    import weakref
+
+    monkeypatch.setattr(compile_cache, "_stores", {})
+    monkeypatch.setattr(compile_cache, "_live", weakref.WeakValueDictionary())
+    warn_once.reset_all()
+    return {"cache_dir": str(tmp_path / "cache")}
+
+
+def _train(options: dict[str, Any], device: torch.device) -> list[float]:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 2)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    compiled = torch.compile(step, backend="syncfree_xla", options=options)
+    losses = [compiled(torch.full((4, 6), 0.1 * i).to(device)) for i in range(3)]
+    settle()
+    return [float(v.cpu()) for v in losses]
+
+
+def _aot_entries(options: dict[str, Any]) -> list[str]:
+    store = Store(Path(options["cache_dir"]))
+    return [e.digest for e in store.entries() if e.meta.get("tier") == "aot"]
+
+
+def test_explain_says_when_aotautograd_was_skipped(xla, own_cache):
+    _train(own_cache, xla)
+    graphs = xla_backend.stats().get("cache_aot_misses")
+    assert graphs >= 2  # the step's forward and its optimizer step at least
+    xla_backend.reset_stats()
+    with ExplainSession() as session:
+        _train(own_cache, xla)
+    text = str(session.report())
+    assert text.count("AOTAutograd: skipped: its graphs and metadata came from the cache") \
+        == graphs, text
+    assert xla_backend.stats().get("cache_aot_hits") == graphs
+
+
+def test_an_entry_naming_arbitrary_python_is_refused_and_aotautograd_runs(
+        xla, own_cache, caplog):
+    """An entry whose checksum is fine but whose graph names ``os.system``: nothing in
+    it runs; the graph goes through AOTAutograd and trains as it would have."""
+    first = _train(own_cache, xla)
+    store = compile_cache.store_for(xla_backend.options.resolve(own_cache))
+    entries = _aot_entries(own_cache)
+    assert entries
+    for digest in entries:
+        payload = store.get(digest)
+        magic, version, length = PREAMBLE.unpack_from(payload)
+        header = json.loads(payload[PREAMBLE.size:PREAMBLE.size + length])
+        call = next(n for n in header["forward"]["nodes"] if n["op"] == "call_function")
+        call["target"] = ["fn", "os", "system"]
+        raw = compile_cache.dumps(header).encode()
+        tampered = PREAMBLE.pack(magic, version, len(raw)) + raw + payload[PREAMBLE.size + length:]
+        store.discard(digest, "replaced by a test")
+        store.put(digest, tampered, {}, {"tier": "aot"})
+    xla_backend.reset_stats()
+    with caplog.at_level("WARNING"):
+        again = _train(own_cache, xla)
+    assert again == first
+    stats = xla_backend.stats()
+    assert stats.get("cache_aot_rejected") == len(entries)
+    assert stats.get("cache_aot_hits", 0) == 0
+    assert "AOTAutograd cache: entry" in caplog.text and "unusable" in caplog.text
