@@ -23,6 +23,7 @@ import torch
 import xla_backend
 from tests.xla_helpers import settle
 from xla_backend import warn_once
+from xla_backend.cache import aot_cache
 from xla_backend.cache import graph_cache as compile_cache
 from xla_backend.cache.store import PREAMBLE, Store
 from xla_backend.tools.explain import ExplainSession
@@ -182,3 +183,78 @@ def test_an_entry_naming_arbitrary_python_is_refused_and_aotautograd_runs(
     assert stats.get("cache_aot_rejected") == len(entries)
     assert stats.get("cache_aot_hits", 0) == 0
     assert "AOTAutograd cache: entry" in caplog.text and "unusable" in caplog.text
+
+
+def test_the_key_tells_apart_what_aotautograd_tells_apart(xla):
+    gm = torch.fx.symbolic_trace(lambda a, b: a * 2 + b)
+    x, y = torch.ones(2, 3).to(xla), torch.ones(2, 3).to(xla)
+
+    def key(*inputs: torch.Tensor) -> str:
+        return aot_cache.aot_key(gm, inputs, {}).digest
+
+    base = key(x, y)
+    assert key(torch.zeros(2, 3).to(xla), torch.zeros(2, 3).to(xla)) == base  # values: no
+    assert key(x.clone().requires_grad_(), y) != base
+    assert key(x, x) != base  # one tensor twice: AOTAutograd dedupes it
+    assert key(torch.ones(3, 2).to(xla).t(), y) != base  # a view
+    with torch.no_grad():
+        assert key(x, y) != base
+    with torch.inference_mode():
+        assert key(x, y) != base
+    with pytest.raises(compile_cache.Uncacheable, match="scalar"):
+        key(x, 3)
+
+
+OPTIMIZERS = {
+    "adam_amsgrad": lambda groups: torch.optim.Adam(groups, amsgrad=True, weight_decay=0.01),
+    "rprop": lambda groups: torch.optim.Rprop(groups),
+    "asgd": lambda groups: torch.optim.ASGD(groups, t0=1),
+    "adafactor": lambda groups: torch.optim.Adafactor(groups),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizers_train_bitwise_the_same_after_a_restart(xla, own_cache, monkeypatch, name):
+    """Two param groups with their own lr and a scheduler; the second run reads every
+    entry back from disk, as a restarted process does."""
+    import weakref
+
+    def run() -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7),
+                                    torch.nn.Linear(7, 3)).to(xla)
+        opt = OPTIMIZERS[name]([{"params": model[0].parameters(), "lr": 0.02},
+                                {"params": list(model[1].parameters())
+                                 + list(model[2].parameters()), "lr": 0.01}])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach()
+
+        compiled = torch.compile(step, backend="syncfree_xla", options=own_cache)
+        torch.manual_seed(1)
+        losses = []
+        for _ in range(4):
+            losses.append(compiled(torch.randn(6, 5).to(xla), torch.randint(0, 3, (6,)).to(xla)))
+            sched.step()
+        settle()
+        state = [t.cpu() for s in opt.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor)]
+        return [float(v.cpu()) for v in losses], [p.detach().cpu() for p in model.parameters()], \
+            state
+
+    cold = run()
+    monkeypatch.setattr(compile_cache, "_stores", {})
+    monkeypatch.setattr(compile_cache, "_live", weakref.WeakValueDictionary())
+    xla_backend.reset_stats()
+    warm = run()
+    stats = xla_backend.stats()
+    assert stats.get("cache_aot_hits", 0) >= 2 and stats.get("cache_aot_misses", 0) == 0
+    assert warm[0] == cold[0]
+    for got, want in zip(warm[1] + warm[2], cold[1] + cold[2]):
+        assert torch.equal(got, want)

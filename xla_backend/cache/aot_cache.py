@@ -27,7 +27,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .. import aot, counters
 from .. import options as options_mod
@@ -53,23 +55,29 @@ warn_once = WarnOnce(log)
 
 
 def _input_signature(inputs: Sequence[Any]) -> list[Any]:
+    roots: dict[int, int] = {}  # id of a tensor (a view's base) -> the first input over it
     out: list[Any] = []
-    for x in inputs:
+    for k, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
             raise Uncacheable(f"an input is a {type(x).__name__} (a symbolic size or scalar)")
+        if is_traceable_wrapper_subclass(x):
+            raise Uncacheable(f"input {k} is a tensor subclass ({type(x).__name__})")
         try:
             spec = fx_codec.tensor_spec(x)
         except fx_codec.Unencodable as e:
             raise Uncacheable(str(e)) from None
+        root = id(x._base) if x._is_view() and x._base is not None else id(x)
         spec.update(storage_offset=int(x.storage_offset()), leaf=bool(x.is_leaf),
                     parameter=isinstance(x, torch.nn.Parameter),
-                    static=hasattr(x, "_dynamo_static_input_type"))
+                    static=hasattr(x, "_dynamo_static_input_type"), view=x._is_view(),
+                    # AOTAutograd treats inputs that alias each other apart
+                    aliases=roots.setdefault(root, k))
         out.append(spec)
     return out
 
 
 def _modes() -> dict[str, Any]:
-    """The global state AOTAutograd traces under."""
+    """The global state and configuration AOTAutograd traces under."""
     autocast = {}
     for device in ("cpu", "xla"):
         try:
@@ -77,8 +85,10 @@ def _modes() -> dict[str, Any]:
                                 str(torch.get_autocast_dtype(device))]
         except RuntimeError:  # a device type without autocast support
             autocast[device] = None
-    return {"grad": torch.is_grad_enabled(), "autocast": autocast,
-            "deterministic": torch.are_deterministic_algorithms_enabled()}
+    return {"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+            "autocast": autocast, "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "functorch": json.dumps(functorch_config.save_config_portable(), sort_keys=True,
+                                    default=repr)}
 
 
 def aot_key(gm: torch.fx.GraphModule, inputs: Sequence[Any],
