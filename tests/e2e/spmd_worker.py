@@ -10,6 +10,10 @@ Each training case trains the MLP workload under ``syncfree_xla`` over a data-pa
 mesh (``dp``: replicated parameters; ``fsdp``: parameters and optimizer state split on
 the data axis) next to eager PyTorch on the CPU with the same global batch, and reports
 the worst relative errors, torch_xla's counters over the warm steps and the shardings.
+
+A ``join-<loop>`` case (``join-plain``, ``join-B``) trains that loop data parallel twice,
+with ``join_graphs`` off and on, and reports both runs and how far the joined run's
+losses and final parameters are from the per-graph run's.
 """
 
 from __future__ import annotations
@@ -39,6 +43,17 @@ def _rel_errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[floa
 
 
 def _train(loop: str, fsdp: bool) -> dict[str, Any]:
+    return _run(loop, fsdp)[0]
+
+
+def _run(loop: str, fsdp: bool, join: bool = False
+         ) -> tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]:
+    """One training case: its report, and its losses and final parameters on the CPU.
+
+    ``loop``: ``plain`` (forward, backward, AdamW step, zero_grad), ``A`` (clip and a
+    scheduler) or ``B`` (GradScaler, with an inf in one device's shard at INF_STEPS).
+    ``join``: compile with ``join_graphs``.
+    """
     import torch._dynamo
     import torch_xla
 
@@ -61,12 +76,18 @@ def _train(loop: str, fsdp: bool) -> dict[str, Any]:
             return x, y
         return sharding.shard_batch(x, mesh), sharding.shard_batch(y, mesh)
 
-    if loop == "A":
+    if loop == "plain":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+        step_fn: Callable[..., torch.Tensor] = workloads.train_step
+        extra, ref_extra = {}, {}
+        args, ref_args = (model, opt), (reference, ref_opt)
+    elif loop == "A":
         def make(m: torch.nn.Module) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
             return opt, {"scheduler": sched}
-        step_fn: Callable[..., torch.Tensor] = workloads.train_step_clip
+        step_fn = workloads.train_step_clip
         (opt, extra), (ref_opt, ref_extra) = make(model), make(reference)
         args, ref_args = (model, opt), (reference, ref_opt)
     else:
@@ -78,7 +99,8 @@ def _train(loop: str, fsdp: bool) -> dict[str, Any]:
         extra, ref_extra = {}, {}
         args, ref_args = (model, opt, scaler), (reference, ref_opt, ref_scaler)
 
-    compiled = torch.compile(step_fn, backend="syncfree_xla")
+    compiled = torch.compile(step_fn, backend="syncfree_xla",
+                             options={"join_graphs": True} if join else None)
     got, want = [], []
     resharded = 0
     for i in range(WARMUP):
@@ -86,12 +108,13 @@ def _train(loop: str, fsdp: bool) -> dict[str, Any]:
         want.append(step_fn(*ref_args, *batch(i, "cpu"), **ref_extra))
         if i == 0 and fsdp:
             resharded = sharding.shard_optimizer_state(opt, mesh)
-    frames = counters.counter(counters.GRAPHS_RECEIVED)
+    marks = [counters.GRAPHS_RECEIVED, counters.STEPS_JOINED, counters.STEPS_CUT]
+    before = [counters.counter(name) for name in marks]
     with MetricWindow() as window:
         for i in range(WARMUP, STEPS):
             got.append(compiled(*args, *batch(i, device), **extra))
             want.append(step_fn(*ref_args, *batch(i, "cpu"), **ref_extra))
-    frames = counters.counter(counters.GRAPHS_RECEIVED) - frames
+    frames, joined, cut = (counters.counter(name) - b for name, b in zip(marks, before))
     settle()
     finite = [i for i in range(STEPS) if not (loop == "B" and i in INF_STEPS)]
     loss_err, _ = _rel_errors([got[i] for i in finite], [want[i] for i in finite])
@@ -107,11 +130,36 @@ def _train(loop: str, fsdp: bool) -> dict[str, Any]:
         "new_frames": int(frames), "layout_before": layout,
         "layout_after": {n: sharding.spec_of(p) for n, p in model.named_parameters()},
         "state_specs_match_params": state_specs_match, "resharded_state": resharded,
+        "dynamo_graphs": window.counts.dynamo_graphs,
+        "steps_joined": int(joined), "steps_cut": int(cut),
     }
     if loop == "B":
         result["scale"] = [float(scaler.get_scale()), float(ref_scaler.get_scale())]
         result["finite_steps"] = len(finite)
-    return result
+    return (result, [g.detach().cpu() for g in got],
+            [p.detach().cpu() for p in model.parameters()])
+
+
+def _joined_case(loop: str) -> dict[str, Any]:
+    """``loop`` data parallel with ``join_graphs`` off, then on, from the same weights
+    and batches: both runs' reports, and the joined run's distance from the other's."""
+    per_graph, losses, params = _run(loop, fsdp=False, join=False)
+    joined, joined_losses, joined_params = _run(loop, fsdp=False, join=True)
+    finite = [i for i in range(STEPS) if not (loop == "B" and i in INF_STEPS)]
+    loss_err, loss_elem = _rel_errors([joined_losses[i] for i in finite],
+                                      [losses[i] for i in finite])
+    param_err, param_elem = _rel_errors(joined_params, params)
+    return {
+        "per_graph": per_graph, "joined": joined,
+        "losses_equal": all(torch.equal(a, b) for a, b in zip(joined_losses, losses)),
+        "params_equal": all(torch.equal(a, b) for a, b in zip(joined_params, params)),
+        "loss_rel_err": loss_err, "loss_elem_err": loss_elem,
+        "param_rel_err": param_err, "param_elem_err": param_elem,
+        "loss_max_abs": max(float((a - b).abs().max())
+                            for a, b in zip(joined_losses, losses)),
+        "param_max_abs": max(float((a - b).abs().max())
+                             for a, b in zip(joined_params, params)),
+    }
 
 
 def _key_case() -> dict[str, Any]:
@@ -223,6 +271,8 @@ def main(cases: list[str]) -> None:
             results[case] = _errors_case()
         elif case == "reshard":
             results[case] = _reshard_case()
+        elif case.startswith("join-"):
+            results[case] = _joined_case(case.removeprefix("join-"))
         else:
             loop, layout = case.split("-")
             results[case] = _train(loop, fsdp=layout == "fsdp")

@@ -8,6 +8,10 @@ device count runs several cases, which keeps the cost to two process starts.
 Every training case trains 20 steps under ``syncfree_xla`` over the mesh next to eager
 PyTorch on the CPU with the same global batch, and must match it (rtol 1e-4) with no
 host sync, XLA compile or Dynamo retrace in the 17 steps after 3 warm-up steps.
+
+With ``join_graphs`` on, a data-parallel step over the mesh is one (replicated) XLA
+execution, and its numbers are those of the same run with the option off; a third
+worker process runs those cases, apart from the others.
 """
 
 from __future__ import annotations
@@ -31,15 +35,29 @@ RTOL = 1e-4
 # (devices, cases) per worker process: loop A and loop B, data parallel and FSDP,
 # each at both device counts between the two; the cache-key checks on 4 devices.
 PLAN = {2: ("A-dp", "B-fsdp"), 4: ("A-fsdp", "B-dp", "key", "errors", "reshard")}
+# join_graphs, data parallel on 2 devices: the plain loop and loop B (GradScaler), each
+# trained with the option off and on. Its own process, so that the joiner's
+# process-wide state (torch_xla's scalar cache turned off) stays out of PLAN's cases.
+JOIN_DEVICES, JOIN_CASES = 2, ("join-plain", "join-B")
+# Joined vs per-graph, over 20 AdamW steps: not bitwise equal, because XLA compiles the
+# joined step as one computation and fuses (and so rounds) across the graph boundaries;
+# the same happens on one device without SPMD (measured: loss 2.4e-7 apart, parameters
+# 2.4e-6). Under SPMD on 2 devices the measured distance is 2.1e-7 (losses) and 2.5e-7
+# (parameters) per tensor norm, 1.6e-6 for the worst element, and each run is ~3e-6
+# from eager; 1e-5 leaves a 6x margin over that rounding and is 10x tighter than RTOL,
+# so a wrong update (one step skipped or applied twice, a lost all-reduce) fails it.
+JOIN_RTOL = 1e-5
 
 
 @functools.cache
-def worker(devices: int) -> dict[str, Any]:
-    """The worker's results for ``devices`` virtual CPU devices (run once per count)."""
+def worker(devices: int, cases: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The worker's results for ``devices`` virtual CPU devices and ``cases`` (PLAN's
+    for that count unless given), run once per pair."""
     env = dict(os.environ, CPU_NUM_DEVICES=str(devices), PJRT_DEVICE="CPU",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                         os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "tests.e2e.spmd_worker", *PLAN[devices]],
+    cases = PLAN[devices] if cases is None else cases
+    proc = subprocess.run([sys.executable, "-m", "tests.e2e.spmd_worker", *cases],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("SPMD_RESULTS ")]
     assert proc.returncode == 0 and lines, (
@@ -76,6 +94,38 @@ def test_sharded_training_matches_single_device_and_stays_sync_free(devices, cas
         # and the scale backed off exactly as the single-device reference's did.
         assert r["scale"][0] == r["scale"][1] < 2.0**8, r
         assert r["finite_steps"] == 18
+
+
+@pytest.mark.parametrize("loop", ["plain", "B"])
+def test_joined_step_is_one_execution_over_the_mesh_with_the_per_graph_numbers(loop):
+    results = worker(JOIN_DEVICES, JOIN_CASES)
+    assert results["devices"] == JOIN_DEVICES
+    r = results[f"join-{loop}"]
+    joined, per_graph = r["joined"], r["per_graph"]
+    warm = joined["warm_steps"]
+    # after warm-up: one execution per step, no compile, no host sync, no retrace
+    assert (joined["executions"], joined["compiles"], joined["syncs"],
+            joined["new_frames"], joined["dynamo_graphs"]) == (warm, 0, 0, 0, 0), joined
+    assert (joined["steps_joined"], joined["steps_cut"]) == (warm, 0), joined
+    # the run it is compared with: sync-free too, one execution per graph, none joined
+    assert (per_graph["compiles"], per_graph["syncs"], per_graph["steps_joined"]) == (
+        0, 0, 0), per_graph
+    assert per_graph["executions"] >= 3 * warm, per_graph
+    # the same losses and final parameters as with join_graphs off (JOIN_RTOL: rounding)
+    assert r["loss_rel_err"] <= JOIN_RTOL and r["loss_elem_err"] <= JOIN_RTOL, r
+    assert r["param_rel_err"] <= JOIN_RTOL and r["param_elem_err"] <= JOIN_RTOL, r
+    # and both runs match eager on the CPU, as every SPMD training case must
+    for run in (joined, per_graph):
+        assert run["loss_rel_err"] <= RTOL and run["param_rel_err"] <= RTOL, run
+        assert run["param_elem_err"] <= 10 * RTOL, run
+    assert joined["layout_after"] == joined["layout_before"], joined
+    assert joined["state_specs_match_params"], joined
+    if loop == "B":
+        # an inf in one device's shard skipped the same steps on the whole mesh, and the
+        # scale backed off as it did per graph and on the CPU
+        assert joined["finite_steps"] == 18, joined
+        assert joined["scale"] == per_graph["scale"], (joined, per_graph)
+        assert joined["scale"][0] == joined["scale"][1] < 2.0**8, joined
 
 
 def test_sharding_is_a_cache_key_component_and_selects_a_new_executable():
