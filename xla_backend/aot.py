@@ -4,7 +4,7 @@ What ``torch._dynamo.backends.common.aot_autograd`` does, in the same steps
 (``prepare_aot_module_simplified``, ``create_aot_state``, the graph capture, the
 compile), with two additions that torch 2.9 has only for Inductor:
 
-- ``compile_graph`` hands back, next to the compiled callable, a ``Captured``: the
+- ``compile_graph`` hands a ``Captured`` to its caller once it is complete: the
   forward / inference graph and the backward graph AOTAutograd made (as the
   compilers received them, before any rewrite), and AOTAutograd's runtime metadata
   (``ViewAndMutationMeta``) as plain JSON. ``cache.aot_cache`` stores it.
@@ -14,8 +14,8 @@ compile), with two additions that torch 2.9 has only for Inductor:
   (``GenericAOTAutogradCacheEntry.wrap_post_compile``).
 
 Only graphs whose metadata has an exact JSON form are captured: no tensor subclass,
-no output that is a view (AOTAutograd regenerates those with view functions), no
-duplicated or overlapping inputs, no effect tokens, no symbolic sizes. Every captured
+no output view whose replay takes symbolic sizes, no duplicated or overlapping
+inputs, no effect tokens, no symbolic sizes. Every captured
 metadata is decoded again and compared field by field with the original before it
 counts as captured, so a field this module does not know about cannot be lost
 silently. This module is the one place that touches AOTAutograd's internals.
@@ -72,7 +72,7 @@ class Captured:
     """What a restarted process needs to skip AOTAutograd for one Dynamo graph.
 
     ``forward`` is the inference graph when ``backward`` is None. ``backward_inputs``
-    are the backward graph's placeholder specs (``fx_codec.tensor_spec``).
+    are the (fake) tensors the backward compiler got, whose metadata is stored.
     """
 
     meta: dict[str, Any]
@@ -457,17 +457,8 @@ class _Ready(autograd_cache.InductorOutput):
 
 
 @dataclass
-class _ReadyBackward(autograd_cache.GenericCompiledBackward):
-    compiled: Callable | None = None
-
-    def pre_save(self) -> None:
-        return None
-
-    def load(self, example_inputs: Any) -> Callable:
-        return self.compiled
-
-    def post_compile(self, result: Callable, fx_config: Any) -> Callable:
-        return result
+class _ReadyBackward(_Ready, autograd_cache.GenericCompiledBackward):
+    """A compiled backward, with what AOTAutograd's backward wrapper reads beside it."""
 
 
 def _with_fake_values(gm: torch.fx.GraphModule, fake_mode: Any, inputs: Sequence[Any]) -> None:
@@ -513,8 +504,9 @@ def from_artifacts(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     if autograd:
         compiled_fw = _boxed(compilers.forward(stored.forward, fw_inputs))
         compiled_bw = _boxed(backward(stored.backward, bw_inputs))
-        bw_entry = _ReadyBackward(backward_state_indices=[], num_symints_saved_for_bw_=int(
-            meta.num_symints_saved_for_bw or 0), compiled=compiled_bw)
+        bw_entry = _ReadyBackward(compiled=compiled_bw, backward_state_indices=[],
+                                  num_symints_saved_for_bw_=int(meta.num_symints_saved_for_bw
+                                                                or 0))
     else:
         compiled_fw = _boxed(compilers.inference(stored.forward, fw_inputs))
         bw_entry = None

@@ -99,6 +99,13 @@ def _lookup(table: dict[str, Any], key: Any, what: str) -> Any:
     return table[key]
 
 
+def _parsed(parse: Any, body: str, what: str) -> Any:
+    try:
+        return parse(body)
+    except (ValueError, RuntimeError) as e:
+        raise BadGraph(f"bad {what} {body!r}") from e
+
+
 def _read_value(item: Any, nodes: dict[str, torch.fx.Node]) -> Any:
     if item is None or isinstance(item, (bool, int, str)):
         return item
@@ -108,17 +115,11 @@ def _read_value(item: Any, nodes: dict[str, torch.fx.Node]) -> Any:
     if tag == "node":
         return _lookup(nodes, body, "node")
     if tag == "float" and isinstance(body, str):
-        try:
-            return float.fromhex(body)
-        except ValueError as e:
-            raise BadGraph(f"bad float {body!r}") from e
+        return _parsed(float.fromhex, body, "float")
     if tag == "dtype":
         return _lookup(_DTYPES, body, "dtype")
     if tag == "device" and isinstance(body, str):
-        try:
-            return torch.device(body)
-        except RuntimeError as e:
-            raise BadGraph(f"bad device {body!r}") from e
+        return _parsed(torch.device, body, "device")
     if tag == "layout":
         return _lookup(_LAYOUTS, body, "layout")
     if tag == "memory_format":
