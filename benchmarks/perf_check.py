@@ -5,7 +5,7 @@
     python benchmarks/perf_check.py --current FILE [--update]   # use figures saved by --json
 
 Counters are deterministic, so they are compared exactly: syncs, executions and XLA
-compiles per step, Dynamo graphs after warm-up, and the graph cache on a warm start (a
+compiles per step, Dynamo graphs after warm-up, and both cache tiers on a warm start (a
 second process sharing the first one's cache directory). Any change for the worse
 fails, naming the metric, the workload, the old and the new value: for the cache hits
 that is a decrease, for everything else an increase. Timings are not deterministic,
@@ -70,8 +70,9 @@ LOWER_IS_BETTER = (
     "recompiles",
     "eager_fallbacks",
     "warm_cache_graph_misses",
+    "warm_cache_aot_misses",
 )
-HIGHER_IS_BETTER = ("warm_cache_graph_hits",)
+HIGHER_IS_BETTER = ("warm_cache_graph_hits", "warm_cache_aot_hits")
 RATIO = "syncfree_xla_over_eager"
 
 
@@ -123,6 +124,8 @@ def measure(steps: int = STEPS, warmup: int = WARMUP, timeout_s: float = TIMEOUT
             "eager_fallbacks": cold.eager_fallbacks,
             "warm_cache_graph_hits": warm.cache_graph_hits,
             "warm_cache_graph_misses": warm.cache_graph_misses,
+            "warm_cache_aot_hits": warm.cache_aot_hits,
+            "warm_cache_aot_misses": warm.cache_aot_misses,
         }
         ratios = [cold.paired_ratio]
         for _ in range(ratio_samples - 1):
@@ -156,7 +159,8 @@ def _describe(cell: bench.CellResult) -> str:
     if cell.syncs_per_step is not None:
         text += (f", {cell.syncs_per_step:g} syncs/step, {cell.executions_per_step:g} "
                  f"execs/step, {cell.xla_compiles_after_warmup} compiles after warm-up, "
-                 f"cache hits {cell.cache_graph_hits} misses {cell.cache_graph_misses}")
+                 f"cache hits {cell.cache_graph_hits} misses {cell.cache_graph_misses}, "
+                 f"AOTAutograd hits {cell.cache_aot_hits} misses {cell.cache_aot_misses}")
     return text + f" ({cell.wall_s:.0f} s)"
 
 

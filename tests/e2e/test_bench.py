@@ -249,7 +249,8 @@ def test_a_run_where_every_cell_failed_exits_1(monkeypatch, capsys):
 def _figures(**overrides: float) -> dict:
     counters = {"syncs_per_step": 0.0, "executions_per_step": 5.0,
                 "compiles": 0, "recompiles": 0,
-                "eager_fallbacks": 0, "warm_cache_graph_hits": 5, "warm_cache_graph_misses": 0}
+                "eager_fallbacks": 0, "warm_cache_graph_hits": 5, "warm_cache_graph_misses": 0,
+                "warm_cache_aot_hits": 4, "warm_cache_aot_misses": 0}
     ratio = overrides.pop("ratio", 2.0)
     changed = {**counters, **overrides}  # only mlp/A changes
     return {"schema": 1,
@@ -273,6 +274,7 @@ def test_gate_passes_on_identical_figures():
     ("executions_per_step", 5.0, 5.1),
     ("compiles", 0, 1),
     ("warm_cache_graph_misses", 0, 2),
+    ("warm_cache_aot_misses", 0, 1),
 ])
 def test_gate_fails_on_any_counter_increase(metric, old, new):
     failures, _ = perf_check.compare(_baseline(**{metric: old}), _figures(**{metric: new}))
@@ -286,6 +288,9 @@ def test_gate_fails_on_fewer_warm_cache_hits_and_notes_improvements():
     failures, notes = perf_check.compare(_baseline(warm_cache_graph_hits=5),
                                          _figures(warm_cache_graph_hits=3))
     assert failures == ["warm_cache_graph_hits on mlp/A: baseline 5, now 3 "
+                        "(a decrease; counters must not get worse)"]
+    failures, _ = perf_check.compare(_baseline(), _figures(warm_cache_aot_hits=0))
+    assert failures == ["warm_cache_aot_hits on mlp/A: baseline 4, now 0 "
                         "(a decrease; counters must not get worse)"]
     failures, notes = perf_check.compare(_baseline(executions_per_step=5.0),
                                          _figures(executions_per_step=4.0))

@@ -192,6 +192,8 @@ def measure_cell(spec: CellSpec) -> CellResult:
         stats = counters.stats()
         result.cache_graph_hits = int(stats.get(counters.CACHE_GRAPH_HITS, 0))
         result.cache_graph_misses = int(stats.get(counters.CACHE_GRAPH_MISSES, 0))
+        result.cache_aot_hits = int(stats.get(counters.CACHE_AOT_HITS, 0))
+        result.cache_aot_misses = int(stats.get(counters.CACHE_AOT_MISSES, 0))
         result.eager_fallbacks = int(stats.get(counters.EAGER_FALLBACKS, 0))
     result.final_loss = float(loss)  # a host read, after everything was measured
     result.peak_rss_mb = _rss_mb()

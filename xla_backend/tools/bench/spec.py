@@ -109,6 +109,8 @@ class CellResult:
     graph_breaks: int | None = None
     cache_graph_hits: int | None = None
     cache_graph_misses: int | None = None
+    cache_aot_hits: int | None = None
+    cache_aot_misses: int | None = None
     eager_fallbacks: int | None = None
     peak_rss_mb: float | None = None
     start_rss_mb: float | None = None
