@@ -220,6 +220,7 @@ def test_graphs_read_back_as_written_and_compute_the_same():
     gm.recompile()
     blobs: list[bytes] = []
     doc = json.loads(json.dumps(fx_codec.encode_graph(gm, blobs)))
+    assert fx_codec.round_trips(doc, blobs)
     again = fx_codec.decode_graph(doc, blobs)
     assert [n.name for n in again.graph.nodes] == [n.name for n in gm.graph.nodes]
     assert torch.equal(again._tensor_constant0, gm._tensor_constant0)

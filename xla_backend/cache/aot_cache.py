@@ -134,8 +134,8 @@ def encode_entry(captured: aot.Captured) -> bytes:
     return b"".join([PREAMBLE.pack(_MAGIC, ENTRY_FORMAT, len(raw)), raw, *blobs])
 
 
-def decode_entry(payload: bytes) -> aot.Artifacts:
-    """The stored result; ValueError (fx_codec.BadGraph among them) if inconsistent."""
+def _split(payload: bytes) -> tuple[dict[str, Any], list[bytes]]:
+    """An entry's JSON header and its blobs; ValueError if they do not fit together."""
     if len(payload) < PREAMBLE.size:
         raise ValueError("truncated")
     magic, version, length = PREAMBLE.unpack_from(payload)
@@ -152,6 +152,12 @@ def decode_entry(payload: bytes) -> aot.Artifacts:
     for n in lengths:
         blobs.append(payload[start:start + n])
         start += n
+    return header, blobs
+
+
+def decode_entry(payload: bytes) -> aot.Artifacts:
+    """The stored result; ValueError (fx_codec.BadGraph among them) if inconsistent."""
+    header, blobs = _split(payload)
     backward = header.get("backward")
     specs = header.get("backward_inputs")
     detach = header.get("detach")
@@ -167,14 +173,14 @@ def decode_entry(payload: bytes) -> aot.Artifacts:
     )
 
 
-def _check_decodes_to(payload: bytes, captured: aot.Captured) -> None:
-    """Uncacheable unless the entry reads back as the very graphs it was made from."""
-    stored = decode_entry(payload)
-    pairs = [(stored.forward, captured.forward), (stored.backward, captured.backward)]
-    for again, original in pairs:
-        if (again is None) != (original is None) or (
-                again is not None and canonical_graph(again) != canonical_graph(original)):
-            raise Uncacheable("a graph does not read back as it was written")
+def _check_decodes_to(payload: bytes) -> None:
+    """Uncacheable unless the entry's graphs read back as the very graphs they were
+    written from (each decodes, and encodes to the same nodes and constants)."""
+    header, blobs = _split(payload)
+    for name in ("forward", "backward"):
+        doc = header[name]
+        if doc is not None and not fx_codec.round_trips(doc, blobs):
+            raise Uncacheable(f"the {name} graph does not read back as it was written")
 
 
 # ---------------------------------------------------------------------------
@@ -201,7 +207,7 @@ class AotLookup:
             return
         try:
             payload = encode_entry(captured)
-            _check_decodes_to(payload, captured)
+            _check_decodes_to(payload)
         except Uncacheable as e:
             counters.incr(counters.CACHE_AOT_UNCACHEABLE)
             log.info("syncfree-xla AOTAutograd result not cached: %s", e)

@@ -162,11 +162,13 @@ def read_tensor_spec(spec: Any) -> tuple[list[int], list[int], torch.dtype, torc
     return shape, stride, dtype, device, bool(spec.get("requires_grad"))
 
 
-def encode_graph(gm: torch.fx.GraphModule, blobs: list[bytes]) -> dict[str, Any]:
-    """``gm`` as JSON; tensor constants go to ``blobs`` (their index is in the JSON)."""
+def encode_graph(gm: torch.nn.Module, blobs: list[bytes],
+                 graph: torch.fx.Graph | None = None) -> dict[str, Any]:
+    """``gm`` (or ``graph``, its constants on ``gm``) as JSON; tensor constants go to
+    ``blobs`` (their index is in the JSON)."""
     names: dict[torch.fx.Node, str] = {}
     nodes: list[dict[str, Any]] = []
-    for node in gm.graph.nodes:
+    for node in (graph if graph is not None else gm.graph).nodes:
         names[node] = node.name
         item: dict[str, Any] = {"op": node.op, "name": node.name}
         trace = node.meta.get("stack_trace")
@@ -197,6 +199,20 @@ def encode_graph(gm: torch.fx.GraphModule, blobs: list[bytes]) -> dict[str, Any]
 
 def decode_graph(doc: Any, blobs: Sequence[bytes]) -> torch.fx.GraphModule:
     """The GraphModule ``encode_graph`` wrote; BadGraph if ``doc`` is not one."""
+    root, graph = _decode(doc, blobs)
+    return torch.fx.GraphModule(root, graph)
+
+
+def round_trips(doc: dict[str, Any], blobs: Sequence[bytes]) -> bool:
+    """Whether ``doc`` decodes to a graph that encodes to ``doc`` again (and its
+    constants to the same bytes): the check made before anything is stored."""
+    root, graph = _decode(doc, blobs)
+    used = [n["tensor"]["blob"] for n in doc["nodes"] if n["op"] == "get_attr"]
+    again = list(blobs[:min(used, default=len(blobs))])  # its constants' blobs come next
+    return encode_graph(root, again, graph) == doc and again == list(blobs[:len(again)])
+
+
+def _decode(doc: Any, blobs: Sequence[bytes]) -> tuple[torch.nn.Module, torch.fx.Graph]:
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
         raise BadGraph("no node list")
     graph = torch.fx.Graph()
@@ -238,7 +254,7 @@ def decode_graph(doc: Any, blobs: Sequence[bytes]) -> torch.fx.GraphModule:
         graph.lint()
     except Exception as e:
         raise BadGraph(f"the stored graph is malformed: {e}") from e
-    return torch.fx.GraphModule(root, graph)
+    return root, graph
 
 
 def _read_tensor(spec: Any, blobs: Sequence[bytes]) -> torch.Tensor:
