@@ -8,9 +8,10 @@ this tier stores the same result as data (``xla_backend.aot``, ``cache.fx_codec`
 the aten graphs AOTAutograd made, and its runtime metadata as JSON.
 
 The key is the Dynamo graph (after this backend's Dynamo-level passes, in the graph
-tier's canonical form), each input's metadata (shape, strides, dtype, device,
-requires_grad, leaf-ness, parameter-ness), the grad, autocast and determinism modes
-AOTAutograd reads, its decompositions, the torch version and the format versions.
+tier's canonical form), each input's metadata (shape, strides, offset, dtype, device,
+requires_grad, leaf-ness, parameter-ness, view-ness, which inputs alias each other),
+the grad, inference, autocast and determinism modes and ``torch._functorch.config``
+that AOTAutograd reads, its decompositions, the torch version and the format versions.
 
 Entries live in the same store as the graph tier's, so one cache directory, one
 size limit and one ``syncfree-xla cache`` command cover both. Like the graph tier,
