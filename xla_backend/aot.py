@@ -342,14 +342,14 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
     def recording(compiler: Compiler, slot: str) -> Compiler:
         def compile_recorded(g: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable:
-            if on_captured is not None:
+            if on_captured is not None and not captured.handed_over:
                 if slot == "backward":
                     captured.backward = _graph_copy(g)
                     captured.backward_inputs = list(inputs)
                 else:
                     captured.forward = _graph_copy(g)
             compiled = compiler(g, inputs)
-            if on_captured is not None and slot == "backward":
+            if on_captured is not None and slot == "backward" and not captured.handed_over:
                 _complete(captured, on_captured)
             return compiled
 
@@ -416,6 +416,9 @@ def _complete(captured: Captured, on_captured: Callable[[Captured], None]) -> No
     if not captured.handed_over:
         captured.handed_over = True
         on_captured(captured)
+        # the compiled function keeps this object alive: keep no graph copies in it
+        captured.forward = captured.backward = captured.runtime_meta = None
+        captured.backward_inputs = []
 
 
 def _calling_convention(compiled_fn: Callable, params_buffers_flat: list[Any]) -> Callable:
