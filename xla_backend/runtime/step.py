@@ -129,6 +129,7 @@ class StepJoiner:
             xla_internals.sync_live_tensors(device)
         if xla_metrics.compiles() != compiles:  # the sync compiled the step first
             counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
+            compile_pool.release_host_memory()
         if self._wait:
             compile_pool.timed_wait(xla_internals.wait_device_ops)
         counters.incr(counters.EXECUTIONS)
