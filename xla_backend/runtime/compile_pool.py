@@ -85,8 +85,9 @@ def release_host_memory() -> None:
     On the CPU client device buffers are host memory, and a first step allocates
     gigabytes it frees again: tracing stand-ins, XLA's compile, one-off temporaries.
     glibc keeps what is freed in its arenas, so without this the process stays at
-    that high-water mark (a 50M-parameter MLP with AdamW: +2.7 GB resident where
-    eager grows by 0.66 GB, and +0.36 GB after trimming). Compiles happen in warm-up,
+    that high-water mark (a 50M-parameter MLP with AdamW, steps joined: +2.7 GB
+    resident after the first step where eager grows by 0.66 GB, +0.36 GB after
+    trimming). Compiles happen in warm-up,
     so steady steps never pay for it.
     """
     if _MALLOC_TRIM is not None:
