@@ -349,7 +349,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                 else:
                     captured.forward = _graph_copy(g)
             compiled = compiler(g, inputs)
-            if on_captured is not None and slot == "backward" and not captured.handed_over:
+            if on_captured is not None and slot == "backward":
                 _complete(captured, on_captured)
             return compiled
 
@@ -404,6 +404,8 @@ def _finish_capture(captured: Captured, state: Any, graph_capture: Any) -> None:
 
 def _complete(captured: Captured, on_captured: Callable[[Captured], None]) -> None:
     """Hands the capture over once both halves are known, or once it is known to fail."""
+    if captured.handed_over:
+        return
     if captured.runtime_meta is None and captured.problem is None:
         return  # the backward compiled inside AOTAutograd, before its metadata was final
     if captured.problem is None:
@@ -413,12 +415,11 @@ def _complete(captured: Captured, on_captured: Callable[[Captured], None]) -> No
             if captured.backward is None:
                 return  # the backward compiles at the first backward()
             captured.detach = _detach_indices(captured.runtime_meta, captured.backward)
-    if not captured.handed_over:
-        captured.handed_over = True
-        on_captured(captured)
-        # the compiled function keeps this object alive: keep no graph copies in it
-        captured.forward = captured.backward = captured.runtime_meta = None
-        captured.backward_inputs = []
+    captured.handed_over = True
+    on_captured(captured)
+    # the compiled function keeps this object alive: keep no graph copies in it
+    captured.forward = captured.backward = captured.runtime_meta = None
+    captured.backward_inputs = []
 
 
 def _calling_convention(compiled_fn: Callable, params_buffers_flat: list[Any]) -> Callable:

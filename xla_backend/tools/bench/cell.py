@@ -174,7 +174,7 @@ def measure_cell(spec: CellSpec) -> CellResult:
         result.executions_per_step = counted.executions_per_step
         result.xla_compiles_after_warmup = counted.compiles
         result.dynamo_graphs_after_warmup = counted.recompiles
-    elif graphs is not None:
+    else:  # off XLA: Dynamo's own count
         result.dynamo_graphs_after_warmup = _dynamo_counts()[0] - graphs
     if spec.backend in ("eager", "lazy"):
         result.dynamo_graphs_after_warmup = None  # nothing is compiled by Dynamo
