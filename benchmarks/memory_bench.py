@@ -11,6 +11,9 @@ step. Reported: the growth after the last step ("steady") and the high-water mar
 a multiple of eager's. Peak RSS of the whole process would hide the growth behind the
 runtime's own footprint, which is why the baseline is subtracted.
 
+``syncfree_xla`` runs with its defaults (each step one joined computation, updating
+parameters and optimizer state in place); ``syncfree_xla-per-graph`` with
+``join_graphs=False``, one execution per graph, the fallback.
 ``syncfree_xla-one-arena`` is syncfree_xla with ``MALLOC_ARENA_MAX=1``: XLA:CPU buffers
 are host memory freed on worker threads, and glibc keeps what is freed in each thread's
 own arena, so one arena keeps much less. It is not the default: it slows small-tensor
@@ -29,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ("eager", "lazy", "syncfree_xla", "syncfree_xla-one-arena")
+BACKENDS = ("eager", "lazy", "syncfree_xla", "syncfree_xla-per-graph",
+            "syncfree_xla-one-arena")
 
 
 def _rss_gb() -> float:
@@ -66,7 +70,8 @@ def child(backend: str, steps: int, width: int, layers: int, batch: int) -> dict
         return loss.detach()
 
     if backend.startswith("syncfree_xla"):
-        step = torch.compile(step, backend="syncfree_xla", options={"cache": False})
+        options = {"cache": False, "join_graphs": backend != "syncfree_xla-per-graph"}
+        step = torch.compile(step, backend="syncfree_xla", options=options)
     if on_xla:
         torch_xla.sync()
         xm.wait_device_ops()

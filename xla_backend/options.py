@@ -65,7 +65,7 @@ _SPECS: dict[str, _Spec] = {
                              int, lambda v: v is None or v > 0, "a positive integer"),
     "async_dispatch": _Spec(bool, True, "return from a step as soon as its work is enqueued",
                             _parse_bool, accepted="True or False"),
-    "join_graphs": _Spec(bool, False, "run a step's graphs as one XLA computation",
+    "join_graphs": _Spec(bool, True, "run a step's graphs as one XLA computation",
                          _parse_bool, accepted="True or False"),
     "syncfree_passes": _Spec(bool, True, "rewrite host syncs out of the graphs", _parse_bool,
                              accepted="True or False"),

@@ -194,6 +194,10 @@ def shard_optimizer_state(opt: torch.optim.Optimizer, mesh: xs.Mesh,
     how many tensors were laid out anew.
     """
     _axis_size(mesh, axis)
+    if opt.state:
+        # torch_xla cannot lay out a buffer whose execution is still running (a step
+        # that was just enqueued): "Data does not present on any device".
+        xla_internals.wait_device_ops()
     moved = 0
     for group in opt.param_groups:
         for p in group["params"]:

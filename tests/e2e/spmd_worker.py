@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from xla_backend import sharding  # noqa: I001  (imports torch_xla after PJRT_DEVICE is set)
+from xla_backend import sharding, xla_internals  # noqa: I001  (imports torch_xla after PJRT_DEVICE is set)
 
 STEPS = 20
 WARMUP = 3
@@ -46,13 +46,13 @@ def _train(loop: str, fsdp: bool) -> dict[str, Any]:
     return _run(loop, fsdp)[0]
 
 
-def _run(loop: str, fsdp: bool, join: bool = False
+def _run(loop: str, fsdp: bool, join: bool = True
          ) -> tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]:
     """One training case: its report, and its losses and final parameters on the CPU.
 
     ``loop``: ``plain`` (forward, backward, AdamW step, zero_grad), ``A`` (clip and a
     scheduler) or ``B`` (GradScaler, with an inf in one device's shard at INF_STEPS).
-    ``join``: compile with ``join_graphs``.
+    ``join``: the ``join_graphs`` option (on by default).
     """
     import torch._dynamo
     import torch_xla
@@ -100,13 +100,13 @@ def _run(loop: str, fsdp: bool, join: bool = False
         args, ref_args = (model, opt, scaler), (reference, ref_opt, ref_scaler)
 
     compiled = torch.compile(step_fn, backend="syncfree_xla",
-                             options={"join_graphs": True} if join else None)
+                             options={"join_graphs": join})
     got, want = [], []
     resharded = 0
     for i in range(WARMUP):
         got.append(compiled(*args, *batch(i, device), **extra))
         want.append(step_fn(*ref_args, *batch(i, "cpu"), **ref_extra))
-        if i == 0 and fsdp:
+        if i == 1 and fsdp:  # after the first joined step
             resharded = sharding.shard_optimizer_state(opt, mesh)
     marks = [counters.GRAPHS_RECEIVED, counters.STEPS_JOINED, counters.STEPS_CUT]
     before = [counters.counter(name) for name in marks]
@@ -239,20 +239,25 @@ def _errors_case() -> dict[str, str]:
 
 
 def _reshard_case() -> dict[str, Any]:
-    """shard_optimizer_state lays state out like its parameter, whatever it had before."""
+    """shard_optimizer_state lays state out like its parameter, whatever it had before,
+    and whether or not its value is computed yet."""
     import torch_xla.distributed.spmd as xs
 
     mesh = sharding.data_parallel_mesh()
     n = sharding.enable_spmd()
     p = torch.nn.Parameter(sharding.shard_batch(torch.randn(4 * n, 3), mesh))
     values = {"replicated": torch.randn(4 * n, 3), "cols": torch.randn(4 * n, 2 * n)}
-    state = {"replicated": values["replicated"].to(p.device),
+    # "replicated" is still being computed: a step's update right after its sync
+    big = torch.randn(1024, 1024).to(p.device)
+    slow = (big @ big @ big @ big).abs().sum()
+    state = {"replicated": values["replicated"].to(p.device) + 0.0 * slow,
              "cols": values["cols"].to(p.device), "step": torch.tensor(3.0).to(p.device)}
     xs.mark_sharding(state["cols"], mesh, (None, "data"))
     q = torch.nn.Parameter(sharding.shard_batch(torch.randn(4 * n, 2 * n), mesh))
     opt = torch.optim.SGD([p, q], lr=0.1)
     opt.state[p] = {"exp_avg": state["replicated"], "step": state["step"]}
     opt.state[q] = {"exp_avg": state["cols"]}
+    xla_internals.sync_live_tensors(p.device)  # enqueued, not waited for
     moved = sharding.shard_optimizer_state(opt, mesh)
     return {
         "moved": moved,

@@ -9,9 +9,9 @@ Every training case trains 20 steps under ``syncfree_xla`` over the mesh next to
 PyTorch on the CPU with the same global batch, and must match it (rtol 1e-4) with no
 host sync, XLA compile or Dynamo retrace in the 17 steps after 3 warm-up steps.
 
-With ``join_graphs`` on, a data-parallel step over the mesh is one (replicated) XLA
-execution, and its numbers are those of the same run with the option off; a third
-worker process runs those cases, apart from the others.
+The training cases run joined (``join_graphs``, the default). A data-parallel step over
+the mesh is then one (replicated) XLA execution, and its numbers are those of the same
+run with the option off; a third worker process runs those pairs, apart from the others.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ RTOL = 1e-4
 # each at both device counts between the two; the cache-key checks on 4 devices.
 PLAN = {2: ("A-dp", "B-fsdp"), 4: ("A-fsdp", "B-dp", "key", "errors", "reshard")}
 # join_graphs, data parallel on 2 devices: the plain loop and loop B (GradScaler), each
-# trained with the option off and on. Its own process, so that the joiner's
-# process-wide state (torch_xla's scalar cache turned off) stays out of PLAN's cases.
+# trained with the option off and on. Its own process, so that the per-graph runs start
+# with torch_xla's scalar cache as a process that never joined has it.
 JOIN_DEVICES, JOIN_CASES = 2, ("join-plain", "join-B")
 # Joined vs per-graph, over 20 AdamW steps: not bitwise equal, because XLA compiles the
 # joined step as one computation and fuses (and so rounds) across the graph boundaries;

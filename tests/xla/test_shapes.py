@@ -13,6 +13,9 @@ Measured on CPU (2 cores), compiles counted by torch_xla (``CompileTime``):
   static): 5, 2, 0, 3, 0, 0 compiles; one Dynamo graph per distinct length, no recompiles
   of a length seen before.
 
+Those are the per-graph path's figures (``join_graphs=False``). Joined (the default), a
+step is one computation, compiled once per distinct length from the second step on.
+
 Without ``torch._dynamo.mark_static`` the figures are the same: the backend keeps tensor
 shapes static for its frames (a new shape is one Dynamo recompile, reported by
 ``explain``), while ``dynamic=True`` traces symbolic sizes and each concrete size gets
@@ -115,6 +118,7 @@ def test_symbolic_size_in_device_math(xla):
 
 
 SEQ_LENS = [32, 24, 32, 16, 24, 16]
+PER_GRAPH = {"join_graphs": False}
 
 
 def _gpt(device):
@@ -135,7 +139,7 @@ def _seq_batches(work, device, static: bool) -> list[tuple[torch.Tensor, ...]]:
 
 def test_varying_sequence_lengths_compile_once_per_length_with_static_marks(xla):
     work, model, opt = _gpt(xla)
-    step = torch.compile(workloads.train_step, backend="syncfree_xla")
+    step = torch.compile(workloads.train_step, backend="syncfree_xla", options=PER_GRAPH)
     compiles, losses = _compiles_per_step(step, model, opt, _seq_batches(work, xla, True))
     seen: set[int] = set()
     for n, count in zip(SEQ_LENS, compiles):
@@ -143,6 +147,21 @@ def test_varying_sequence_lengths_compile_once_per_length_with_static_marks(xla)
             assert count == 0, (SEQ_LENS, compiles)
         else:
             assert 0 < count <= compiles[0], (SEQ_LENS, compiles)
+        seen.add(n)
+    assert losses[-1] < losses[0]
+
+
+def test_joined_steps_compile_once_per_sequence_length(xla):
+    """Joined, a step's computation is compiled per length: once the first step (run
+    graph by graph) is over, a length seen before compiles nothing."""
+    work, model, opt = _gpt(xla)
+    step = torch.compile(workloads.train_step, backend="syncfree_xla")
+    batches = _seq_batches(work, xla, True)
+    lengths = [SEQ_LENS[0]] + SEQ_LENS  # the first step runs graph by graph
+    compiles, losses = _compiles_per_step(step, model, opt, [batches[0]] + batches)
+    seen: set[int] = set()
+    for n, count in zip(lengths[1:], compiles[1:]):
+        assert (count == 0) == (n in seen), (lengths, compiles)
         seen.add(n)
     assert losses[-1] < losses[0]
 

@@ -78,8 +78,10 @@ def trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
         traced = trace(device_gm, inputs, device, pinned)
         exe, to_compile = traced.executable, traced.to_compile
         found.store(traced)
-    # a computation that reads no buffer cannot be a lazy node of its own: it runs alone
-    if to_compile and exe.ready is None and not (options.join_graphs and exe.hlo_params):
+    # a computation that reads no buffer cannot be a lazy node of its own: it runs alone;
+    # before joining starts, graphs run alone too (the first step, see ``step``)
+    joins_later = options.join_graphs and exe.hlo_params and step.joiner.started
+    if to_compile and exe.ready is None and not joins_later:
         exe.ready = compile_pool.compile_once(
             _hash_key(exe.graph_hash), lambda: _compile_and_release(to_compile),
             options.resolved_compile_threads())
@@ -298,7 +300,8 @@ class LoweredGraph:
             with torch.no_grad():
                 computed = list(self._split.device(*dev_inputs))
             exe = Executable(None, [], [Computed(i) for i in range(len(computed))])
-        elif exe.graph_hash is not None and self._join and exe.hlo_params:
+        elif (exe.graph_hash is not None and self._join and exe.hlo_params
+              and step.joiner.joins(id(self), self.name)):
             feed = _feed(exe.hlo_params, dev_inputs)
             _to_device_data(feed, self._device)
             step.joiner.before(id(self), self._device)

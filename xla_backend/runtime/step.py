@@ -33,6 +33,15 @@ changes (0 to inf). From the first joined step on, that cache is off for the pro
 (each scalar of an eager op is then a buffer of its own, some microseconds more per
 op); ``reset()`` turns it back on.
 
+When joining starts: each graph's first call runs on its own (the per-graph path), and
+the first call of a graph that has run before starts joining for the process. So the
+first step, which traces and compiles every graph on the compile pool in parallel and
+creates the optimizer's state, is not compiled a second time as a whole; from the
+second step on, each step is one computation. Joining belongs to the thread that
+started it (and to the backward passes autograd runs for it on its device thread): a
+compiled graph called from another thread runs on its own, since one step's lazy IR
+cannot be built from two threads at once.
+
 A graph's name starts with its AOTAutograd kind (``forward``, ``backward``,
 ``inference``: ``backend.py`` names them), which is how rule 1 pairs them.
 """
@@ -65,6 +74,34 @@ class StepJoiner:
         self._device: torch.device | None = None
         self._wait = False
         self._cache_was: bool | None = None  # torch_xla's scalar-buffer cache, before
+        self._ran: list[tuple[int, str]] = []  # graph calls before joining started
+        self._owner: int | None = None  # the thread that joins, once joining started
+
+    @property
+    def started(self) -> bool:
+        """Whether joining has started: graphs traced from now on compile as part of a
+        step, not alone."""
+        return self._owner is not None
+
+    def joins(self, graph_id: int, name: str) -> bool:
+        """Whether this call of graph ``graph_id`` joins the step (see the module's
+        docstring: from the second call of any graph on, on the thread that made it,
+        and in the backward passes autograd runs for it on its device thread)."""
+        in_backward = torch._C._current_graph_task_id() != -1
+        owner = self._owner
+        if owner is not None:
+            return in_backward or owner == threading.get_ident()
+        with self._lock:
+            if self._owner is None:
+                first = next((k for k, (gid, _) in enumerate(self._ran) if gid == graph_id), None)
+                if first is None or in_backward:
+                    self._ran.append((graph_id, name))
+                    return False
+                # the calls since this graph's first one were the step before
+                self._previous, self._ran = self._ran[first:], []
+                self._owner = threading.get_ident()
+                log.debug("joining graphs from here on, on thread %d", self._owner)
+            return self._owner == threading.get_ident()
 
     def returned(self) -> None:
         """The last running compiled call returned: the step ends here, unless a
@@ -156,6 +193,7 @@ class StepJoiner:
         scalar-buffer cache back; pending IR stays pending."""
         with self._lock:
             self._since, self._previous, self._open = [], None, 0
+            self._ran, self._owner = [], None
         with trace_lock:
             if self._cache_was is not None:
                 xla_internals.set_device_data_cache(self._cache_was)
