@@ -17,8 +17,10 @@ CPU_NAN_FLAG = "--xla_cpu_enable_fast_min_max=false"
 #: torch_xla's switch for "special scalars": with it unset, a 0-d tensor holding 0 or
 #: +-1 is an IR literal, not a buffer. A flag or mask tensor that is 0 on most steps and
 #: inf on some (a poisoned gradient, a GradScaler test) then needs an extra execution
-#: on the 0 steps and recompiles the first time it is not 0. Set to "1" unless the
-#: user chose; ``lowering`` applies it even when torch_xla was imported first.
+#: on the 0 steps and recompiles the first time it is not 0. The backend turns them off
+#: for the process once it lowers a graph (``lower.trace``) unless the user set this
+#: variable, and never at ``import torch``: torch_xla's own Dynamo backend (``openxla``)
+#: fails with them off (an IndexError in its output deduplication).
 NO_SPECIAL_SCALARS = "XLA_NO_SPECIAL_SCALARS"
 
 
@@ -40,11 +42,9 @@ def autoload() -> None:
 
 
 def _environment_defaults() -> bool:
-    """PJRT_DEVICE, XLA_NO_SPECIAL_SCALARS and, on CPU, the NaN flag; whether the flag
-    was added by this call."""
+    """PJRT_DEVICE and, on CPU, the NaN flag; whether the flag was added by this call."""
     if "PJRT_DEVICE" not in os.environ and importlib.util.find_spec("libtpu") is None:
         os.environ["PJRT_DEVICE"] = "CPU"
-    os.environ.setdefault(NO_SPECIAL_SCALARS, "1")
     return os.environ.get("PJRT_DEVICE") == "CPU" and _add_xla_flag(CPU_NAN_FLAG)
 
 
@@ -59,7 +59,7 @@ def configure_pjrt() -> None:
     torch_xla warns and guesses when PJRT_DEVICE is unset; users of this backend
     should not have to set it on a CPU machine, while a TPU host (libtpu installed)
     keeps torch_xla's own choice. On CPU, XLA_FLAGS gains :data:`CPU_NAN_FLAG` unless
-    it already sets that flag either way; :data:`NO_SPECIAL_SCALARS` defaults to on.
+    it already sets that flag either way.
     """
     if _environment_defaults() and _runtime_started():
         log.warning(

@@ -106,3 +106,32 @@ def test_a_plugin_test_run_prints_no_warnings(tmp_path):
     assert run.stderr == ""
     assert "warning" not in run.stdout.lower(), run.stdout  # also no warnings summary
     assert "1 passed" in run.stdout
+
+
+OPENXLA_STEP = """
+import torch
+import torch_xla
+from xla_backend.tools import workloads  # a model, its batches and a train step only
+
+device = torch_xla.device()
+work = workloads.get_workload("mlp", hidden=16)
+model = work.build_model().to(device)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+compiled = torch.compile(workloads.train_step, backend="openxla")
+for i in range(3):
+    loss = compiled(model, opt, *work.make_batch(i, device))
+assert bool(torch.isfinite(loss.cpu()))
+"""
+
+
+def test_torch_xla_own_backend_still_trains_with_this_package_installed(tmp_path):
+    """``import torch`` runs this package's device defaults; they must not break
+    torch_xla's ``openxla`` backend. With special scalars off (``XLA_NO_SPECIAL_SCALARS=1``,
+    which they used to set) this step failed: "Execution supplied 7 buffers but compiled
+    program expected 6"."""
+    script = tmp_path / "openxla_step.py"
+    script.write_text(OPENXLA_STEP, encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env=_clean_env(), cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
