@@ -242,3 +242,25 @@ def test_a_graph_that_reads_no_buffer_runs_alone(xla):
                              backend="syncfree_xla", options=JOIN)
     for _ in range(2):
         assert compiled().cpu().tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+
+
+def test_joining_starts_at_a_second_call_and_stays_on_its_thread():
+    """The first call of each graph runs alone; the first repeat starts joining, on that
+    thread only: another thread's graphs run on their own."""
+    import threading
+
+    from xla_backend.runtime.step import StepJoiner
+
+    joiner = StepJoiner()
+    assert [joiner.joins(1, "forward graph 0"), joiner.joins(2, "inference graph 1")] == [
+        False, False]
+    assert not joiner.started
+    assert joiner.joins(1, "forward graph 0") and joiner.started
+    assert joiner.joins(3, "forward graph 2"), "a new graph joins once joining started"
+    elsewhere: list[bool] = []
+    worker = threading.Thread(target=lambda: elsewhere.append(joiner.joins(1, "forward graph 0")))
+    worker.start()
+    worker.join(timeout=60)
+    assert elsewhere == [False]
+    joiner.reset()
+    assert not joiner.started and not joiner.joins(1, "forward graph 0")
