@@ -87,8 +87,7 @@ def release_host_memory() -> None:
     glibc keeps what is freed in its arenas, so without this the process stays at
     that high-water mark (a 50M-parameter MLP with AdamW, steps joined: +2.7 GB
     resident after the first step where eager grows by 0.66 GB, +0.36 GB after
-    trimming). Compiles happen in warm-up,
-    so steady steps never pay for it.
+    trimming). Compiles happen in warm-up, so steady steps never pay for it.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)

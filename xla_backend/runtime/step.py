@@ -87,10 +87,10 @@ class StepJoiner:
         """Whether this call of graph ``graph_id`` joins the step (see the module's
         docstring: from the second call of any graph on, on the thread that made it,
         and in the backward passes autograd runs for it on its device thread)."""
-        in_backward = torch._C._current_graph_task_id() != -1
         owner = self._owner
-        if owner is not None:
-            return in_backward or owner == threading.get_ident()
+        if owner is not None:  # every call of every step comes here
+            return owner == threading.get_ident() or torch._C._current_graph_task_id() != -1
+        in_backward = torch._C._current_graph_task_id() != -1
         with self._lock:
             if self._owner is None:
                 first = next((k for k, (gid, _) in enumerate(self._ran) if gid == graph_id), None)
