@@ -31,8 +31,11 @@ configure_pjrt()
 
 # torch_xla must see PJRT_DEVICE before it is imported
 from .cache import aot_cache, graph_cache  # noqa: E402
-from .runtime import compile_pool, partition, rng_state, step  # noqa: E402
+from .runtime import compile_pool, host_memory, partition, rng_state, step  # noqa: E402
 from .runtime.graph import xla_device  # noqa: E402
+
+if cpu_client():  # device buffers are host memory: keep a step's temporaries mapped
+    host_memory.keep_step_heaps()
 
 log = logging.getLogger(__name__)
 

@@ -121,23 +121,27 @@ def test_cases_eager_agrees_with_torch_xla_on_are_left_alone(fn):
     _assert_same(gm(x), fn(x))
 
 
-def test_configure_pjrt_adds_the_nan_flag_without_clobbering(monkeypatch):
+def test_configure_pjrt_adds_the_cpu_flags_without_clobbering(monkeypatch):
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     device.configure_pjrt()
-    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x " + device.CPU_NAN_FLAG
+    assert os.environ["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x --xla_cpu_enable_fast_min_max=false"
+                                       " --xla_multiheap_size_constraint_per_heap=16777216")
     device.configure_pjrt()  # idempotent
     assert os.environ["XLA_FLAGS"].count("fast_min_max") == 1
+    assert os.environ["XLA_FLAGS"].count("multiheap") == 1
 
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_min_max=true")
-    device.configure_pjrt()  # the user's choice wins
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_min_max=true"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_min_max=true "
+                                    "--xla_multiheap_size_constraint_per_heap=-1")
+    device.configure_pjrt()  # the user's choices win
+    assert os.environ["XLA_FLAGS"] == ("--xla_cpu_enable_fast_min_max=true "
+                                       "--xla_multiheap_size_constraint_per_heap=-1")
 
     monkeypatch.delenv("XLA_FLAGS")
     device.configure_pjrt()
-    assert os.environ["XLA_FLAGS"] == device.CPU_NAN_FLAG
+    assert os.environ["XLA_FLAGS"] == " ".join(device.CPU_FLAGS)
 
-    monkeypatch.setenv("PJRT_DEVICE", "TPU")  # a CPU-only flag
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")  # CPU-only flags
     monkeypatch.delenv("XLA_FLAGS")
     device.configure_pjrt()
     assert "XLA_FLAGS" not in os.environ

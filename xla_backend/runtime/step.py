@@ -57,7 +57,7 @@ import torch
 from .. import counters, xla_internals, xla_metrics
 from ..dynamo import scope
 from ..lower.executable import trace_lock
-from . import compile_pool
+from . import compile_pool, host_memory
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class StepJoiner:
             xla_internals.sync_live_tensors(device)
         if xla_metrics.compiles() != compiles:  # the sync compiled the step first
             counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
-            compile_pool.release_host_memory()
+            host_memory.release()
         if self._wait:
             compile_pool.timed_wait(xla_internals.wait_device_ops)
         counters.incr(counters.EXECUTIONS)
