@@ -14,11 +14,10 @@ log = logging.getLogger(__name__)
 #: (see ``xla_backend.rewrites.nan_semantics`` for what the flag leaves to fix).
 CPU_NAN_FLAG = "--xla_cpu_enable_fast_min_max=false"
 
-#: XLA:CPU puts all of an execution's temporaries (a joined step's activations and
-#: gradients: ~100 MB for the bench's transformer LM) in one allocation. glibc maps an
-#: allocation that large afresh each time and unmaps it on free, so every step faulted
-#: it in again (25,000 page faults a step). Heaps of at most 16 MiB stay under glibc's
-#: mmap threshold and are reused (``runtime.host_memory`` keeps them).
+#: XLA:CPU puts all of an execution's temporaries in one allocation, which glibc maps
+#: afresh and unmaps every step when it is large (a joined step's activations and
+#: gradients). Heaps of at most 16 MiB stay under glibc's mmap threshold and are reused;
+#: ``runtime.host_memory`` says why and what it cost.
 CPU_HEAP_FLAG = "--xla_multiheap_size_constraint_per_heap=16777216"
 
 #: The flags added to XLA_FLAGS on the CPU client, each unless the user set it.
