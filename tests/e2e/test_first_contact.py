@@ -134,4 +134,3 @@ def test_torch_xla_own_backend_still_trains_with_this_package_installed(tmp_path
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          env=_clean_env(), cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,7 @@ TOP_PAD = 64 << 20
 _USER_SETTINGS = ("MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                   "MALLOC_MMAP_MAX_")
 
-_lock = threading.Lock()
-_kept = False
+_kept = False  # its one caller is the backend's import, which Python runs once at a time
 
 
 def _libc_function(name: str) -> Callable[..., int] | None:
@@ -66,10 +64,9 @@ def keep_step_heaps() -> bool:
     process; whether this call set it. Left alone where malloc is not glibc's or the
     environment tunes it (``MALLOC_*_`` variables, ``GLIBC_TUNABLES`` naming malloc)."""
     global _kept
-    with _lock:
-        if _kept or _MALLOPT is None or _user_tuned():
-            return False
-        _kept = True
+    if _kept or _MALLOPT is None or _user_tuned():
+        return False
+    _kept = True
     ok = _MALLOPT(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and _MALLOPT(_M_TOP_PAD, TOP_PAD)
     log.debug("glibc malloc: mmap threshold %d, top pad %d: %s", MMAP_THRESHOLD, TOP_PAD,
               "set" if ok else "refused")
