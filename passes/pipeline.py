@@ -54,12 +54,16 @@ def run_pipeline(gm: torch.fx.GraphModule, pipeline: Sequence[GraphPass]) -> lis
     """
     _notify(None, gm)
     fired: list[str] = []
+    # The graph to go back to, copied only when the last copy went stale: most passes
+    # change nothing, and a copy per pass was most of a warm start's rewrite time.
+    before: torch.fx.Graph | None = None
     for p in pipeline:
-        before = copy_graph(gm.graph)
+        if before is None:
+            before = copy_graph(gm.graph)
         try:
             modified = p(gm).modified
         except Exception as exc:  # a bug in a pass must not cost the user's step
-            gm.graph = before
+            gm.graph, before = before, None
             gm.recompile()
             if p.name not in _warned:
                 _warned.add(p.name)
@@ -70,6 +74,7 @@ def run_pipeline(gm: torch.fx.GraphModule, pipeline: Sequence[GraphPass]) -> lis
             _notify(p.name, gm, exc)
             continue
         if modified:
+            before = None
             fired.append(p.name)
             _notify(p.name, gm)
     if fired:

@@ -448,3 +448,38 @@ def test_a_failing_pass_is_undone_and_skipped_with_one_warning(caplog):
     warnings = [r.getMessage() for r in caplog.records if "half_done_pass" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "RuntimeError: a bug in the pass" in warnings[0]
+
+
+def _sin_to_tanh(gm: torch.fx.GraphModule) -> passes.PassResult:
+    rewritten = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.sin:
+            node.target = torch.tanh
+            rewritten += 1
+    return passes.PassResult(gm, bool(rewritten))
+
+
+SIN_TO_TANH = passes.GraphPass("sin_to_tanh", 1, _sin_to_tanh)
+NOTHING = passes.GraphPass("nothing", 1, lambda gm: passes.PassResult(gm, False))
+
+
+def test_a_failing_pass_is_undone_back_to_the_passes_before_it(monkeypatch):
+    """The graph goes back to where the last good pass left it, not to the start; and
+    it is copied only when a pass changed it since the last copy (once for passes that
+    change nothing), each copy being a walk over every node of a large graph."""
+    def fn(x):
+        return torch.sin(x) * 2
+
+    copies = []
+    copy_graph = passes.pipeline.copy_graph
+    monkeypatch.setattr(passes.pipeline, "copy_graph",
+                        lambda graph: copies.append(1) or copy_graph(graph))
+    x = torch.randn(4)
+    gm = torch.fx.symbolic_trace(fn)
+    assert passes.run_pipeline(gm, (NOTHING, NOTHING, NOTHING)) == []
+    assert len(copies) == 1
+    copies.clear()
+    fired = passes.run_pipeline(gm, (NOTHING, SIN_TO_TANH, NOTHING, BROKEN, NOTHING))
+    assert fired == ["sin_to_tanh"]
+    assert len(copies) == 3  # at the start, after sin_to_tanh changed it, after the undo
+    assert torch.equal(gm(x), torch.tanh(x) * 2)  # sin_to_tanh kept, the half-done cos not

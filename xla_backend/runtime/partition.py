@@ -134,13 +134,15 @@ def _standin(example: Any, device: torch.device) -> Any:
 
 
 def lower_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str,
-                fallback: str, options: Options | None) -> Callable[[list[Any]], Any]:
+                fallback: str, options: Options | None,
+                fresh: Callable[[], torch.fx.GraphModule]) -> Callable[[list[Any]], Any]:
     """One compiled graph, or compiled segments around the ops XLA cannot lower.
 
+    Lowering rewrites the graph it is given; ``fresh`` makes a new copy of ``gm`` as it
+    came, asked for only when a try fails (a copy walks every node of a large graph).
     Raises ``UnsplittableGraph`` when neither works (the caller runs the graph op by
     op) or, with ``fallback="error"``, when an op has no lowering.
     """
-    pristine = torch.fx.GraphModule(gm, copy_graph(gm.graph))
     eager = unsupported_nodes(gm)
     if not eager:
         try:
@@ -148,8 +150,7 @@ def lower_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: s
         except OpsFellBackInTrace as exc:
             log.debug("syncfree_xla: %s fell back while tracing (%s); probing", name,
                       str(exc))  # text: see warn_once.WarnOnce
-        gm = pristine
-        pristine = torch.fx.GraphModule(gm, copy_graph(gm.graph))
+        gm = fresh()
         eager = probe(gm, example_inputs, xla_device()) or []
         if not eager:
             raise UnsplittableGraph("torch_xla fell back to the CPU for an op that could "
@@ -161,6 +162,7 @@ def lower_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: s
     try:
         return PartitionedGraph(gm, example_inputs, eager, name, options)
     except OpsFellBackInTrace as exc:
+        pristine = fresh()
         found = probe(pristine, example_inputs, xla_device())
         if not found:
             raise UnsplittableGraph(str(exc)) from exc
@@ -344,7 +346,8 @@ def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str = "
     """
     fallback_gm = torch.fx.GraphModule(gm, copy_graph(gm.graph))
     try:
-        return lower_graph(gm, example_inputs, name, fallback, options)
+        return lower_graph(gm, example_inputs, name, fallback, options,
+                           lambda: torch.fx.GraphModule(fallback_gm, copy_graph(fallback_gm.graph)))
     except UnsplittableGraph as exc:
         if fallback == "error":
             raise
