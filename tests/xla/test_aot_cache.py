@@ -119,9 +119,9 @@ def own_cache(tmp_path, monkeypatch):
     return {"cache_dir": str(tmp_path / "cache")}
 
 
-def _train(options: dict[str, Any], device: torch.device) -> list[float]:
+def _train(options: dict[str, Any], device: torch.device, seed: int = 0) -> list[float]:
     torch._dynamo.reset()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
                                 torch.nn.Linear(8, 2)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -203,6 +203,49 @@ def test_the_key_tells_apart_what_aotautograd_tells_apart(xla):
         assert key(x, y) != base
     with pytest.raises(compile_cache.Uncacheable, match="scalar"):
         key(x, 3)
+
+
+def test_the_key_reads_the_metadata_of_parameters_and_buffers_not_their_values(xla):
+    """Dynamo puts an optimizer's parameters and state in its graph as attributes;
+    AOTAutograd takes them as inputs, so only what it reads of an input may count."""
+    class Affine(torch.nn.Module):
+        def __init__(self, w: torch.Tensor, b: torch.Tensor) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(w)
+            self.register_buffer("b", b)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.w + self.b
+
+    x = torch.ones(2, 3).to(xla)
+
+    def key(w: torch.Tensor, b: torch.Tensor, grad: bool = True) -> str:
+        gm = torch.fx.symbolic_trace(Affine(w.to(xla), b.to(xla)))
+        gm.w.requires_grad_(grad)
+        return aot_cache.aot_key(gm, [x], {}).digest
+
+    base = key(torch.ones(3), torch.zeros(3))
+    assert key(torch.full((3,), 2.0), torch.ones(3)) == base  # values: no
+    assert key(torch.ones(4), torch.zeros(3)) != base  # shapes, dtypes, grads: yes
+    assert key(torch.ones(3, dtype=torch.float64), torch.zeros(3)) != base
+    assert key(torch.ones(3), torch.zeros(3), grad=False) != base
+
+
+def test_a_job_resumed_with_other_weights_skips_aotautograd(xla, own_cache, monkeypatch,
+                                                             tmp_path):
+    """A restart resumes from a checkpoint, not from the first run's initial weights:
+    the entries the first run wrote still serve, with the numbers AOTAutograd gives."""
+    import weakref
+
+    _train(own_cache, xla, seed=0)
+    monkeypatch.setattr(compile_cache, "_stores", {})
+    monkeypatch.setattr(compile_cache, "_live", weakref.WeakValueDictionary())
+    xla_backend.reset_stats()
+    resumed = _train(own_cache, xla, seed=1)
+    stats = xla_backend.stats()
+    assert stats.get("cache_aot_hits", 0) >= 2, stats
+    assert stats.get("cache_aot_misses", 0) == 0, stats
+    assert resumed == _train({"cache_dir": str(tmp_path / "fresh")}, xla, seed=1)
 
 
 OPTIMIZERS = {

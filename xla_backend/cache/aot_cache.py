@@ -92,13 +92,33 @@ def _modes() -> dict[str, Any]:
                                     default=repr)}
 
 
+def _lifted(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """The tensors AOTAutograd passes ahead of the graph's inputs: parameters, then buffers.
+
+    Every tensor attribute of a Dynamo graph is one of them (the optimizer's parameters
+    and state, in an optimizer step's graph). AOTAutograd traces them as fake inputs
+    and the compiled graph reads them live, so their values are not part of the key:
+    a job resumed from a checkpoint finds the entries its first run wrote.
+    """
+    return [*dict(gm.named_parameters(remove_duplicate=False)).values(),
+            *dict(gm.named_buffers(remove_duplicate=False)).values()]
+
+
 def aot_key(gm: torch.fx.GraphModule, inputs: Sequence[Any],
             decompositions: dict[Any, Callable]) -> key_mod.CacheKey:
     """The key of AOTAutograd's result for ``gm`` on ``inputs``; Uncacheable if none."""
+    lifted = _lifted(gm)
+    position: dict[int, int] = {}
+    for k, t in enumerate(lifted):
+        position.setdefault(id(t), k)
     components = environment_components()
     components.update({
-        key_mod.GRAPH: dumps(canonical_graph(gm)),
-        key_mod.INPUT_SIGNATURE: dumps({"inputs": _input_signature(inputs), "modes": _modes()}),
+        key_mod.GRAPH: dumps(canonical_graph(
+            gm, lambda t: {"lifted": position[id(t)]} if id(t) in position else None)),
+        # one list, so that aliasing between attributes and inputs is seen
+        key_mod.INPUT_SIGNATURE: dumps({"lifted": len(lifted),
+                                        "inputs": _input_signature([*lifted, *inputs]),
+                                        "modes": _modes()}),
         key_mod.PASSES_VERSION: f"{PIPELINE_VERSION};aot_entry={ENTRY_FORMAT};"
                                 f"aot_meta={aot.META_FORMAT}",
         key_mod.XLA_FLAGS: "",  # AOTAutograd's graphs do not depend on XLA

@@ -35,7 +35,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,12 +172,15 @@ def _tensor_fingerprint(t: torch.Tensor) -> dict[str, Any]:
             "device": t.device.type, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def canonical_graph(gm: torch.fx.GraphModule) -> list[Any]:
+def canonical_graph(gm: torch.fx.GraphModule,
+                    attribute: Callable[[torch.Tensor], Any] | None = None) -> list[Any]:
     """The graph as ops and structure: nodes by topological index, constants by content.
 
     Node names, ``stack_trace`` and other metadata are left out on purpose, so the
     same computation written with other variable names (or on other source lines)
-    gets the same key.
+    gets the same key. ``attribute`` renders a tensor attribute instead of its
+    content where it returns something other than None (a key whose compiler reads
+    only the tensor's metadata).
     """
     node_index: dict[torch.fx.Node, int] = {}
     rendered: list[Any] = []
@@ -189,7 +192,10 @@ def canonical_graph(gm: torch.fx.GraphModule) -> list[Any]:
             value = gm
             for part in str(node.target).split("."):
                 value = getattr(value, part)
-            if isinstance(value, torch.Tensor):
+            shown = attribute(value) if attribute and isinstance(value, torch.Tensor) else None
+            if shown is not None:
+                rendered.append(["get_attr", shown])
+            elif isinstance(value, torch.Tensor):
                 rendered.append(["get_attr", {"tensor": _tensor_fingerprint(value)}])
             elif isinstance(value, torch.fx.GraphModule):
                 rendered.append(["get_attr", {"graph": canonical_graph(value)}])
