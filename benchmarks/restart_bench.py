@@ -1,10 +1,12 @@
 """What the cache saves a restarted job: the same training run in two fresh processes.
 
-    python benchmarks/restart_bench.py [--loop plain|B] [--steps 3] [--keep-cache DIR]
+    python benchmarks/restart_bench.py [--loop plain|B] [--steps 3] [--resume] [--keep-cache DIR]
 
 Both processes train the DESIGN.md transformer LM (AdamW; ``--loop B`` is the
 GradScaler step ``workloads.train_step_amp``, which Dynamo runs as several frames) with
-one cache directory: the first fills it, the second reads it. Reported per process:
+one cache directory: the first fills it, the second reads it. With ``--resume`` the
+second starts from the first's final model and optimizer state, as a job restarted from
+its checkpoint does, instead of from the same initial weights. Reported per process:
 the first step's wall time and where it went, by stage:
 
 - Dynamo: bytecode tracing, guards and graph breaks (Dynamo's own compile time minus
@@ -57,7 +59,8 @@ def _timed(owner: Any, name: str, total: list[float]) -> None:
     setattr(owner, name, timed)
 
 
-def child(cache_dir: str, steps: int, loop: str) -> dict[str, Any]:
+def child(cache_dir: str, steps: int, loop: str, save: str | None = None,
+          load: str | None = None) -> dict[str, Any]:
     """One training run; everything it measures, as a dict."""
     started = time.perf_counter()
     from xla_backend.device import configure_pjrt
@@ -84,6 +87,10 @@ def child(cache_dir: str, steps: int, loop: str) -> dict[str, Any]:
     work = workloads.transformer_lm_workload()
     model = work.build_model().to(device)
     opt = workloads.make_adamw(model)
+    if load:
+        state = torch.load(load)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
     fn = workloads.train_step if loop == "plain" else workloads.train_step_amp
     extra = () if loop == "plain" else (workloads.make_grad_scaler(device),)
     step = torch.compile(fn, backend="syncfree_xla", options={"cache_dir": cache_dir})
@@ -102,6 +109,8 @@ def child(cache_dir: str, steps: int, loop: str) -> dict[str, Any]:
     torch_xla.sync()
     xm.wait_device_ops()
 
+    if save:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, save)
     compile_data = met.metric_data("CompileTime")
     stats = xla_backend.stats()
     # the backward compiles at the first backward(), outside the backend's call
@@ -121,10 +130,11 @@ def child(cache_dir: str, steps: int, loop: str) -> dict[str, Any]:
     }
 
 
-def run_child(cache_dir: str, steps: int, loop: str) -> dict[str, Any]:
+def run_child(cache_dir: str, steps: int, loop: str, *checkpoint: str) -> dict[str, Any]:
     env = dict(os.environ)
     done = subprocess.run(
-        [sys.executable, __file__, "--child", cache_dir, "--steps", str(steps), "--loop", loop],
+        [sys.executable, __file__, "--child", cache_dir, "--steps", str(steps), "--loop", loop,
+         *checkpoint],
         capture_output=True, text=True, env=env, cwd=ROOT, check=False,
     )
     if done.returncode != 0:
@@ -144,17 +154,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--loop", choices=("plain", "B"), default="plain")
+    parser.add_argument("--resume", action="store_true",
+                        help="the second process starts from the first's final state")
     parser.add_argument("--keep-cache", help="use (and keep) this directory, else a temporary one")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
+    parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = child(args.child, args.steps, args.loop)
+        result = child(args.child, args.steps, args.loop, args.save, args.load)
         print("RESULT " + json.dumps(result))
         return
     with tempfile.TemporaryDirectory(prefix="restart-bench-") as tmp:
         cache_dir = args.keep_cache or str(Path(tmp) / "cache")
-        first = run_child(cache_dir, args.steps, args.loop)
-        second = run_child(cache_dir, args.steps, args.loop)
+        checkpoint = str(Path(tmp) / "checkpoint.pt")
+        first = run_child(cache_dir, args.steps, args.loop,
+                          *(("--save", checkpoint) if args.resume else ()))
+        second = run_child(cache_dir, args.steps, args.loop,
+                           *(("--load", checkpoint) if args.resume else ()))
         runs = [("cold", first), ("warm", second)]
     print(f"loop {args.loop}; stages of the first step (XLA compile runs on the compile "
           f"pool, partly in parallel)")
@@ -169,7 +186,10 @@ def main() -> None:
               f"{c['cache_graph_hits']:>12}{c['cache_graph_misses']:>8}")
     ratio = second["first_step_s"] / max(first["first_step_s"], 1e-9)
     print(f"warm/cold first step: {ratio:.2f}")
-    print(f"losses bitwise identical: {first['losses'] == second['losses']}")
+    if args.resume:
+        print("losses: the second process resumed training, so they differ by design")
+    else:
+        print(f"losses bitwise identical: {first['losses'] == second['losses']}")
     print("RESULTS " + json.dumps(dict(runs)))
 
 
