@@ -433,15 +433,33 @@ def _calling_convention(compiled_fn: Callable, params_buffers_flat: list[Any]) -
 # A stored result
 
 
+@dataclass(frozen=True)
+class TensorMeta:
+    """A stored node value: the metadata a fake tensor for it is made from."""
+
+    shape: list[int]
+    stride: list[int]
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool
+
+
+#: A node that had no ``meta["val"]``, in ``Artifacts.forward_values``.
+ABSENT = object()
+
+
 @dataclass
 class Artifacts:
-    """A decoded stored result: graphs without ``meta["val"]``, specs of backward inputs."""
+    """A decoded stored result: graphs without ``meta["val"]``, specs of backward inputs,
+    and per graph node, the value to give it (None: propagate fakes instead)."""
 
     meta: dict[str, Any]
     forward: torch.fx.GraphModule
     backward: torch.fx.GraphModule | None
     backward_inputs: list[tuple[list[int], list[int], torch.dtype, torch.device]]
     detach: list[int]
+    forward_values: list[Any] | None = None
+    backward_values: list[Any] | None = None
 
 
 @dataclass
@@ -465,9 +483,32 @@ class _ReadyBackward(_Ready, autograd_cache.GenericCompiledBackward):
     """A compiled backward, with what AOTAutograd's backward wrapper reads beside it."""
 
 
-def _with_fake_values(gm: torch.fx.GraphModule, fake_mode: Any, inputs: Sequence[Any]) -> None:
-    """Fills ``meta["val"]`` of every node, as AOTAutograd's own graphs have it."""
-    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
+def _with_values(gm: torch.fx.GraphModule, values: list[Any] | None, fake_mode: Any,
+                 inputs: Sequence[Any]) -> None:
+    """Fills ``meta["val"]`` of every node, as AOTAutograd's own graphs have it.
+
+    From the stored values where there are (fakes made from metadata), else by fake
+    propagation over the graph, which costs several times more.
+    """
+    if values is None:
+        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
+        return
+    nodes = list(gm.graph.nodes)
+    if len(values) != len(nodes):
+        raise ValueError(f"{len(values)} stored node values for {len(nodes)} nodes")
+
+    def fake(value: Any) -> Any:
+        if isinstance(value, TensorMeta):
+            return torch.empty_strided(value.shape, value.stride, dtype=value.dtype,
+                                       device=value.device, requires_grad=value.requires_grad)
+        if isinstance(value, (list, tuple)):
+            return type(value)(fake(v) for v in value)
+        return value
+
+    with fake_mode:
+        for node, value in zip(nodes, values):
+            if value is not ABSENT:
+                node.meta["val"] = fake(value)
 
 
 def _boxed(compiled: Callable) -> Callable:
@@ -500,9 +541,9 @@ def from_artifacts(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     with fake_mode:
         bw_inputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
                      for shape, stride, dtype, device in stored.backward_inputs]
-    _with_fake_values(stored.forward, fake_mode, fw_inputs)
+    _with_values(stored.forward, stored.forward_values, fake_mode, fw_inputs)
     if stored.backward is not None:
-        _with_fake_values(stored.backward, fake_mode, bw_inputs)
+        _with_values(stored.backward, stored.backward_values, fake_mode, bw_inputs)
     if tracing_context := TracingContext.try_get():
         tracing_context.fw_metadata = meta
     if autograd:

@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from xla_backend import aot
 from xla_backend.cache import fx_codec
@@ -30,17 +32,37 @@ def _interpreting(gm: torch.fx.GraphModule, inputs: Any) -> Any:
     return run
 
 
-class Storing:
-    """A backend that captures on the first compile of each graph, rebuilds on the second."""
+def _value_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.stride(), value.dtype, value.device,
+                value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_value_meta(v) for v in value)
+    return value
 
-    def __init__(self) -> None:
+
+class Storing:
+    """A backend that captures on the first compile of each graph, rebuilds on the second.
+
+    ``values``: node values are stored (else a rebuild propagates fakes); ``seen`` has,
+    per graph a compiler got, each node's name and value metadata.
+    """
+
+    def __init__(self, values: bool = True) -> None:
         self.stored: list[tuple[str, list[bytes]]] = []
         self.problems: list[str] = []
         self.rebuilt = 0
+        self.values = values
+        self.seen: list[list[Any]] = []
         self._next = 0
 
     def compilers(self) -> aot.Compilers:
-        return aot.Compilers(_interpreting, _interpreting, _interpreting, {})
+        def recording(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+            self.seen.append([(n.name, _value_meta(n.meta.get("val", "absent")))
+                              for n in gm.graph.nodes])
+            return _interpreting(gm, inputs)
+
+        return aot.Compilers(recording, recording, recording, {})
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         k, self._next = self._next, self._next + 1
@@ -64,6 +86,8 @@ class Storing:
                          else fx_codec.encode_graph(captured.backward, blobs)),
             "backward_inputs": [fx_codec.tensor_spec(t) for t in captured.backward_inputs],
             "detach": captured.detach,
+            "values": [None if g is None or not self.values else fx_codec.encode_values(g.graph)
+                       for g in (captured.forward, captured.backward)],
         }
         self.stored[k] = (json.dumps(doc), blobs)
 
@@ -79,7 +103,9 @@ def _decode(text: str, blobs: list[bytes]) -> aot.Artifacts:
         backward=(None if doc["backward"] is None
                   else fx_codec.decode_graph(doc["backward"], blobs)),
         backward_inputs=[fx_codec.read_tensor_spec(s)[:4] for s in doc["backward_inputs"]],
-        detach=doc["detach"])
+        detach=doc["detach"],
+        **{name: None if v is None else fx_codec.read_values(v, aot.TensorMeta, aot.ABSENT)
+           for name, v in zip(("forward_values", "backward_values"), doc["values"])})
 
 
 class Net(nn.Module):
@@ -139,6 +165,53 @@ def test_a_rebuilt_training_graph_matches_the_first_compile_bitwise_and_eager():
         torch.testing.assert_close(x, y)
     for name, value in eager["state"].items():
         torch.testing.assert_close(first["state"][name], value)
+
+
+@pytest.mark.parametrize("values", [True, False], ids=["stored-values", "propagated"])
+def test_the_compilers_see_the_node_values_the_first_compile_saw(values, monkeypatch):
+    """A rebuild gives each node the fake value AOTAutograd's graph had, made from
+    stored metadata; for an entry without them, fake propagation gives the same, and a
+    value for the output node, which AOTAutograd's graphs have none for."""
+    torch.manual_seed(0)
+    start = Net()
+    backend = Storing(values=values)
+    model = copy.deepcopy(start)
+    _train(model, torch.compile(model, backend=backend), steps=1)
+    first, backend.seen = backend.seen, []
+    stored = json.loads(backend.stored[0][0])["values"]
+    assert (stored[0] is not None and stored[1] is not None) == values
+    if values:  # made from metadata: no propagation through the graph
+        monkeypatch.setattr(aot, "FakeTensorProp", None)
+    backend.again()
+    model = copy.deepcopy(start)
+    _train(model, torch.compile(model, backend=backend), steps=1)
+    assert backend.rebuilt == 1
+    if not values:
+        first = [[n for n in graph if n[0] != "output"] for graph in first]
+        backend.seen = [[n for n in graph if n[0] != "output"] for graph in backend.seen]
+    assert len(first) == 2 and backend.seen == first
+
+
+def test_node_values_read_back_as_written():
+    gm = _traced()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(torch.randn(2, 3), torch.randn(2, 3))
+    doc = json.loads(json.dumps(fx_codec.encode_values(gm.graph)))
+    read = fx_codec.read_values(doc, aot.TensorMeta, aot.ABSENT)
+    assert len(read) == len(gm.graph.nodes)
+    def meta(value: Any) -> Any:
+        if isinstance(value, aot.TensorMeta):
+            return (tuple(value.shape), tuple(value.stride), value.dtype, value.device,
+                    value.requires_grad)
+        if isinstance(value, (list, tuple)):
+            return type(value)(meta(v) for v in value)
+        return "absent" if value is aot.ABSENT else value
+
+    assert any(isinstance(v, list) for v in read)  # split's list of tensors
+    for node, value in zip(gm.graph.nodes, read):
+        assert meta(value) == _value_meta(node.meta.get("val", "absent")), node.name
+    with pytest.raises(fx_codec.BadGraph):
+        fx_codec.read_values([{"val": {"tensor": {"shape": [2]}}}], aot.TensorMeta, aot.ABSENT)
 
 
 def test_a_non_leaf_input_without_gradient_is_detached_as_aotautograd_does():

@@ -50,7 +50,7 @@ from .store import PREAMBLE, Store
 log = logging.getLogger(__name__)
 
 #: Bump when what an entry holds, or how it is read, changes.
-ENTRY_FORMAT = 1
+ENTRY_FORMAT = 2
 _MAGIC = b"SFXAOTG\0"
 warn_once = WarnOnce(log)
 
@@ -146,6 +146,8 @@ def encode_entry(captured: aot.Captured) -> bytes:
             "backward": (None if captured.backward is None
                          else fx_codec.encode_graph(captured.backward, blobs)),
             "backward_inputs": [fx_codec.tensor_spec(t) for t in captured.backward_inputs],
+            "forward_values": _values(captured.forward),
+            "backward_values": None if captured.backward is None else _values(captured.backward),
             "detach": list(captured.detach),
         }
     except fx_codec.Unencodable as e:
@@ -153,6 +155,18 @@ def encode_entry(captured: aot.Captured) -> bytes:
     header["blob_lengths"] = [len(b) for b in blobs]
     raw = dumps(header).encode("utf-8")
     return b"".join([PREAMBLE.pack(_MAGIC, ENTRY_FORMAT, len(raw)), raw, *blobs])
+
+
+def _values(gm: torch.fx.GraphModule) -> list[Any] | None:
+    """The graph's node values as stored, or None (a restart propagates fakes instead)."""
+    try:
+        return fx_codec.encode_values(gm.graph)
+    except fx_codec.Unencodable:
+        return None
+
+
+def _read_values(doc: Any) -> list[Any] | None:
+    return None if doc is None else fx_codec.read_values(doc, aot.TensorMeta, aot.ABSENT)
 
 
 def _split(payload: bytes) -> tuple[dict[str, Any], list[bytes]]:
@@ -191,6 +205,8 @@ def decode_entry(payload: bytes) -> aot.Artifacts:
         backward=None if backward is None else fx_codec.decode_graph(backward, blobs),
         backward_inputs=[fx_codec.read_tensor_spec(s)[:4] for s in specs],
         detach=[int(i) for i in detach],
+        forward_values=_read_values(header.get("forward_values")),
+        backward_values=_read_values(header.get("backward_values")),
     )
 
 

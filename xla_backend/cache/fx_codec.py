@@ -15,7 +15,7 @@ symbolic size) raises ``Unencodable``, and the graph is simply not stored.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -160,6 +160,52 @@ def read_tensor_spec(spec: Any) -> tuple[list[int], list[int], torch.dtype, torc
     except (RuntimeError, TypeError) as e:
         raise BadGraph(f"bad device in {spec!r}") from e
     return shape, stride, dtype, device, bool(spec.get("requires_grad"))
+
+
+def _val(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {"tensor": tensor_spec(value)}
+    if isinstance(value, (list, tuple)):
+        return {"tuple" if isinstance(value, tuple) else "list": [_val(v) for v in value]}
+    return _value(value, {})
+
+
+def encode_values(graph: torch.fx.Graph) -> list[Any]:
+    """Each node's ``meta["val"]`` as JSON, in node order: tensors by their metadata (no
+    data), null where a node has none. Unencodable for a symbolic size or value.
+
+    A graph read back without them needs fake-tensor propagation over every node
+    before the rewrites can run, which costs more than making fakes from these.
+    """
+    return [{"val": _val(n.meta["val"])} if "val" in n.meta else None for n in graph.nodes]
+
+
+def _read_val(item: Any, make_tensor: Callable[..., Any]) -> Any:
+    if isinstance(item, dict) and len(item) == 1:
+        (tag, body), = item.items()
+        if tag == "tensor":
+            return make_tensor(*read_tensor_spec(body))
+        if tag in ("list", "tuple") and isinstance(body, list):
+            values = [_read_val(v, make_tensor) for v in body]
+            return values if tag == "list" else tuple(values)
+    return _read_value(item, {})
+
+
+def read_values(doc: Any, make_tensor: Callable[..., Any], absent: Any) -> list[Any]:
+    """What ``encode_values`` wrote, each tensor as ``make_tensor(shape, stride, dtype,
+    device, requires_grad)`` and ``absent`` for a node without a value; BadGraph if
+    malformed."""
+    if not isinstance(doc, list):
+        raise BadGraph("bad node values")
+    out = []
+    for item in doc:
+        if item is None:
+            out.append(absent)
+        elif isinstance(item, dict) and set(item) == {"val"}:
+            out.append(_read_val(item["val"], make_tensor))
+        else:
+            raise BadGraph(f"bad node value {item!r}")
+    return out
 
 
 def encode_graph(gm: torch.nn.Module, blobs: list[bytes],
