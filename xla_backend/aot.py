@@ -45,6 +45,8 @@ from torch._guards import TracingContext
 from torch.fx.experimental.symbolic_shapes import SymIntEqByExpr
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from .dynamo import grad_scaler
+
 log = logging.getLogger(__name__)
 
 #: Bump when what ``Captured.meta`` holds, or how it is read back, changes.
@@ -424,7 +426,16 @@ def _complete(captured: Captured, on_captured: Callable[[Captured], None]) -> No
 
 def _calling_convention(compiled_fn: Callable, params_buffers_flat: list[Any]) -> Callable:
     def forward(*runtime_args: Any) -> Any:
-        return compiled_fn([*params_buffers_flat, *runtime_args])
+        mask = grad_scaler.active_mask()
+        if mask is None:
+            return compiled_fn([*params_buffers_flat, *runtime_args])
+        # a masked GradScaler step: credit the in-place updates made in this call
+        args = [*params_buffers_flat, *runtime_args]
+        versions = [a._version if isinstance(a, torch.Tensor) else None for a in args]
+        try:
+            return compiled_fn(list(args))
+        finally:
+            mask.credit(args, versions)
 
     return torch._dynamo.disable(forward, reason="AOT-compiled graph")
 

@@ -23,6 +23,7 @@ from passes import pipeline as pass_pipeline
 from . import aot, counters, rewrites, warn_once
 from . import options as options_mod
 from .device import configure_pjrt, cpu_client
+from .dynamo import grad_scaler
 from .dynamo import scope as dynamo_scope
 from .errors import DeviceMismatchError, UnsupportedOnXla
 from .rewrites.norms import norm_decompositions
@@ -131,6 +132,7 @@ class SyncfreeXla:
         """Compiles one Dynamo graph. ``options`` comes from ``torch.compile(options=...)``."""
         opts = options_mod.resolve(options)
         counters.incr(counters.GRAPHS_RECEIVED)
+        grad_scaler.graph_compiling()
         check_input_devices(gm, example_inputs)
         check_dense_gradients(gm)
         for observer in list(OBSERVERS):

@@ -22,6 +22,10 @@ STEPS_JOINED = "steps_joined"
 GRAPHS_JOINED = "graphs_joined"
 # joined steps that a host read or a host op ran in more than one execution
 STEPS_CUT = "steps_cut"
+# Masked GradScaler steps undone from a lazy snapshot of the optimizer's tensors: its
+# first masked step after the stock one failed the check, or its steps change them
+# other than through compiled input updates (``dynamo.grad_scaler``). 0 per step otherwise.
+GRAD_SCALER_SNAPSHOTS = "grad_scaler_snapshots"
 HOST_TRANSFERS_TO_DEVICE = "host_to_device_transfers"
 DEVICE_TO_HOST_TRANSFERS = "device_to_host_transfers"
 COMPILE_SECONDS = "compile_seconds"

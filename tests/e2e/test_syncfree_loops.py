@@ -241,11 +241,15 @@ def test_loop_b_grad_scaler_skips_on_device(xla, opt_name):
         want.append(workloads.train_step_amp(reference, ref_opt, ref_scaler,
                                              *_amp_batch(work, i, "cpu")))
         scales.append(ref_scaler.get_scale())
+        snapshots.append(counters.counter(counters.GRAD_SCALER_SNAPSHOTS))
 
+    snapshots: list[float] = []
     window, frames = _warm_then_measure(one)
     assert window.counts.transfers_to_host == 0, window.counts
     assert window.counts.compiles == 0, window.counts
     assert frames == 0, f"Dynamo traced {frames} more graphs after warm-up"
+    # after warm-up every masked step ran its graphs' masked twins, with no snapshot
+    assert snapshots[-1] == snapshots[WARMUP - 1], snapshots
     # the reference backs off at each bad step and grows within the measured steps
     for i in BAD_STEPS:
         assert scales[i] == scales[i - 1] / 2, f"step {i}: {scales}"
@@ -259,6 +263,85 @@ def test_loop_b_grad_scaler_skips_on_device(xla, opt_name):
                                rtol=RTOL, atol=RTOL * 0.1)
     assert_same_state(model, reference, rtol=RTOL)
     _check_state_dict_loads_eagerly(opt, ref_opt, make, flags, reference)
+
+
+class _MomentumWithEagerDecay(torch.optim.Optimizer):
+    """SGD with momentum whose ``eager_decay`` path shrinks the weights in a function
+    Dynamo does not compile: an in-place change that no compiled graph makes."""
+
+    def __init__(self, params, lr: float = 0.05) -> None:
+        super().__init__(params, {"lr": lr})
+        self.eager_decay = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(p)
+                state["momentum"].mul_(0.9).add_(p.grad)
+                p.add_(state["momentum"], alpha=-group["lr"])
+        if self.eager_decay:
+            _decay([p for g in self.param_groups for p in g["params"]])
+
+
+@torch._dynamo.disable
+def _decay(params: list[torch.Tensor]) -> None:
+    for p in params:
+        p.mul_(0.999)
+
+
+def _eager_decay_run(xla, schedule: list[bool], bad: set[int]):
+    """Trains the compiled loop B and its eager CPU twin, ``eager_decay`` set per step
+    from ``schedule``; the steps in ``bad`` see an inf input. Returns a step runner."""
+    work = workloads.get_workload("mlp")
+    model, reference = twin(work.build_model(), xla)
+    opt = _MomentumWithEagerDecay(model.parameters())
+    ref_opt = _MomentumWithEagerDecay(reference.parameters())
+    scaler = workloads.make_grad_scaler(xla, init_scale=2.0**8)
+    ref_scaler = workloads.make_grad_scaler("cpu", init_scale=2.0**8)
+    compiled = torch.compile(workloads.train_step_amp, backend="syncfree_xla")
+
+    def one(i: int) -> None:
+        opt.eager_decay = ref_opt.eager_decay = schedule[i]
+        x, y = work.make_batch(i)
+        if i in bad:
+            x[0, 0] = float("inf")
+        compiled(model, opt, scaler, x.to(xla), y.to(xla))
+        workloads.train_step_amp(reference, ref_opt, ref_scaler, x, y)
+
+    return one, model, reference
+
+
+def test_a_changed_step_path_that_compiles_is_undone_from_a_snapshot(xla, caplog):
+    """Step 3 takes a path never compiled before, which changes the weights outside
+    any compiled graph, and is skipped: the compile snapshots first, so the skip is
+    exact, and the optimizer snapshots on every step after."""
+    one, model, reference = _eager_decay_run(xla, [False] * 3 + [True] * 5, bad={3, 6})
+    for i in range(3):
+        one(i)
+    snapshots = counters.counter(counters.GRAD_SCALER_SNAPSHOTS)
+    one(3)
+    assert counters.counter(counters.GRAD_SCALER_SNAPSHOTS) == snapshots + 1
+    assert "later steps snapshot them again" in caplog.text
+    for i in range(4, 8):
+        one(i)
+    assert counters.counter(counters.GRAD_SCALER_SNAPSHOTS) == snapshots + 5
+    assert_same_state(model, reference, rtol=RTOL)
+
+
+def test_a_skipped_step_that_cannot_be_undone_raises(xla):
+    """The decaying path was compiled (step 1) before the plain one checked out again
+    (step 2); taking it again compiles nothing, so there is no snapshot to undo its
+    change from when that step must be skipped: the step says so."""
+    one, _, _ = _eager_decay_run(xla, [False, True, False, True], bad={3})
+    for i in range(3):
+        one(i)
+    with pytest.raises(RuntimeError, match="cannot be undone"):
+        one(3)
 
 
 @torch._dynamo.disable

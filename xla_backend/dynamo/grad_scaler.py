@@ -7,20 +7,46 @@ runs eagerly (on lazy XLA tensors) between our graphs. While one of our compiled
 functions runs, GradScaler._maybe_opt_step is swapped for a branch-free twin: take
 the step, then keep every parameter and state tensor's old value where found_inf is
 set. Same results, decided on the device.
+
+How the old values are kept, per optimizer:
+
+* Every GradScaler step is checked: did every change to the optimizer's parameters
+  and state come from an input update of our compiled graphs? The runtime reports
+  each update it makes (:func:`active_mask`), and a tensor's version counter counts
+  every change. The first step (stock: the state does not exist yet, so it decides on
+  the host) is checked too.
+* Once a step checked out, later steps take no snapshot: the runtime runs each graph
+  that updates inputs as a masked twin (``lower.split.masked``) that writes
+  ``where(found_inf, old, new)``, so undoing a skipped step costs no host op per tensor.
+* Otherwise a step snapshots every tensor it may change (a lazy clone each) and puts
+  them back where found_inf is set. So does a checked optimizer's step that compiles a
+  graph (code not checked yet), from that moment on. Should a step of a checked
+  optimizer change a tensor some other way without compiling (a cached path that was
+  never checked), the optimizer goes back to snapshots; if that very step was one to
+  skip, its change cannot be undone, and the step raises rather than train on a
+  wrong value.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch._dynamo
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from .. import counters
 from . import step_counters
 
-__all__ = ["OBSERVERS", "masked_maybe_opt_step", "masked_step"]
+log = logging.getLogger(__name__)
+
+__all__ = ["OBSERVERS", "WriteBackMask", "active_mask", "graph_compiling", "masked_maybe_opt_step",
+           "masked_step"]
 
 
 @contextlib.contextmanager
@@ -77,28 +103,165 @@ def _notify_grad_scaler_step(optimizer: torch.optim.Optimizer, masked: bool) -> 
         observer(optimizer, masked)
 
 
-# The snapshot and the revert run eagerly (lazy XLA ops, no transfer): Dynamo would
-# otherwise compile them as frames of their own, and our lowering may hand back a
-# graph's input tensor as its ``clone()`` output, so the snapshot would be the
-# parameter itself.
+class WriteBackMask:
+    """What the runtime does to the inputs a compiled graph updates during a masked step.
+
+    ``skip``: found_inf as a 0-d bool on the device; each update is written as
+    ``where(skip, old, new)``. None while the step is checked but not trusted (the
+    snapshot undoes it). The runtime reports each tensor it updates (:meth:`wrote`), and
+    the compiled call around it (``aot``) credits that tensor with every version-counter
+    bump the call made: its own update, and the one AOTAutograd adds for autograd.
+    """
+
+    def __init__(self, skip: torch.Tensor | None) -> None:
+        self.skip = skip
+        self.on_compile: Callable[[], None] | None = None
+        self._bumps: dict[int, int] = {}
+        self._written: set[int] = set()
+
+    def select(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """The value to write: ``new``, or ``old`` where the step is skipped (lazy)."""
+        if self.skip is None:
+            return new
+        with torch.no_grad():
+            return torch.where(self.skip, old, new)
+
+    def wrote(self, t: torch.Tensor) -> None:
+        """The runtime updated ``t`` through :meth:`select`."""
+        self._written.add(id(t))
+
+    def credit(self, args: list[Any], versions: list[int | None]) -> None:
+        """After one compiled call on ``args`` (their versions before it): credits the
+        bumps of the tensors the runtime updated in it. Any other change goes uncredited."""
+        for a, v in zip(args, versions):
+            if v is not None and id(a) in self._written:
+                self._bumps[id(a)] = self._bumps.get(id(a), 0) + a._version - v
+        self._written.clear()
+
+    def bumps(self, t: torch.Tensor) -> int:
+        return self._bumps.get(id(t), 0)
+
+
+_active = threading.local()
+
+
+def active_mask() -> WriteBackMask | None:
+    """The mask of the masked optimizer step running on this thread, if any."""
+    return getattr(_active, "mask", None)
+
+
+#: Optimizers whose masked steps changed their tensors only through our runtime's input
+#: updates (see the module docstring): their steps run without a snapshot.
+_trusted: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+
+
+class _Masked:
+    """One GradScaler step in flight: what it may change, and how to undo it.
+
+    ``skip`` None: the stock step (the first), which decides on the host and masks
+    nothing; it is still checked, so the next step can already run without a snapshot.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, tensors: list[torch.Tensor],
+                 skip: torch.Tensor | None) -> None:
+        self.optimizer = optimizer
+        self.tensors = tensors
+        self.skip = skip
+        # every tensor the optimizer holds now; one created by the step starts at 0
+        self.versions = {id(t): t._version for t in _held_tensors(optimizer)}
+        self.old: list[torch.Tensor] | None = None
+        trusted = skip is not None and optimizer in _trusted
+        if skip is not None and not trusted:
+            self._snapshot()
+        self.mask = WriteBackMask(skip if trusted else None)
+        self.mask.on_compile = self._compiling
+        self.lost = False  # changed other than by our updates before a late snapshot
+
+    def _snapshot(self) -> None:
+        counters.incr(counters.GRAD_SCALER_SNAPSHOTS)
+        with unset_fake_temporarily(), torch.no_grad():
+            self.old = [t.detach().clone() for t in self.tensors]
+
+    def _compiling(self) -> None:
+        """A graph compiles during a trusted step: code not checked before may run from
+        here, so the step is undone from a snapshot taken now, as an untrusted one is."""
+        if self.old is None and self.skip is not None:
+            self.lost = not self.accounted()
+            self._snapshot()
+
+    def accounted(self) -> bool:
+        """Whether every change to the step's tensors was an update our runtime reported."""
+        now = _step_tensors(self.optimizer)
+        if not now or (self.tensors and [id(t) for t in now] != [id(t) for t in self.tensors]):
+            return False
+        return all(t._version - self.versions.get(id(t), 0) == self.mask.bumps(t) for t in now)
+
+
+def _held_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            yield p
+            for v in optimizer.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor):
+                    yield v
+
+
+def graph_compiling() -> None:
+    """Told by the backend as each Dynamo graph arrives (see :meth:`_Masked._compiling`)."""
+    mask = active_mask()
+    if mask is not None and mask.on_compile is not None:
+        mask.on_compile()
+
+
+# The helpers below run eagerly (lazy XLA ops, no transfer): Dynamo would otherwise
+# compile them as frames of their own, and our lowering may hand back a graph's input
+# tensor as its ``clone()`` output, so the snapshot would be the parameter itself.
 @torch._dynamo.disable
-def _snapshot(optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any]
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None:
+def _begin(optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any]) -> _Masked:
     tensors = _step_tensors(optimizer)
-    if not tensors:
-        return None
-    device = tensors[0].device
-    with torch.no_grad():
-        found = [v.to(device) for v in optimizer_state["found_inf_per_device"].values()]
-        skip = torch.stack(found).sum() > 0
-        return tensors, [t.detach().clone() for t in tensors], skip
+    _notify_grad_scaler_step(optimizer, masked=bool(tensors))
+    skip = None
+    if tensors:
+        device = tensors[0].device
+        with torch.no_grad():
+            found = [v.to(device) for v in optimizer_state["found_inf_per_device"].values()]
+            skip = torch.stack(found).sum() > 0
+    masked = _Masked(optimizer, tensors or [], skip)
+    _active.mask = masked.mask
+    return masked
 
 
 @torch._dynamo.disable
-def _revert(tensors: list[torch.Tensor], old: list[torch.Tensor], skip: torch.Tensor) -> None:
-    with torch.no_grad():
-        for t, o in zip(tensors, old):
-            t.copy_(torch.where(skip, o, t))
+def _deactivate() -> None:
+    _active.mask = None
+
+
+@torch._dynamo.disable
+def _finish(masked: _Masked) -> None:
+    """Undoes a skipped step, and decides whether the next ones need a snapshot."""
+    accounted = masked.accounted()
+    if masked.old is not None:
+        with torch.no_grad():
+            for t, o in zip(masked.tensors, masked.old):
+                t.copy_(torch.where(masked.skip, o, t))
+    if accounted:
+        _trusted.add(masked.optimizer)
+        return
+    if masked.optimizer not in _trusted:
+        return
+    _trusted.discard(masked.optimizer)
+    name = type(masked.optimizer).__name__
+    log.warning("syncfree_xla: a GradScaler step of %s changed its tensors other than "
+                "through a compiled graph's input updates; its later steps snapshot them "
+                "again to undo a skip", name)
+    if (masked.old is None or masked.lost) and bool(masked.skip):  # a host read, rarely
+        raise RuntimeError(
+            f"syncfree_xla: GradScaler skipped this step of {name} (its gradients held an "
+            f"inf or a NaN), but the step changed its parameters or state other than "
+            f"through a compiled graph's input updates, so the skip cannot be undone and "
+            f"those tensors now hold the skipped step's values. Earlier steps of the same "
+            f"optimizer did not do that; the step's code must have changed. Later steps "
+            f"snapshot their tensors again.")
 
 
 @torch._dynamo.disable(recursive=False)  # optimizer.step() inside is still compiled
@@ -114,12 +277,15 @@ def masked_maybe_opt_step(self: Any, optimizer: torch.optim.Optimizer,
     """
     flipped = step_counters.device_step_counters(optimizer)
     try:
-        snapshot = _snapshot(optimizer, optimizer_state)
-        _notify_grad_scaler_step(optimizer, masked=snapshot is not None)
-        if snapshot is None:
-            return _STOCK_MAYBE_OPT_STEP(self, optimizer, optimizer_state, *args, **kwargs)
-        retval = optimizer.step(*args, **kwargs)
-        _revert(*snapshot)
+        masked = _begin(optimizer, optimizer_state)
+        try:
+            if masked.skip is None:
+                retval = _STOCK_MAYBE_OPT_STEP(self, optimizer, optimizer_state, *args, **kwargs)
+            else:
+                retval = optimizer.step(*args, **kwargs)
+        finally:
+            _deactivate()
+        _finish(masked)
         return retval
     finally:
         step_counters.restore_capturable(flipped)

@@ -12,6 +12,7 @@ This module knows FX and torch devices only; nothing here touches torch_xla.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,6 +233,54 @@ def split(gm: torch.fx.GraphModule) -> SplitGraph:
         output_is_sequence=is_seq,
         scalar_inputs=[index_of[n] for n in placeholders if kinds[n] == SCALAR],
     )
+
+
+def masked(split_: SplitGraph, skip_index: int) -> SplitGraph | None:
+    """``split_`` with one more input, a 0-d bool ``skip`` (argument ``skip_index``), whose
+    device input updates each become ``where(skip, old, new)``: undone where skip is set.
+
+    What a masked GradScaler step runs (``dynamo.grad_scaler``), so that undoing a skipped
+    step costs no host op per tensor. The masked values are new outputs: a user output
+    that is also an update's value stays unmasked, as the plain graph returns it. None
+    when an update's tensors have no fake value to make the new nodes' values from.
+    """
+    gm = split_.device
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    outputs = list(graph.graph_copy(gm.graph, env))
+    placeholders = [env[n] for n in gm.graph.nodes if n.op == "placeholder"]
+    arg_node = {index: placeholders[k]
+                for k, (kind, index) in enumerate(split_.device_inputs) if kind == "arg"}
+    pairs = [(a, arg_node.get(a), outputs[o]) for a, o in split_.device_mutations.items()]
+    if not pairs or not all(isinstance(_val(old), torch.Tensor)
+                            and isinstance(_val(new), torch.Tensor) for _, old, new in pairs):
+        return None  # an update that does not read its old value: no placeholder for it
+    fake_mode = torch._guards.detect_fake_mode([_val(old) for _, old, _ in pairs])
+    if fake_mode is None:
+        return None
+    with graph.inserting_after(placeholders[-1]):
+        skip = graph.placeholder("found_inf")
+    with fake_mode:
+        skip.meta["val"] = torch.empty((), dtype=torch.bool, device=_val(pairs[0][1]).device)
+    # The old values are cloned before any node runs: torch_xla's functional
+    # ``aten.copy(self, src)`` also writes ``src`` into ``self`` as it traces.
+    olds: list[torch.fx.Node] = []
+    with graph.inserting_after(skip):
+        for _, old, _ in reversed(pairs):
+            olds.insert(0, graph.call_function(torch.ops.aten.clone.default, (old,)))
+            olds[0].meta["val"] = _val(old)
+    mutations: dict[int, int] = {}
+    for (arg_index, _, new), old in zip(pairs, olds):
+        node = graph.call_function(torch.ops.aten.where.self, (skip, old, new))
+        with fake_mode:
+            node.meta["val"] = torch.where(skip.meta["val"], _val(old), _val(new))
+        mutations[arg_index] = len(outputs)
+        outputs.append(node)
+    graph.output(tuple(outputs))
+    return dataclasses.replace(
+        split_, device=torch.fx.GraphModule(gm, graph),
+        device_inputs=[*split_.device_inputs, ("arg", skip_index)],
+        device_mutations=mutations)
 
 
 def _copy_nodes(

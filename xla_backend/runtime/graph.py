@@ -9,6 +9,8 @@ Each later call hands the real device buffers straight to the compiled executabl
 Mutated inputs are returned as extra outputs and the caller's tensors are rebound to
 the new device buffers, so the next computation reads them without an extra execution.
 CPU-side pieces (optimizer step counters) run eagerly on the host; see ``lower.split``.
+During a masked GradScaler step (``dynamo.grad_scaler``) a graph that updates inputs
+runs as its masked twin instead, which keeps each old value where found_inf is set.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .. import counters, spmd, xla_internals
 from ..cache import graph_cache
+from ..dynamo import grad_scaler
 from ..errors import DeviceMismatchError
 from ..lower.executable import (
     Computed,
@@ -34,7 +37,7 @@ from ..lower.executable import (
     placeholder_tensor,
     trace_lock,
 )
-from ..lower.split import OutputSlot, SplitGraph, split
+from ..lower.split import OutputSlot, SplitGraph, masked, split
 from ..lower.trace import OpsFellBackInTrace, trace
 from ..options import Options, resolve
 from . import compile_pool, step
@@ -62,13 +65,15 @@ def _signature(args: Sequence[Any], positions: Sequence[int], sharded: bool = Fa
 
 def trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
                       device: torch.device, options: Options | None = None,
-                      pinned: dict[int, int] | None = None) -> Executable:
+                      pinned: dict[int, int] | None = None, compile_now: bool = True
+                      ) -> Executable:
     """A stored entry for this graph and inputs, else a trace that is stored; then a compile.
 
     A hit skips tracing and HLO lowering; on CPU the XLA compile itself still runs. The
     compile runs on the runtime's pool and ``exe.ready`` says when it is done. With
     ``join_graphs`` the graph compiles as part of its step instead, so nothing is
-    compiled here (:func:`start_compile` does it if the graph ever runs alone).
+    compiled here (:func:`start_compile` does it if the graph ever runs alone); nor
+    without ``compile_now``.
     """
     options = options if options is not None else resolve(None)
     found = graph_cache.lookup(device_gm, inputs, device, options, pinned)
@@ -81,7 +86,7 @@ def trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
     # a computation that reads no buffer cannot be a lazy node of its own: it runs alone;
     # before joining starts, graphs run alone too (the first step, see ``step``)
     joins_later = options.join_graphs and exe.hlo_params and step.joiner.started
-    if to_compile and exe.ready is None and not joins_later:
+    if to_compile and exe.ready is None and compile_now and not joins_later:
         exe.ready = compile_pool.compile_once(
             _hash_key(exe.graph_hash), lambda: _compile_and_release(to_compile),
             options.resolved_compile_threads())
@@ -193,14 +198,21 @@ def _write_back(t: torch.Tensor, value: torch.Tensor, through: bool) -> None:
 class LoweredGraph:
     """A boxed callable (takes a list of args) that runs an aten graph on XLA."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                 name: str = "graph", options: Options | None = None) -> None:
+    def __init__(self, gm: torch.fx.GraphModule | SplitGraph, example_inputs: Sequence[Any],
+                 name: str = "graph", options: Options | None = None,
+                 twin: bool = False) -> None:
+        """``gm``: an aten graph, or one already split. ``twin``: this is the masked
+        twin of another graph (see :meth:`_masked_variant`)."""
         self.name = name
         self._options = options  # where and whether the graph cache keeps entries
         resolved = options if options is not None else resolve(None)
         self._async_dispatch = resolved.async_dispatch
         self._join = resolved.join_graphs
-        self._split: SplitGraph = split(gm)
+        self._split: SplitGraph = gm if isinstance(gm, SplitGraph) else split(gm)
+        self._twin = twin  # made ahead of need: compiled when it first runs alone
+        # the twin a masked GradScaler step runs: False until made, None if none
+        self._masked: LoweredGraph | bool | None = (
+            False if self._split.device_mutations and not twin else None)
         self._device = torch_xla.device()
         self._executables: dict[tuple, Executable] = {}
         self._compile_lock = threading.Lock()
@@ -214,6 +226,12 @@ class LoweredGraph:
             i for kind, i in self._split.device_inputs if kind == "cpu_arg"
         ] + self._split.scalar_inputs
         self._prepare(list(example_inputs))
+        if self._masked is False and grad_scaler.active_mask() is not None \
+                and not any_symbolic(example_inputs):
+            # compiled inside a masked GradScaler step: its masked twin is needed next
+            with unset_fake_temporarily():
+                skip = torch.zeros((), dtype=torch.bool, device=self._device)
+            self._masked_variant(list(example_inputs), skip)
 
     def _prepare(self, examples: list[Any]) -> None:
         """Traces for the example inputs now and starts their compile on the pool.
@@ -259,7 +277,8 @@ class LoweredGraph:
                 try:
                     with unset_fake_temporarily():
                         exe = trace_and_compile(self._split.device, inputs, self._device,
-                                                self._options, self._pinned)
+                                                self._options, self._pinned,
+                                                compile_now=not self._twin)
                 except OpsFellBackInTrace as exc:
                     if not at_call:
                         raise  # at compile time the caller partitions the graph instead
@@ -281,7 +300,24 @@ class LoweredGraph:
                     f"compiled for the XLA device; move it with .to(torch_xla.device())"
                 )
 
+    def _masked_variant(self, args: list[Any], skip: torch.Tensor) -> LoweredGraph | None:
+        """This graph with its input updates undone where ``skip`` is set, made once."""
+        if self._masked is False:
+            with self._compile_lock:
+                variant = masked(self._split, len(args))
+            self._masked = None if variant is None else LoweredGraph(
+                variant, [*args, skip], f"{self.name} (masked)", self._options, twin=True)
+        return self._masked if isinstance(self._masked, LoweredGraph) else None
+
     def __call__(self, args: list[Any]) -> Any:
+        mask = grad_scaler.active_mask() if self._masked is not None else None
+        if mask is not None and mask.skip is not None:
+            variant = self._masked_variant(args, mask.skip)
+            if variant is not None:
+                result = variant([*args, mask.skip])
+                for arg_index in self._split.device_mutations:
+                    mask.wrote(args[arg_index])
+                return result
         self._check_devices(args)
         # inputs updated in place that are views: written through, checked first
         views = {i for i in self._split.device_mutations if args[i]._is_view()}
@@ -332,9 +368,14 @@ class LoweredGraph:
             for v in exe.output_values
         ]
         for arg_index, out_index in split_.device_mutations.items():
+            t, value = args[arg_index], device_results[out_index]
             # joined: written through, so the step's one sync can donate the old buffer
-            _write_back(args[arg_index], device_results[out_index],
-                        through=arg_index in views or joined)
+            through = arg_index in views or joined
+            if mask is None:
+                _write_back(t, value, through)
+                continue
+            _write_back(t, mask.select(t, value), through)
+            mask.wrote(t)
         if joined:
             step.joiner.after(id(self), self.name, self._device, wait=not self._async_dispatch)
         outs = [self._output(slot, args, host_values, device_results) for slot in split_.outputs]
