@@ -304,9 +304,11 @@ class LoweredGraph:
         """This graph with its input updates undone where ``skip`` is set, made once."""
         if self._masked is False:
             with self._compile_lock:
-                variant = masked(self._split, len(args))
-            self._masked = None if variant is None else LoweredGraph(
-                variant, [*args, skip], f"{self.name} (masked)", self._options, twin=True)
+                if self._masked is False:
+                    variant = masked(self._split, len(args))
+                    self._masked = None if variant is None else LoweredGraph(
+                        variant, [*args, skip], f"{self.name} (masked)", self._options,
+                        twin=True)
         return self._masked if isinstance(self._masked, LoweredGraph) else None
 
     def __call__(self, args: list[Any]) -> Any:
