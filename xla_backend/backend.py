@@ -23,7 +23,7 @@ from passes import pipeline as pass_pipeline
 from . import aot, counters, rewrites, warn_once
 from . import options as options_mod
 from .device import configure_pjrt, cpu_client
-from .dynamo import grad_scaler
+from .dynamo import grad_scaler, interrupts
 from .dynamo import scope as dynamo_scope
 from .errors import DeviceMismatchError, UnsupportedOnXla
 from .rewrites.norms import norm_decompositions
@@ -133,6 +133,7 @@ class SyncfreeXla:
         opts = options_mod.resolve(options)
         counters.incr(counters.GRAPHS_RECEIVED)
         grad_scaler.graph_compiling()
+        interrupts.install()
         check_input_devices(gm, example_inputs)
         check_dense_gradients(gm)
         for observer in list(OBSERVERS):
@@ -199,6 +200,7 @@ class SyncfreeXla:
         warn_once.reset_all()
         pass_pipeline.reset()
         step.joiner.reset()
+        interrupts.uninstall()
 
 
 #: The backend instance the ``torch_dynamo_backends`` entry point names.

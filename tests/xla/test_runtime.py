@@ -114,6 +114,33 @@ def test_ctrl_c_stops_a_training_loop_promptly():
     assert "KeyboardInterrupt" in err
 
 
+def test_ctrl_c_that_lands_in_a_dynamo_guard_still_interrupts(xla, monkeypatch):
+    """torch 2.9 clears any exception a Python guard raises and recompiles the frame, so
+    Python's own handler would lose this KeyboardInterrupt (the loop above then trains
+    on; it did in about one run in thirty under load). SIGINT arrives here while every
+    frame's saved-tensors-hooks guard runs."""
+    hooks_module = torch._functorch._aot_autograd.utils
+    top_hooks, pressed = hooks_module.top_saved_tensors_hooks, []
+
+    def top_hooks_while_ctrl_c_is_pressed():
+        if pressed:
+            pressed.pop()
+            signal.raise_signal(signal.SIGINT)
+        return top_hooks()
+
+    monkeypatch.setattr(hooks_module, "top_saved_tensors_hooks", top_hooks_while_ctrl_c_is_pressed)
+    f = torch.compile(lambda x: torch.tanh(x) * 2, backend="syncfree_xla")
+    x = torch.ones(3, device=xla)
+    f(x)  # compiles; the frame's guard now calls the function above
+    received = xla_backend.stats()["graphs_received"]
+    pressed.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        f(x)
+    assert not pressed, "the guard ran with Ctrl-C pressed"
+    assert torch.equal(f(x).cpu(), torch.tanh(torch.ones(3)) * 2)
+    assert xla_backend.stats()["graphs_received"] == received, "the frame recompiled"
+
+
 def test_stats_report_waiting_and_how_far_the_host_ran_ahead(xla):
     f = torch.compile(lambda x: torch.tanh(x @ x) @ x, backend="syncfree_xla")
     x = torch.randn(256, 256, device=xla)
