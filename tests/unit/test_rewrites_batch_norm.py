@@ -1,4 +1,4 @@
-"""The running_var rewrite on CPU graphs, no XLA: the rewritten graph computes what
+"""The batch norm rewrites on CPU graphs, no XLA: the rewritten graph computes what
 eager's own batch norm kernel does, and the eager result is what torch_xla misses."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from xla_backend.rewrites.batch_norm_stats import UNBIASED_RUNNING_VAR
+from xla_backend.rewrites.low_precision_norms import LOW_PRECISION_NORMS
 
 aten = torch.ops.aten
 
@@ -47,3 +48,45 @@ def test_running_var_is_recomputed_like_eager(shape, momentum):
 def test_eval_mode_is_left_alone():
     gm = make_fx(_bn(False, 0.1), tracing_mode="fake")(*_inputs((4, 3)))
     assert not UNBIASED_RUNNING_VAR(gm).modified
+
+
+def _bn_backward(grad, x, weight, save_mean, save_invstd):
+    return aten.native_batch_norm_backward.default(
+        grad, x, weight, None, None, save_mean, save_invstd, True, 1e-5, [True, True, True])
+
+
+def _low_precision_cases():
+    x, weight, bias, mean, var = (t.to(torch.bfloat16) for t in _inputs((4, 3, 5)))
+    _, save_mean, save_invstd, _, _ = _bn(True, 0.1)(x, weight, bias, mean.clone(), var.clone())
+    grad = torch.randn_like(x)
+    return {
+        "forward": (_bn(True, 0.1), [x, weight, bias, mean, var]),
+        "backward": (_bn_backward, [grad, x, weight, save_mean, save_invstd]),
+    }
+
+
+@pytest.mark.parametrize("case", ["forward", "backward"])
+def test_bfloat16_batch_norm_runs_in_float32_with_the_traced_result_dtypes(case):
+    """The graph's own promise (meta values: float32 saved statistics) is kept, and the
+    values are eager's within bfloat16 rounding; torch_xla lowers the op in bfloat16
+    (see low_precision_norms)."""
+    fn, inputs = _low_precision_cases()[case]
+    gm = make_fx(fn, tracing_mode="fake")(*inputs)
+    promised = [n.meta["val"].dtype for n in gm.graph.find_nodes(op="output")[0].args[0]]
+    assert torch.bfloat16 in promised
+    assert LOW_PRECISION_NORMS(gm).modified
+    norms = [n for n in gm.graph.nodes if n.target in (
+        aten._native_batch_norm_legit_functional.default, aten.native_batch_norm_backward.default)]
+    assert len(norms) == 1
+    operand_dtypes = {a.meta["val"].dtype for a in norms[0].args
+                      if isinstance(a, torch.fx.Node) and a.meta["val"].is_floating_point()}
+    assert operand_dtypes == {torch.float32}
+    got, want = gm(*[t.clone() for t in inputs]), fn(*[t.clone() for t in inputs])
+    assert [g.dtype for g in got] == promised
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=1.6e-2, atol=1e-2)
+
+
+def test_float32_batch_norm_is_left_alone():
+    gm = make_fx(_bn(True, 0.1), tracing_mode="fake")(*_inputs((4, 3)))
+    assert not LOW_PRECISION_NORMS(gm).modified

@@ -13,6 +13,7 @@ from __future__ import annotations
 from passes.base import GraphPass
 
 from .batch_norm_stats import UNBIASED_RUNNING_VAR
+from .low_precision_norms import LOW_PRECISION_NORMS
 from .nan_semantics import NAN_SEMANTICS
 from .scaled_addmm import SCALED_ADDMM
 from .small_conv import SMALL_CONV_AS_MATMUL
@@ -21,13 +22,15 @@ from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 
 #: Rewrites run on every aten graph, in this order, before lowering; part of the
 #: graph-cache key through their names and versions. Promotion runs before the NaN
-#: rewrite, so that clamp's operands already share one dtype there.
+#: rewrite, so that clamp's operands already share one dtype there; batch norm widens
+#: to float32 before its running variance is recomputed, so that runs in float32 too.
 ATEN_REWRITES: tuple[GraphPass, ...] = (
     SCALED_ADDMM,
     zeros_for_empty_inputs,
     unsqueeze_0d_dims,
     promote_dtypes,
     NAN_SEMANTICS,
+    LOW_PRECISION_NORMS,
     UNBIASED_RUNNING_VAR,
 )
 
