@@ -151,3 +151,46 @@ def test_bfloat16_training_with_norms_matches_eager(xla, norm, precision):
     # bfloat16: one ulp is 0.4-0.8%, and a running mean sums a rounding per step (eager's
     # own is 1.5% off a float64 run of this test; the compiled one 0.7%)
     assert_same_state(model, reference, rtol=3e-2)
+
+
+class _TiedLM(torch.nn.Module):
+    """An output layer sharing the embedding's weight, as GPT-2 and nanoGPT have it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 32)
+        self.mix = torch.nn.Linear(32, 32)
+        self.head = torch.nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens)))).flatten(0, 1)
+
+
+def test_tied_weights_moved_as_the_readme_says_train_like_eager(xla):
+    """``model.to(xla)`` alone unties them (torch gives each module its own XLA
+    parameter); moved with swapped parameters, the one matrix gets both gradients."""
+    torch.manual_seed(0)
+    model = _TiedLM()
+    reference = _TiedLM()
+    reference.load_state_dict(model.state_dict())
+    was = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(xla)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(was)
+    assert model.head.weight is model.embed.weight
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 50, (4, 12), generator=g),
+                torch.randint(0, 50, (48,), generator=g)) for _ in range(10)]
+    got, want = train_both(
+        workloads.train_step,
+        lambda i: (model, opt, *(t.to(xla) for t in batches[i])),
+        lambda i: (reference, ref_opt, *batches[i]),
+        steps=10,
+    )
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
