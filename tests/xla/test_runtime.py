@@ -129,13 +129,18 @@ def test_ctrl_c_that_lands_in_a_dynamo_guard_still_interrupts(xla, monkeypatch):
         return top_hooks()
 
     monkeypatch.setattr(hooks_module, "top_saved_tensors_hooks", top_hooks_while_ctrl_c_is_pressed)
-    f = torch.compile(lambda x: torch.tanh(x) * 2, backend="syncfree_xla")
-    x = torch.ones(3, device=xla)
-    f(x)  # compiles; the frame's guard now calls the function above
-    received = xla_backend.stats()["graphs_received"]
-    pressed.append(True)
-    with pytest.raises(KeyboardInterrupt):
-        f(x)
+    # Python's own handler, as in a terminal (a job started in the background ignores SIGINT)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        f = torch.compile(lambda x: torch.tanh(x) * 2, backend="syncfree_xla")
+        x = torch.ones(3, device=xla)
+        f(x)  # compiles; the frame's guard now calls the function above
+        received = xla_backend.stats()["graphs_received"]
+        pressed.append(True)
+        with pytest.raises(KeyboardInterrupt):
+            f(x)
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert not pressed, "the guard ran with Ctrl-C pressed"
     assert torch.equal(f(x).cpu(), torch.tanh(torch.ones(3)) * 2)
     assert xla_backend.stats()["graphs_received"] == received, "the frame recompiled"
