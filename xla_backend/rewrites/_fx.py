@@ -1,14 +1,19 @@
-"""Node-building helpers the rewrites share: values from ``meta["val"]``, new calls with theirs."""
+"""Node-building helpers the rewrites share: values from ``meta["val"]``, new calls with
+theirs, and the pass that rewrites each call of some ops."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
+
+from passes.base import GraphPass, PassResult
 
 _COPIED_META = ("stack_trace", "nn_module_stack", "seq_nr")
 
@@ -33,3 +38,21 @@ def call(graph: torch.fx.Graph, like: torch.fx.Node, target: Any, args: tuple,
     with fake_mode or contextlib.nullcontext():
         node.meta["val"] = target(*vals_args, **vals_kwargs)
     return node
+
+
+def node_rewrite_pass(name: str, version: int, targets: Collection[Any],
+                      rewrite: Callable[[torch.fx.Graph, torch.fx.Node], bool],
+                      logger: logging.Logger, done: str) -> GraphPass:
+    """A pass that calls ``rewrite(graph, node)`` on each call of one of ``targets`` (it
+    says whether it changed the graph), and logs ``done`` when one did."""
+
+    def run(gm: torch.fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in targets:
+                modified |= rewrite(gm.graph, node)
+        if modified:
+            logger.debug(done)
+        return PassResult(gm, modified)
+
+    return GraphPass(name, version, run)

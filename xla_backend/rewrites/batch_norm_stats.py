@@ -20,9 +20,7 @@ import operator
 import torch
 import torch.fx
 
-from passes.base import GraphPass, PassResult
-
-from ._fx import call, meta_val
+from ._fx import call, meta_val, node_rewrite_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -59,17 +57,9 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     return True
 
 
-def _run(gm: torch.fx.GraphModule) -> PassResult:
-    modified = False
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is _BATCH_NORM:
-            modified |= _rewrite(gm.graph, node)
-    if modified:
-        log.debug("recomputed BatchNorm running_var with the unbiased batch variance")
-    return PassResult(gm, modified)
-
-
 #: The pass, for :data:`xla_backend.rewrites.ATEN_REWRITES`.
-UNBIASED_RUNNING_VAR = GraphPass("unbiased_running_var", 1, _run)
+UNBIASED_RUNNING_VAR = node_rewrite_pass(
+    "unbiased_running_var", 1, {_BATCH_NORM}, _rewrite, log,
+    "recomputed BatchNorm running_var with the unbiased batch variance")
 
 __all__ = ["UNBIASED_RUNNING_VAR"]

@@ -27,9 +27,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from passes.base import GraphPass, PassResult
-
-from ._fx import call, meta_val
+from ._fx import call, meta_val, node_rewrite_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -81,15 +79,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     return True
 
 
-def _run(gm: torch.fx.GraphModule) -> PassResult:
-    modified = False
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _NORM_OPS:
-            modified |= _rewrite(gm.graph, node)
-    if modified:
-        log.debug("batch norm on a low-precision input computed in float32")
-    return PassResult(gm, modified)
-
-
 #: The pass, for :data:`xla_backend.rewrites.ATEN_REWRITES`.
-LOW_PRECISION_NORMS = GraphPass("low_precision_norms", 1, _run)
+LOW_PRECISION_NORMS = node_rewrite_pass(
+    "low_precision_norms", 1, _NORM_OPS, _rewrite, log,
+    "batch norm on a low-precision input computed in float32")

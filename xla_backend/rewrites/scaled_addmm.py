@@ -18,9 +18,7 @@ import logging
 import torch
 import torch.fx
 
-from passes.base import GraphPass, PassResult
-
-from ._fx import call
+from ._fx import call, node_rewrite_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -58,17 +56,8 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     return True
 
 
-def _run(gm: torch.fx.GraphModule) -> PassResult:
-    modified = False
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is aten.addmm.default:
-            modified |= _rewrite(gm.graph, node)
-    if modified:
-        log.debug("rewrote addmm with beta/alpha as mm, mul and add")
-    return PassResult(gm, modified)
-
-
 #: The pass, for :data:`xla_backend.rewrites.ATEN_REWRITES`.
-SCALED_ADDMM = GraphPass("scaled_addmm", 1, _run)
+SCALED_ADDMM = node_rewrite_pass("scaled_addmm", 1, {aten.addmm.default}, _rewrite, log,
+                                 "rewrote addmm with beta/alpha as mm, mul and add")
 
 __all__ = ["SCALED_ADDMM"]
