@@ -124,10 +124,10 @@ def _low_precision_step(model, opt, x, y, autocast_device=None):
 def test_bfloat16_training_with_norms_matches_eager(xla, norm, precision):
     """A bfloat16 model, or bfloat16 autocast, through each norm's forward and backward.
     torch_xla lowers batch norm (which all three reach) in the input's dtype: its saved
-    statistics come out bfloat16 where eager's are float32, and its backward fails XLA's
-    verifier on float32 statistics next to a bfloat16 input. (No bias before the norm:
-    batch norm cancels it, and AdamW turns its zero gradient's rounding noise into
-    lr-sized steps no two implementations share.)"""
+    statistics come out bfloat16 where the traced graph has float32, and its backward
+    fails XLA's verifier on float32 statistics next to a bfloat16 input. (No bias before
+    the norm: batch norm cancels it, and AdamW turns its zero gradient's rounding noise
+    into lr-sized steps no two implementations share.)"""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 64, bias=False), NORMS[norm](), torch.nn.GELU(),
                               torch.nn.Linear(64, 4))

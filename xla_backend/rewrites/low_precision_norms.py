@@ -1,21 +1,24 @@
 """Batch norm on bfloat16 / float16 inputs computed in float32, as eager computes it.
 
-Eager PyTorch runs batch norm on a low-precision input in float32 (its "opmath" type):
-the saved mean and inverse standard deviation come out in float32, the output and the
-gradients in the input's and the weight's dtypes. torch_xla 2.9 lowers these ops in
-the input's dtype instead, and two things break (bf16 training, the common case on TPU):
+Eager PyTorch computes batch norm on a low-precision input in float32 (its "opmath"
+type), and the graph AOTAutograd traces says so: PyTorch's own shape and dtype
+functions give the saved mean and inverse standard deviation as float32, the output
+and the gradients in the input's and the weight's dtypes, and the backward is built
+against those. torch_xla 2.9 lowers these ops in the input's dtype instead, and two
+things break (bf16 training, the common case on TPU):
 
 * ``_native_batch_norm_legit_functional`` (BatchNorm with running statistics) returns
-  its saved statistics in bfloat16 where eager's are float32: the lowering's dtypes
-  disagree with eager's (the backend's dtype check refuses the graph).
+  its saved statistics in bfloat16 where the graph has float32 (the backend's dtype
+  check refuses the graph).
 * ``native_batch_norm_backward``, which every LayerNorm, GroupNorm and BatchNorm backward
   reaches (``norms`` decomposes the first two into it), gets the float32 statistics
   next to a bfloat16 input; XLA's ``batch-norm-grad`` then fails its HLO verifier
   ("Seen floating point types of different precisions").
 
 The rewrite gives these ops float32 operands (``aten._to_copy`` of every low-precision
-floating operand) and casts each result back to the dtype eager gives it, read off the
-original node's ``meta["val"]``. Float32 graphs are left as they are.
+floating operand) and casts each result back to the dtype the graph gives it, read off
+the original node's ``meta["val"]``. Graphs without a low-precision operand to these
+ops are left as they are.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _cast(graph: torch.fx.Graph, like: torch.fx.Node, arg: torch.fx.Node,
 
 
 def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
-    if not _low_precision(node.args[0]):
+    if not any(_low_precision(a) for a in node.args):
         return False
     uses = list(node.users)
     if not all(u.target is operator.getitem for u in uses):
