@@ -40,6 +40,13 @@ def call(graph: torch.fx.Graph, like: torch.fx.Node, target: Any, args: tuple,
     return node
 
 
+
+def cast(graph: torch.fx.Graph, like: torch.fx.Node, arg: torch.fx.Node,
+         dtype: torch.dtype) -> torch.fx.Node:
+    """``arg`` converted to ``dtype`` (``aten._to_copy``), at the insertion point."""
+    return call(graph, like, torch.ops.aten._to_copy.default, (arg,), {"dtype": dtype})
+
+
 def node_rewrite_pass(name: str, version: int, targets: Collection[Any],
                       rewrite: Callable[[torch.fx.Graph, torch.fx.Node], bool],
                       logger: logging.Logger, done: str) -> GraphPass:

@@ -20,7 +20,7 @@ import operator
 import torch
 import torch.fx
 
-from ._fx import call, meta_val, node_rewrite_pass
+from ._fx import call, cast, meta_val, node_rewrite_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -43,8 +43,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
         batch_var = call(graph, node, aten.var.correction, (x, dims),
                          {"correction": 1, "keepdim": False})
     with graph.inserting_after(batch_var):
-        batch_var = call(graph, node, aten._to_copy.default, (batch_var,),
-                         {"dtype": var_val.dtype})
+        batch_var = cast(graph, node, batch_var, var_val.dtype)
     with graph.inserting_after(batch_var):
         kept = call(graph, node, aten.mul.Tensor, (running_var, 1.0 - momentum))
     with graph.inserting_after(kept):

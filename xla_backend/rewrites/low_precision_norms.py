@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from ._fx import call, meta_val, node_rewrite_pass
+from ._fx import call, cast, meta_val, node_rewrite_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -54,11 +54,6 @@ def _low_precision(arg: Any) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype in _LOW_PRECISION
 
 
-def _cast(graph: torch.fx.Graph, like: torch.fx.Node, arg: torch.fx.Node,
-          dtype: torch.dtype) -> torch.fx.Node:
-    return call(graph, like, aten._to_copy.default, (arg,), {"dtype": dtype})
-
-
 def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     if not any(_low_precision(a) for a in node.args):
         return False
@@ -66,7 +61,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     if not all(u.target is operator.getitem for u in uses):
         return False  # not the shape AOTAutograd emits; leave it to the lowering
     with graph.inserting_before(node):
-        args = tuple(_cast(graph, node, a, torch.float32) if _low_precision(a) else a
+        args = tuple(cast(graph, node, a, torch.float32) if _low_precision(a) else a
                      for a in node.args)
         wide = call(graph, node, node.target, args, dict(node.kwargs))
     for use in uses:
@@ -75,7 +70,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
             result = call(graph, use, operator.getitem, (wide, index))
         if isinstance(want, torch.Tensor) and want.dtype != torch.float32:
             with graph.inserting_after(result):
-                result = _cast(graph, use, result, want.dtype)
+                result = cast(graph, use, result, want.dtype)
         use.replace_all_uses_with(result)
         graph.erase_node(use)
     graph.erase_node(node)

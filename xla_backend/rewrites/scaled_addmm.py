@@ -18,7 +18,7 @@ import logging
 import torch
 import torch.fx
 
-from ._fx import call, node_rewrite_pass
+from ._fx import call, cast, node_rewrite_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -37,9 +37,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     wide = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
     with graph.inserting_before(node):
         bias, mat1, mat2 = (
-            a if wide == out.dtype else call(graph, node, aten._to_copy.default, (a,),
-                                              {"dtype": wide})
-            for a in node.args)
+            a if wide == out.dtype else cast(graph, node, a, wide) for a in node.args)
         product = call(graph, node, aten.mm.default, (mat1, mat2))
         if alpha != 1:
             product = call(graph, node, aten.mul.Tensor, (product, alpha))
@@ -50,7 +48,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
             scaled = bias if beta == 1 else call(graph, node, aten.mul.Tensor, (bias, beta))
             result = call(graph, node, aten.add.Tensor, (scaled, product))
         if wide != out.dtype:
-            result = call(graph, node, aten._to_copy.default, (result,), {"dtype": out.dtype})
+            result = cast(graph, node, result, out.dtype)
     node.replace_all_uses_with(result)
     graph.erase_node(node)
     return True
