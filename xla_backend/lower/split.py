@@ -119,6 +119,50 @@ def classify(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, str]:
     return kinds
 
 
+def _merge_duplicate_host_nodes(gm: torch.fx.GraphModule, kinds: dict[torch.fx.Node, str]) -> None:
+    """Computes each distinct host value once (common subexpressions, host part only).
+
+    The host part runs eagerly at every call, and each of its results the device reads
+    is one more upload and one more parameter. A foreach optimizer with a scheduled
+    float lr casts the same lr once per parameter: 28 identical ``_to_copy`` nodes for a
+    28-tensor model. Only pure ops merge (no in-place write, not seeded-random), and none
+    across an op that writes to anything.
+    """
+    seen: dict[tuple[Any, ...], torch.fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if any(a.alias_info is not None and a.alias_info.is_write
+               for a in node.target._schema.arguments):
+            seen.clear()
+            continue
+        if kinds.get(node) != HOST or torch.Tag.nondeterministic_seeded in node.target.tags:
+            continue
+        key = (node.target, _frozen(node.args), _frozen(node.kwargs))
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            kinds.pop(node, None)
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable key for an FX argument that tells apart what compares equal in Python
+    but computes differently (1, 1.0 and True; 0.0 and -0.0)."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _frozen(v)) for k, v in value.items())))
+    if isinstance(value, float):
+        return ("float", value.hex())
+    if isinstance(value, (bool, int, str)) or value is None:
+        return (type(value).__name__, value)
+    if isinstance(value, (torch.fx.Node, torch.dtype, torch.device, torch.layout,
+                          torch.memory_format)):
+        return value
+    return ("id", id(value))  # anything else merges only with itself
+
+
 def _is_shape_value(node: torch.fx.Node) -> bool:
     return str(node.target).startswith("aten.sym_") or node.target in (
         torch.ops.aten.sym_size.int,
@@ -177,6 +221,7 @@ def split(gm: torch.fx.GraphModule) -> SplitGraph:
     """Splits ``gm`` (modified in place: input mutations are turned into outputs)."""
     kinds = classify(gm)
     mutations = _extract_input_mutations(gm, kinds)
+    _merge_duplicate_host_nodes(gm, kinds)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index_of = {n: i for i, n in enumerate(placeholders)}
     output_node = next(n for n in gm.graph.nodes if n.op == "output")

@@ -1,0 +1,89 @@
+"""The host part of a split graph computes each distinct value once, and only those.
+
+No XLA: device tensors are meta tensors, which ``split`` tells from the host's CPU ones
+the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from xla_backend.lower.split import split
+
+aten = torch.ops.aten
+
+
+def _split(fn, *inputs):
+    gm = make_fx(fn, tracing_mode="fake")(*inputs)
+    return split(gm)
+
+
+def _host_targets(s) -> list:
+    return [n.target for n in s.host.graph.nodes if n.op == "call_function"]
+
+
+def _device_inputs_from_host(s) -> int:
+    return sum(kind == "host" for kind, _ in s.device_inputs)
+
+
+def test_a_scalar_cast_once_per_parameter_is_cast_once():
+    """A foreach optimizer casts its float64 lr to float32 once per parameter."""
+
+    def fn(lr, a, b, c):
+        scaled = lr * 0.5
+        return [p * scaled.to(torch.float32) for p in (a, b, c)]
+
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    params = [torch.empty(4, device="meta") for _ in range(3)]
+    s = _split(fn, lr, *params)
+    assert _host_targets(s).count(aten._to_copy.default) == 1
+    assert _device_inputs_from_host(s) == 1
+    (cast,) = s.host(lr)
+    assert cast.dtype == torch.float32 and cast.item() == torch.tensor(0.05).item()
+
+
+def test_values_python_calls_equal_stay_apart():
+    """0.0 and -0.0, 1 and 1.0 compare equal in Python but compute different values."""
+
+    def fn(n, x):
+        return x * (n * 0.0), x * (n * -0.0), x * (n + 1), x * (n + 1.0)
+
+    n = torch.tensor(3)
+    s = _split(fn, n, torch.empty(2, device="meta"))
+    assert _device_inputs_from_host(s) == 4
+    zero, negative_zero, int_sum, float_sum = s.host(n)
+    assert torch.signbit(negative_zero) and not torch.signbit(zero)
+    assert int_sum.dtype == torch.int64 and float_sum.dtype == torch.float32
+
+
+def test_random_host_values_are_drawn_each_time():
+    def fn(seed_like, x):
+        return x * torch.rand_like(seed_like), x * torch.rand_like(seed_like)
+
+    s = _split(fn, torch.tensor(1.0), torch.empty(2, device="meta"))
+    assert _device_inputs_from_host(s) == 2
+    first, second = s.host(torch.tensor(1.0))
+    assert first.item() != second.item()
+
+
+def test_reads_after_an_in_place_update_are_not_merged_with_reads_before_it():
+    """A CPU input read, updated in place, and read again (an optimizer's step counter)."""
+
+    def fn(step, x):
+        before = step * 2
+        step.add_(1)
+        after = step * 2
+        return x * before, x * after
+
+    gm = make_fx(fn, tracing_mode="fake")(torch.tensor(1.0), torch.empty(2, device="meta"))
+    # make_fx reads the updated value through add_'s result; read the input itself, as
+    # a graph that reads a tensor after writing it in place may
+    step = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    updated = next(n for n in gm.graph.nodes if n.target is aten.add_.Tensor)
+    for user in list(updated.users):
+        user.replace_input_with(updated, step)
+    s = split(gm)
+    assert _device_inputs_from_host(s) == 2
+    before, after = s.host(torch.tensor(1.0))
+    assert (before.item(), after.item()) == (2.0, 4.0)
