@@ -81,6 +81,9 @@ DYNAMO_SETTINGS: dict[str, Any] = {
     "enable_cpp_symbolic_shape_guards": False,
 }
 
+#: One patch object, entered at each outermost call: building one defines a class (~50 us).
+_DYNAMO_PATCH = torch._dynamo.config.patch(DYNAMO_SETTINGS)
+
 _FORWARDED = "backend_ctx_ctor"
 _MARK = "__syncfree_xla_scoped__"
 
@@ -112,7 +115,7 @@ def _scope() -> Iterator[None]:
     with _scope_lock:
         if _scope_depth == 0:
             stack = contextlib.ExitStack()
-            stack.enter_context(torch._dynamo.config.patch(**DYNAMO_SETTINGS))
+            stack.enter_context(_DYNAMO_PATCH)
             stack.enter_context(_static_tensor_shapes())
             if not torch._dynamo.config.assume_static_by_default:  # dynamic=True
                 stack.enter_context(_norms_for_symbolic_sizes())

@@ -55,7 +55,7 @@ def _signature(args: Sequence[Any], positions: Sequence[int], sharded: bool = Fa
     for i in positions:
         a = args[i]
         if isinstance(a, torch.Tensor):
-            sig.append((tuple(a.shape), a.dtype))
+            sig.append((a.shape, a.dtype))  # torch.Size: a hashable tuple already
         else:
             sig.append(a)
     if sharded:
@@ -147,7 +147,7 @@ def _to_device_data(feed: list[Any], device: torch.device) -> None:
     (an IR literal), which costs a compile and an execution to materialize on every
     call; a direct upload is a plain buffer whatever the value.
     """
-    host = [k for k, t in enumerate(feed) if t.device.type != "xla"]
+    host = [k for k, t in enumerate(feed) if not t.is_xla]  # cheaper than t.device.type
     if host:
         uploaded = xla_internals.upload([feed[k] for k in host], device)
         for k, t in zip(host, uploaded):
@@ -179,20 +179,24 @@ def _check_writable(view: torch.Tensor, position: int, name: str) -> None:
         )
 
 
-def _write_back(t: torch.Tensor, value: torch.Tensor, through: bool) -> None:
-    """Gives an input updated in place its new value.
+def _write_back(updates: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
+    """Gives the inputs updated in place their new values: ``(tensor, value, through)``.
 
     A whole tensor is rebound to the computation's output buffer, free of any copy.
     ``through``: written through instead (a lazy ``copy_``), as a view must be, so that
     its base and sibling views see the update too; and as a joined step does, whose
     sync then updates the tensor's buffer in place (torch_xla aliases an in-place
-    update's result to the buffer it replaces).
+    update's result to the buffer it replaces). Each ``copy_`` bumps the tensor's
+    version counter, as autograd and the GradScaler check need (``_foreach_copy_``
+    would not); one ``no_grad`` for all of them halves the cost of an optimizer's
+    hundred-odd write-backs.
     """
-    if through:
-        with torch.no_grad():
-            t.copy_(value)
-    else:
-        xla_internals.rebind(t, value)
+    with torch.no_grad():
+        for t, value, through in updates:
+            if through:
+                t.copy_(value)
+            else:
+                xla_internals.rebind(t, value)
 
 
 class LoweredGraph:
@@ -292,7 +296,7 @@ class LoweredGraph:
     def _check_devices(self, args: Sequence[Any]) -> None:
         for i in self._device_arg_positions:
             a = args[i]
-            if not isinstance(a, torch.Tensor) or a.device.type != "xla":
+            if not isinstance(a, torch.Tensor) or not a.is_xla:
                 where = (f"a {a.device.type} tensor" if isinstance(a, torch.Tensor)
                          else repr(type(a)))
                 raise DeviceMismatchError(
@@ -369,15 +373,16 @@ class LoweredGraph:
             else v.value
             for v in exe.output_values
         ]
+        updates = []
         for arg_index, out_index in split_.device_mutations.items():
             t, value = args[arg_index], device_results[out_index]
             # joined: written through, so the step's one sync can donate the old buffer
             through = arg_index in views or joined
-            if mask is None:
-                _write_back(t, value, through)
-                continue
-            _write_back(t, mask.select(t, value), through)
-            mask.wrote(t)
+            updates.append((t, value if mask is None else mask.select(t, value), through))
+        _write_back(updates)
+        if mask is not None:
+            for t, _, _ in updates:
+                mask.wrote(t)
         if joined:
             step.joiner.after(id(self), self.name, self._device, wait=not self._async_dispatch)
         outs = [self._output(slot, args, host_values, device_results) for slot in split_.outputs]
