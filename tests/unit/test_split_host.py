@@ -87,3 +87,17 @@ def test_reads_after_an_in_place_update_are_not_merged_with_reads_before_it():
     assert _device_inputs_from_host(s) == 2
     before, after = s.host(torch.tensor(1.0))
     assert (before.item(), after.item()) == (2.0, 4.0)
+
+
+def test_a_graph_that_writes_into_a_value_it_computed_merges_nothing():
+    """Merged, ``b`` would be the very tensor ``add_`` then changes."""
+
+    def fn(n, x):
+        a = n * 2
+        b = n * 2
+        a.add_(1)
+        return x * a, x * b
+
+    s = _split(fn, torch.tensor(3.0), torch.empty(2, device="meta"))
+    a, b = s.host(torch.tensor(3.0))
+    assert (a.item(), b.item()) == (7.0, 6.0)

@@ -125,18 +125,22 @@ def _merge_duplicate_host_nodes(gm: torch.fx.GraphModule, kinds: dict[torch.fx.N
     The host part runs eagerly at every call, and each of its results the device reads
     is one more upload and one more parameter. A foreach optimizer with a scheduled
     float lr casts the same lr once per parameter: 28 identical ``_to_copy`` nodes for a
-    28-tensor model. Only pure ops merge (no in-place write, not seeded-random), and none
-    across an op that writes to anything.
+    28-tensor model. Only pure ops merge (no in-place write, not seeded-random), none
+    across an op that writes to anything, and nothing in a graph that writes into a
+    value it computed (a merged value could then be changed under another reader);
+    AOTAutograd's graphs write only into their inputs.
     """
+    writes = [_written(node) for node in gm.graph.nodes]
+    if any(w.op != "placeholder" for ws in writes if ws is not None for w in ws):
+        return
     seen: dict[tuple[Any, ...], torch.fx.Node] = {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        if any(a.alias_info is not None and a.alias_info.is_write
-               for a in node.target._schema.arguments):
+    for node, written in zip(list(gm.graph.nodes), writes):
+        if written is not None:
             seen.clear()
             continue
-        if kinds.get(node) != HOST or torch.Tag.nondeterministic_seeded in node.target.tags:
+        if (node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload)
+                or kinds.get(node) != HOST
+                or torch.Tag.nondeterministic_seeded in node.target.tags):
             continue
         key = (node.target, _frozen(node.args), _frozen(node.kwargs))
         first = seen.setdefault(key, node)
@@ -144,6 +148,20 @@ def _merge_duplicate_host_nodes(gm: torch.fx.GraphModule, kinds: dict[torch.fx.N
             node.replace_all_uses_with(first)
             gm.graph.erase_node(node)
             kinds.pop(node, None)
+
+
+def _written(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The nodes an op writes into in place (its ``Tensor(a!)`` arguments); None if it
+    writes nothing."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    written: list[torch.fx.Node] | None = None
+    for position, arg in enumerate(node.target._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[position] if position < len(node.args) else node.kwargs.get(arg.name)
+        written = (written or []) + [v for v in _leaves(value) if isinstance(v, torch.fx.Node)]
+    return written
 
 
 def _frozen(value: Any) -> Any:
