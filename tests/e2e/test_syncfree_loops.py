@@ -265,6 +265,24 @@ def test_loop_b_grad_scaler_skips_on_device(xla, opt_name):
     _check_state_dict_loads_eagerly(opt, ref_opt, make, flags, reference)
 
 
+def test_the_masked_grad_scaler_step_is_never_handed_to_dynamo(xla):
+    """``disable(recursive=False)`` alone sends the step's frame through Dynamo's whole
+    frame callback at every step; the skip is kept on its code object instead."""
+    from torch._dynamo.convert_frame import input_codes
+
+    from xla_backend.dynamo.grad_scaler import masked_maybe_opt_step
+
+    work = workloads.get_workload("mlp")
+    model = work.build_model().to(xla)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = workloads.make_grad_scaler(xla)
+    compiled = torch.compile(workloads.train_step_amp, backend="syncfree_xla")
+    for i in range(4):
+        compiled(model, opt, scaler, *_amp_batch(work, i, xla))
+    settle()
+    assert masked_maybe_opt_step.__wrapped__.__code__ not in input_codes
+
+
 class _MomentumWithEagerDecay(torch.optim.Optimizer):
     """SGD with momentum whose ``eager_decay`` path shrinks the weights in a function
     Dynamo does not compile: an in-place change that no compiled graph makes."""

@@ -295,7 +295,7 @@ def masked_maybe_opt_step(self: Any, optimizer: torch.optim.Optimizer,
         step_counters.restore_capturable(flipped)
 
 
-_MASKED_MAYBE_OPT_STEP_CODE = masked_maybe_opt_step._torchdynamo_orig_callable.__code__  # type: ignore[attr-defined]
+_MASKED_MAYBE_OPT_STEP_CODE = masked_maybe_opt_step.__wrapped__.__code__  # type: ignore[attr-defined]
 
 
 def _stock_maybe_opt_step() -> Callable[..., Any]:
