@@ -223,15 +223,9 @@ def _extract_input_mutations(
         kinds.pop(node, None)
         mutations[dst] = src
     for node in gm.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        schema = node.target._schema
-        for arg, value in zip(schema.arguments, node.args):
-            if (arg.alias_info is not None and arg.alias_info.is_write
-                    and isinstance(value, torch.fx.Node) and value.op == "placeholder"
-                    and kinds.get(value) == DEVICE):
-                raise UnsplittableGraph(
-                    f"mutates an input in an unsupported way: {_describe(node)}")
+        if any(value.op == "placeholder" and kinds.get(value) == DEVICE
+               for value in _written(node) or ()):
+            raise UnsplittableGraph(f"mutates an input in an unsupported way: {_describe(node)}")
     return mutations
 
 

@@ -40,7 +40,6 @@ def call(graph: torch.fx.Graph, like: torch.fx.Node, target: Any, args: tuple,
     return node
 
 
-
 def cast(graph: torch.fx.Graph, like: torch.fx.Node, arg: torch.fx.Node,
          dtype: torch.dtype) -> torch.fx.Node:
     """``arg`` converted to ``dtype`` (``aten._to_copy``), at the insertion point."""
