@@ -283,6 +283,160 @@ def test_the_masked_grad_scaler_step_is_never_handed_to_dynamo(xla):
     assert masked_maybe_opt_step.__wrapped__.__code__ not in input_codes
 
 
+def test_grad_scaler_scale_unscale_and_update_are_traced_into_the_step(xla):
+    """torch.amp is on Dynamo's skip list: without our stand-ins each of these three
+    calls is a graph break with eager ops around it, at every step."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    work = workloads.get_workload("mlp")
+    model = work.build_model().to(xla)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = workloads.make_grad_scaler(xla)
+    before = dict(dynamo_counters["graph_break"])
+    compiled = torch.compile(workloads.train_step_amp, backend="syncfree_xla")
+    for i in range(3):
+        compiled(model, opt, scaler, *_amp_batch(work, i, xla))
+    settle()
+    new = [reason for reason, n in dynamo_counters["graph_break"].items()
+           if n > before.get(reason, 0)]
+    assert any("Tensor.backward" in reason for reason in new), new  # the count works
+    for method in ("GradScaler.scale", "GradScaler.unscale_", "GradScaler.update"):
+        assert not any(f"`{method}`" in reason for reason in new), (method, new)
+
+
+class _RecordingScaler(torch.amp.GradScaler):
+    """Overrides a helper the stand-ins would otherwise bypass."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.unscaled = 0
+
+    def _unscale_grads_(self, *args, **kwargs):
+        self.unscaled += 1
+        return super()._unscale_grads_(*args, **kwargs)
+
+
+def _two_losses(model, opt, scaler, x, y):
+    """A list scaled in one call, with clipping by value."""
+    out = model(x)
+    loss = torch.nn.functional.cross_entropy(out, y)
+    scaled = scaler.scale([loss, out.pow(2).mean() * 0.1])
+    (scaled[0] + scaled[1]).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_value_(model.parameters(), 0.5)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    return loss.detach()
+
+
+def _no_unscale(model, opt, scaler, x, y):
+    """``scaler.step`` unscales by itself; ``update(new_scale)`` sets the scale."""
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update(torch.full((), 2.0**6, device=x.device))
+    opt.zero_grad()
+    return loss.detach()
+
+
+@pytest.mark.parametrize(("step_fn", "scaler_type"), [
+    (_two_losses, torch.amp.GradScaler), (_no_unscale, torch.amp.GradScaler),
+    (workloads.train_step_amp, _RecordingScaler)],
+    ids=["list-clip-value", "no-unscale-new-scale", "subclass"])
+def test_grad_scaler_calls_the_stand_ins_leave_alone_match_eager(xla, step_fn, scaler_type):
+    """A list to scale, a step that unscales by itself, a new scale, a subclass that
+    overrides a helper: the stock methods run them, as in eager."""
+    work = workloads.get_workload("mlp")
+    model, reference = twin(work.build_model(), xla)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    scaler = scaler_type("xla", init_scale=2.0**8, growth_interval=GROWTH_INTERVAL)
+    ref_scaler = scaler_type("cpu", init_scale=2.0**8, growth_interval=GROWTH_INTERVAL)
+    compiled = torch.compile(step_fn, backend="syncfree_xla")
+    scales = []
+    for i in range(8):
+        compiled(model, opt, scaler, *_amp_batch(work, i, xla))
+        step_fn(reference, ref_opt, ref_scaler, *_amp_batch(work, i, "cpu"))
+        scales.append(ref_scaler.get_scale())
+    settle()
+    if scaler_type is _RecordingScaler:
+        assert scaler.unscaled == ref_scaler.unscaled == 8
+    assert set(scales) != {2.0**8}, scales  # the scale moved
+    assert float(scaler.get_scale()) == ref_scaler.get_scale()
+    assert int(scaler._growth_tracker.cpu()) == int(ref_scaler._growth_tracker)
+    assert_same_state(model, reference, rtol=RTOL)
+
+
+def _unscale_twice(model, opt, scaler, x, y):
+    scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opt)
+    scaler.unscale_(opt)
+
+
+def _half_gradients(model, opt, scaler, x, y):
+    scaler.scale(torch.nn.functional.cross_entropy(model(x.half()).float(), y)).backward()
+    scaler.unscale_(opt)
+
+
+@pytest.mark.parametrize(("step_fn", "half"), [(_unscale_twice, False), (_half_gradients, True)],
+                         ids=["unscale-twice", "float16-gradients"])
+def test_grad_scaler_misuse_raises_what_eager_raises(xla, step_fn, half):
+    work = workloads.get_workload("mlp")
+    errors = []
+    for device in ("cpu", xla):
+        model = work.build_model().to(device)
+        if half:
+            model.half()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = workloads.make_grad_scaler(device)
+        run = step_fn if device == "cpu" else torch.compile(step_fn, backend="syncfree_xla")
+        with pytest.raises((RuntimeError, ValueError)) as caught:
+            run(model, opt, scaler, *_amp_batch(work, 0, device))
+        errors.append((type(caught.value), str(caught.value)))
+    assert errors[0] == errors[1]
+
+
+def _two_optimizers(nets, opts, scaler, x, y):
+    """Two optimizers, one scaler, one update: the found_infs of both are summed."""
+    losses = []
+    for net, opt in zip(nets, opts):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        scaler.step(opt)
+        opt.zero_grad()
+        losses.append(loss.detach())
+        x = x.clone()
+        x[0, 0] = 0.0  # the second net's batch is finite: it steps, the first one skips
+    scaler.update()
+    return torch.stack(losses)
+
+
+def test_grad_scaler_with_two_optimizers_matches_eager(xla):
+    work = workloads.get_workload("mlp")
+    pairs = [twin(work.build_model(), xla) for _ in range(2)]
+    nets, ref_nets = [p[0] for p in pairs], [p[1] for p in pairs]
+    opts = [torch.optim.AdamW(n.parameters(), lr=1e-3) for n in nets]
+    ref_opts = [torch.optim.AdamW(n.parameters(), lr=1e-3) for n in ref_nets]
+    scaler = workloads.make_grad_scaler(xla, init_scale=2.0**8, growth_interval=GROWTH_INTERVAL)
+    ref_scaler = workloads.make_grad_scaler("cpu", init_scale=2.0**8,
+                                            growth_interval=GROWTH_INTERVAL)
+    compiled = torch.compile(_two_optimizers, backend="syncfree_xla")
+    scales = []
+    for i in range(STEPS):
+        compiled(nets, opts, scaler, *_amp_batch(work, i, xla))
+        _two_optimizers(ref_nets, ref_opts, ref_scaler, *_amp_batch(work, i, "cpu"))
+        scales.append(ref_scaler.get_scale())
+    settle()
+    assert all(scales[i] == scales[i - 1] / 2 for i in BAD_STEPS), scales
+    assert float(scaler.get_scale()) == ref_scaler.get_scale()
+    assert int(scaler._growth_tracker.cpu()) == int(ref_scaler._growth_tracker)
+    for net, ref_net in pairs:
+        assert_same_state(net, ref_net, rtol=RTOL)
+
+
 class _MomentumWithEagerDecay(torch.optim.Optimizer):
     """SGD with momentum whose ``eager_decay`` path shrinks the weights in a function
     Dynamo does not compile: an in-place change that no compiled graph makes."""

@@ -4,9 +4,14 @@ GradScaler.step skips optimizer.step() when the unscaled gradients hold an inf o
 NaN, and decides so on the host: ``if not sum(v.item() for v in found_inf...)``, one
 device-to-host transfer per step. torch.amp is on Dynamo's skip list, so this code
 runs eagerly (on lazy XLA tensors) between our graphs. While one of our compiled
-functions runs, GradScaler._maybe_opt_step is swapped for a branch-free twin: take
-the step, then keep every parameter and state tensor's old value where found_inf is
-set. Same results, decided on the device.
+functions runs, GradScaler's methods are swapped for :data:`STAND_INS`:
+
+* ``_maybe_opt_step``: a branch-free twin: take the step, then keep every parameter and
+  state tensor's old value where found_inf is set. Same results, decided on the device.
+* ``scale``, ``unscale_`` and ``update``: the same ops on the same values, written where
+  Dynamo traces them into the step's graphs instead of three graph breaks with eager
+  ops between them. What they do not cover (a list to scale, float16 or sparse
+  gradients, a new scale, a subclass that overrides a helper) goes to the stock method.
 
 How the old values are kept, per optimizer:
 
@@ -45,17 +50,19 @@ from . import step_counters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OBSERVERS", "WriteBackMask", "active_mask", "graph_compiling", "masked_maybe_opt_step",
-           "masked_step"]
+__all__ = ["OBSERVERS", "STAND_INS", "WriteBackMask", "active_mask", "graph_compiling",
+           "masked_maybe_opt_step", "masked_step", "traceable_scale", "traceable_unscale_",
+           "traceable_update"]
 
 
 @contextlib.contextmanager
 def masked_step() -> Iterator[None]:
-    """Swaps in :func:`masked_maybe_opt_step` for the duration (re-entrant)."""
+    """Swaps in :data:`STAND_INS` for the duration (re-entrant)."""
     from torch.amp.grad_scaler import GradScaler
 
-    previous = GradScaler.__dict__["_maybe_opt_step"]
-    GradScaler._maybe_opt_step = masked_maybe_opt_step  # type: ignore[method-assign]
+    previous = {name: GradScaler.__dict__[name] for name in STAND_INS}
+    for name, fn in STAND_INS.items():
+        setattr(GradScaler, name, fn)
     # What ``disable(recursive=False)`` asks, kept on the code object: Dynamo otherwise
     # runs its whole frame callback to decide so again at every step (~0.3 ms). Set at
     # each entry, since ``torch._dynamo.reset()`` may clear it.
@@ -63,7 +70,8 @@ def masked_step() -> Iterator[None]:
     try:
         yield
     finally:
-        GradScaler._maybe_opt_step = previous  # type: ignore[method-assign]
+        for name, fn in previous.items():
+            setattr(GradScaler, name, fn)
 
 
 def _step_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor] | None:
@@ -298,10 +306,112 @@ def masked_maybe_opt_step(self: Any, optimizer: torch.optim.Optimizer,
 _MASKED_MAYBE_OPT_STEP_CODE = masked_maybe_opt_step.__wrapped__.__code__  # type: ignore[attr-defined]
 
 
-def _stock_maybe_opt_step() -> Callable[..., Any]:
+def _stock(name: str) -> Callable[..., Any]:
     from torch.amp.grad_scaler import GradScaler
 
-    return GradScaler.__dict__["_maybe_opt_step"]
+    return GradScaler.__dict__[name]
 
 
-_STOCK_MAYBE_OPT_STEP = _stock_maybe_opt_step()
+_STOCK_MAYBE_OPT_STEP = _stock("_maybe_opt_step")
+_STOCK_SCALE = _stock("scale")
+_STOCK_UNSCALE = _stock("unscale_")
+_STOCK_UPDATE = _stock("update")
+#: The helpers the stand-ins below do the work of: a subclass that overrides one of
+#: them gets the stock methods, which call its override.
+_STOCK_HELPERS = {name: _stock(name) for name in
+                  ("_lazy_init_scale_growth_tracker", "_check_scale_growth_tracker",
+                   "_unscale_grads_")}
+
+
+def _stock_helpers(scaler: Any) -> bool:
+    cls = type(scaler)
+    return all(getattr(cls, name) is fn for name, fn in _STOCK_HELPERS.items())
+
+
+# The stand-ins below are plain functions outside torch.amp, so Dynamo traces them into
+# the step's graphs: the stock methods are each a graph break, a frame of their own and
+# a few eager ops per step. Each does what the stock method does on the same values,
+# with the same ops, and hands anything it does not cover to the stock method, which
+# handles it or raises its own error.
+
+
+def traceable_scale(self: Any, outputs: Any) -> Any:
+    """``GradScaler.scale`` of one tensor; a list or tuple goes to the stock method."""
+    if not self._enabled or not isinstance(outputs, torch.Tensor) or not _stock_helpers(self):
+        return _STOCK_SCALE(self, outputs)
+    if self._scale is None:
+        if self._growth_tracker is not None:
+            return _STOCK_SCALE(self, outputs)
+        self._scale = torch.full((), self._init_scale, dtype=torch.float32,
+                                 device=outputs.device)
+        self._growth_tracker = torch.full((), self._init_growth_tracker, dtype=torch.int32,
+                                          device=outputs.device)
+    return outputs * self._scale.to(device=outputs.device, non_blocking=True)
+
+
+def traceable_unscale_(self: Any, optimizer: torch.optim.Optimizer) -> None:
+    """``GradScaler.unscale_`` of dense gradients, none float16, all on the scale's device."""
+    from torch.amp.grad_scaler import OptState
+
+    if not self._enabled:
+        return
+    scale = self._scale
+    states = self._per_optimizer_states
+    key = id(optimizer)
+    state = states[key] if key in states else None
+    if (scale is None or self._growth_tracker is None or not _stock_helpers(self)
+            or (state is not None and state["stage"] is not OptState.READY)):
+        return _STOCK_UNSCALE(self, optimizer)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse or g.dtype == torch.float16 or g.device != scale.device:
+                return _STOCK_UNSCALE(self, optimizer)
+            by_dtype.setdefault(g.dtype, []).append(g)
+    found_inf_per_device = {}
+    if by_dtype:
+        with torch.no_grad():
+            inv_scale = scale.double().reciprocal().float()  # in float64, as the stock one
+            found_inf = torch.full((), 0.0, dtype=torch.float32, device=scale.device)
+            for grads in by_dtype.values():
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        found_inf_per_device[scale.device] = found_inf
+    if state is None:
+        state = {"stage": OptState.READY, "found_inf_per_device": {}}
+        states[key] = state
+    state["found_inf_per_device"] = found_inf_per_device
+    state["stage"] = OptState.UNSCALED
+
+
+def traceable_update(self: Any, new_scale: Any = None) -> None:
+    """``GradScaler.update()`` with every found_inf on the scale's device; ``new_scale``
+    goes to the stock method."""
+    if not self._enabled:
+        return
+    scale, tracker = self._scale, self._growth_tracker
+    if new_scale is not None or scale is None or tracker is None or not _stock_helpers(self):
+        return _STOCK_UPDATE(self, new_scale)
+    found_infs = [found_inf for state in self._per_optimizer_states.values()
+                  for found_inf in state["found_inf_per_device"].values()]
+    if not found_infs or any(f.device != scale.device for f in found_infs):
+        return _STOCK_UPDATE(self, new_scale)
+    combined = found_infs[0]
+    for found_inf in found_infs[1:]:
+        combined += found_inf  # in place, as the stock method sums them
+    torch._amp_update_scale_(scale, tracker, combined, self._growth_factor,
+                             self._backoff_factor, self._growth_interval)
+    # The stock method binds a new defaultdict, which Dynamo cannot build: emptying
+    # this one leaves the same state (nothing else holds it).
+    self._per_optimizer_states.clear()
+
+
+#: What :func:`masked_step` puts on GradScaler while our frames run.
+STAND_INS: dict[str, Callable[..., Any]] = {
+    "_maybe_opt_step": masked_maybe_opt_step,
+    "scale": traceable_scale,
+    "unscale_": traceable_unscale_,
+    "update": traceable_update,
+}

@@ -17,7 +17,9 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
 * ``capture_scalar_outputs=True``: ``.item()`` / ``float(t)`` stay in the graph as
   symbolic scalars, which ``passes.tensorify_scalar_reads`` turns into 0-d tensor math;
 * a branch-free ``GradScaler._maybe_opt_step`` (``grad_scaler.masked_maybe_opt_step``): the
-  stock one reads ``found_inf`` on the host to decide whether to step;
+  stock one reads ``found_inf`` on the host to decide whether to step; and
+  ``GradScaler.scale``, ``unscale_`` and ``update`` that Dynamo traces
+  (``grad_scaler.STAND_INS``): torch.amp is on its skip list;
 * under ``torch.compile(dynamic=True)`` only, PyTorch's reference layer and group norm
   as their ``AutogradXLA`` kernels (:func:`_norms_for_symbolic_sizes`).
 
@@ -37,10 +39,10 @@ before that call) none of this is in force.
 Limits (said out loud):
 
 * ``torch._dynamo.config`` and the ``GradScaler`` class are process-wide. While one of
-  our compiled functions runs (and only then) the settings and the masked step are in
-  effect for the whole process: another ``torch.compile``'d function called from inside
-  our step (nested compile), or one traced on another thread at the same moment, sees
-  them too. Anything not overlapping our calls sees the unpatched state.
+  our compiled functions runs (and only then) the settings and the GradScaler stand-ins
+  are in effect for the whole process: another ``torch.compile``'d function called from
+  inside our step (nested compile), or one traced on another thread at the same moment,
+  sees them too. Anything not overlapping our calls sees the unpatched state.
 * ``automatic_dynamic_shapes=True`` is narrowed to Python scalars
   (:func:`_static_tensor_shapes`): a tensor whose shape changes between calls is
   retraced with the new static shape, as torch_xla's own setting does. XLA compiles one
