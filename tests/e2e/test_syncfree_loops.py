@@ -283,15 +283,17 @@ def test_the_masked_grad_scaler_step_is_never_handed_to_dynamo(xla):
     assert masked_maybe_opt_step.__wrapped__.__code__ not in input_codes
 
 
-def test_grad_scaler_scale_unscale_and_update_are_traced_into_the_step(xla):
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "disabled"])
+def test_grad_scaler_scale_unscale_and_update_are_traced_into_the_step(xla, enabled):
     """torch.amp is on Dynamo's skip list: without our stand-ins each of these three
-    calls is a graph break with eager ops around it, at every step."""
+    calls is a graph break with eager ops around it, at every step. nanoGPT-style
+    scripts keep the calls with ``GradScaler(enabled=False)`` when not in float16."""
     from torch._dynamo.utils import counters as dynamo_counters
 
     work = workloads.get_workload("mlp")
     model = work.build_model().to(xla)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = workloads.make_grad_scaler(xla)
+    scaler = torch.amp.GradScaler("xla", enabled=enabled)
     before = dict(dynamo_counters["graph_break"])
     compiled = torch.compile(workloads.train_step_amp, backend="syncfree_xla")
     for i in range(3):

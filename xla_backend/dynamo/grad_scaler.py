@@ -337,7 +337,9 @@ def _stock_helpers(scaler: Any) -> bool:
 
 def traceable_scale(self: Any, outputs: Any) -> Any:
     """``GradScaler.scale`` of one tensor; a list or tuple goes to the stock method."""
-    if not self._enabled or not isinstance(outputs, torch.Tensor) or not _stock_helpers(self):
+    if not self._enabled:
+        return outputs
+    if not isinstance(outputs, torch.Tensor) or not _stock_helpers(self):
         return _STOCK_SCALE(self, outputs)
     if self._scale is None:
         if self._growth_tracker is not None:
