@@ -87,10 +87,14 @@ def restarted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
 
 def test_a_restarted_process_skips_aotautograd_for_every_graph(restarted):
     cold, warm = restarted
-    graphs = cold["stats"].get("cache_aot_misses", 0)
-    assert graphs >= 3  # forward (with its backward), unscale/clip, the optimizer step
+    misses = cold["stats"].get("cache_aot_misses", 0)
+    assert misses >= 3  # forward (with its backward), unscale/clip, the optimizer step
     assert cold["stats"].get("cache_aot_uncacheable", 0) == 0
-    assert cold["stats"].get("cache_aot_hits", 0) == 0
+    # The scheduler's first lr change retraces the frame that unscales and clips (its
+    # guards read the param groups) into the same graph: its second AOTAutograd call
+    # hits the entry the first one wrote, in the same process.
+    assert cold["stats"].get("cache_aot_hits", 0) <= 1
+    graphs = misses + cold["stats"].get("cache_aot_hits", 0)
     assert warm["stats"].get("cache_aot_hits") == graphs
     assert warm["stats"].get("cache_aot_misses", 0) == 0
     assert warm["stats"].get("cache_aot_rejected", 0) == 0
