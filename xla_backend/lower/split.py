@@ -297,9 +297,12 @@ def masked(split_: SplitGraph, skip_index: int) -> SplitGraph | None:
     device input updates each become ``where(skip, old, new)``: undone where skip is set.
 
     What a masked GradScaler step runs (``dynamo.grad_scaler``), so that undoing a skipped
-    step costs no host op per tensor. The masked values are new outputs: a user output
-    that is also an update's value stays unmasked, as the plain graph returns it. None
-    when an update's tensors have no fake value to make the new nodes' values from.
+    step costs no host op per tensor. Each masked value takes its update's output slot,
+    so the graph has no more outputs than the plain one (each output is one more lazy
+    tensor per call: 128 on a BERT's AdamW step). A user output that is also an update's
+    value stays unmasked, as the plain graph returns it, and its masked value is a new
+    output. None when an update's tensors have no fake value to make the new nodes'
+    values from.
     """
     gm = split_.device
     graph = torch.fx.Graph()
@@ -308,31 +311,37 @@ def masked(split_: SplitGraph, skip_index: int) -> SplitGraph | None:
     placeholders = [env[n] for n in gm.graph.nodes if n.op == "placeholder"]
     arg_node = {index: placeholders[k]
                 for k, (kind, index) in enumerate(split_.device_inputs) if kind == "arg"}
-    pairs = [(a, arg_node.get(a), outputs[o]) for a, o in split_.device_mutations.items()]
+    pairs = [(a, o, arg_node.get(a), outputs[o]) for a, o in split_.device_mutations.items()]
     if not pairs or not all(isinstance(_val(old), torch.Tensor)
-                            and isinstance(_val(new), torch.Tensor) for _, old, new in pairs):
+                            and isinstance(_val(new), torch.Tensor) for _, _, old, new in pairs):
         return None  # an update that does not read its old value: no placeholder for it
-    fake_mode = torch._guards.detect_fake_mode([_val(old) for _, old, _ in pairs])
+    fake_mode = torch._guards.detect_fake_mode([_val(old) for _, _, old, _ in pairs])
     if fake_mode is None:
         return None
     with graph.inserting_after(placeholders[-1]):
         skip = graph.placeholder("found_inf")
     with fake_mode:
-        skip.meta["val"] = torch.empty((), dtype=torch.bool, device=_val(pairs[0][1]).device)
+        skip.meta["val"] = torch.empty((), dtype=torch.bool, device=_val(pairs[0][2]).device)
     # The old values are cloned before any node runs: torch_xla's functional
     # ``aten.copy(self, src)`` also writes ``src`` into ``self`` as it traces.
     olds: list[torch.fx.Node] = []
     with graph.inserting_after(skip):
-        for _, old, _ in reversed(pairs):
+        for _, _, old, _ in reversed(pairs):
             olds.insert(0, graph.call_function(torch.ops.aten.clone.default, (old,)))
             olds[0].meta["val"] = _val(old)
+    kept = {slot.index for slot in split_.outputs if slot.kind == "device"}
     mutations: dict[int, int] = {}
-    for (arg_index, _, new), old in zip(pairs, olds):
+    for (arg_index, index, _, new), old in zip(pairs, olds):
         node = graph.call_function(torch.ops.aten.where.self, (skip, old, new))
         with fake_mode:
             node.meta["val"] = torch.where(skip.meta["val"], _val(old), _val(new))
-        mutations[arg_index] = len(outputs)
-        outputs.append(node)
+        if index in kept:
+            index = len(outputs)
+            outputs.append(node)
+        else:
+            outputs[index] = node
+            kept.add(index)  # a second update of the same value gets a slot of its own
+        mutations[arg_index] = index
     graph.output(tuple(outputs))
     return dataclasses.replace(
         split_, device=torch.fx.GraphModule(gm, graph),
