@@ -344,6 +344,8 @@ def traceable_scale(self: Any, outputs: Any) -> Any:
     if self._scale is None:
         if self._growth_tracker is not None:
             return _STOCK_SCALE(self, outputs)
+        # What _lazy_init_scale_growth_tracker does; calling it (torch.amp) would break
+        # the graph. _stock_helpers made sure it is not overridden.
         self._scale = torch.full((), self._init_scale, dtype=torch.float32,
                                  device=outputs.device)
         self._growth_tracker = torch.full((), self._init_growth_tracker, dtype=torch.int32,
