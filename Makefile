@@ -20,8 +20,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# One pytest-xdist worker per core, at most 4 (each holds a torch_xla runtime); a module's
+# tests share a worker, so its expensive fixtures run once. PYTEST_ARGS="-n 0": one process.
 test: $(STAMP) lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope $(PYTEST_ARGS)
 
 # pytest-benchmark suites (benchmarks/test_bench_*.py); plain `pytest` collects tests/ only.
 bench: $(STAMP)

@@ -20,6 +20,7 @@ setup(
         "dev": [
             "pytest==9.2.0",
             "pytest-benchmark==5.3.1",
+            "pytest-xdist==3.8.0",  # make test runs the suite on every core
             "hypothesis==6.170.17",
             "ruff==0.17.6",
             "matplotlib==3.11.2",  # syncfree-xla bench --plot

@@ -50,7 +50,14 @@ def xla():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark each test with its tier, named after the folder under tests/ it lives in."""
+    """Mark each test with its tier, named after the folder under tests/ it lives in.
+
+    A session that runs xla or e2e tests starts torch_xla's runtime here, before any
+    test: autograd sizes its per-device queues at the process's first backward, and a
+    unit test's CPU backward run first (as a pytest-xdist worker may) would leave the
+    XLA device without one (pytorch/xla#4174: an INTERNAL ASSERT at the next XLA backward).
+    """
+    tiers = set()
     for item in items:
         try:
             tier = Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
@@ -58,3 +65,8 @@ def pytest_collection_modifyitems(config, items):
             continue
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+            tiers.add(tier)
+    if tiers - {"unit"}:
+        import torch_xla
+
+        torch_xla.device()

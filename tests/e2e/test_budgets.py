@@ -159,6 +159,37 @@ def test_the_baseline_fails_a_test_whose_counters_went_up(pytester):
                                  "(an increase; counters must not get worse)*"])
 
 
+# Makes the race between two writers of one baseline certain: each reads the file, then
+# waits long enough for the other to read it too before either replaces it.
+SLOW_BASELINE_READ = textwrap.dedent("""
+    import time
+    from xla_backend import testing
+
+    _read = testing.read_baseline
+
+    def read_then_wait(path):
+        recorded = _read(path)
+        time.sleep(3)
+        return recorded
+
+    testing.read_baseline = read_then_wait
+""")
+
+
+def test_update_under_xdist_keeps_every_workers_entries(pytester):
+    pytester.makeconftest(SLOW_BASELINE_READ)
+    clean = USER_TESTS.split("@pytest.mark.syncfree(warmup=3)\n")[0]
+    _user_project(pytester, clean + clean.split("from steps import build\n")[1]
+                  .replace("test_clean", "test_clean_too"))
+    baseline = pytester.path / "syncfree.json"
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2",
+                                  f"--syncfree-baseline={baseline}",
+                                  "--syncfree-update").assert_outcomes(passed=2)
+    recorded = json.loads(baseline.read_text())
+    assert sorted(test_id.split("::")[1] for test_id in recorded) == \
+        ["test_clean", "test_clean_too"]
+
+
 def test_a_misspelled_budget_is_named_with_the_accepted_ones(pytester):
     _user_project(pytester, textwrap.dedent("""
         import pytest

@@ -36,6 +36,8 @@ BUDGET_KEYS = ("max_syncs_per_step", "max_compiles", "max_recompiles",
                "max_executions_per_step", "max_graph_breaks")
 RUN_KEYS = ("warmup", "steps")
 _RESULTS = pytest.StashKey[dict]()
+#: The key of a pytest-xdist worker's results in what it hands its controller.
+_WORKER_RESULTS = "syncfree_xla_results"
 # torch's structured-trace logger: DEBUG records with no text at every compile step
 TORCH_TRACE_LOGGER = "torch.__trace"
 
@@ -137,11 +139,25 @@ def _read(path: Path) -> dict[str, dict[str, float]]:
         raise pytest.UsageError(f"--syncfree-baseline: {e}") from None
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist's controller, as each worker ends: gathers that worker's results, so
+    the baseline is written once, by the controller. Workers each writing their own
+    would race (read, merge, replace) and lose one another's entries."""
+    results = getattr(node, "workeroutput", {}).get(_WORKER_RESULTS)
+    if results:
+        node.config.stash[_RESULTS].update(results)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     path = config.getoption("--syncfree-baseline")
     results = config.stash.get(_RESULTS, {})
     if not (path and config.getoption("--syncfree-update") and results):
+        return
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller writes them
+        workeroutput[_WORKER_RESULTS] = results
         return
     from xla_backend import testing
 
