@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx
 from torch._dynamo.backends.common import aot_autograd
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import passes
 from passes import pipeline as pass_pipeline
@@ -101,6 +102,38 @@ def check_dense_gradients(gm: torch.fx.GraphModule) -> None:
             )
 
 
+_autograd_reaches_xla = False
+
+
+def check_autograd_reaches_xla(example_inputs: Sequence[Any]) -> None:
+    """Fails a training graph up front when autograd cannot run a backward on XLA.
+
+    Autograd's engine sets up one queue per device at the process's first backward. A
+    backward run before torch_xla's runtime started (an eager CPU reference, say)
+    leaves XLA without one, and every later XLA backward fails with an INTERNAL ASSERT
+    in ``engine.cpp`` (pytorch/xla#4174). A backward of one lazy scalar finds out,
+    without running anything on the device; once it passes it always will.
+    """
+    global _autograd_reaches_xla
+    if _autograd_reaches_xla or not torch.is_grad_enabled() or not any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        return
+    with unset_fake_temporarily(), torch.enable_grad():
+        probe = torch.zeros((), device=xla_device(), requires_grad=True)
+        try:
+            torch.autograd.grad(probe * 2, probe)
+        except RuntimeError as e:
+            if "device_ready_queues_" not in str(e):
+                raise
+            raise RuntimeError(
+                "syncfree_xla: autograd cannot run a backward on the XLA device in this "
+                "process: a backward ran before torch_xla's runtime started, and autograd "
+                "set up its device queues without XLA's (pytorch/xla#4174). Call "
+                "torch_xla.device() before the first backward (an eager CPU reference's "
+                "included), or run that backward in another process.") from None
+    _autograd_reaches_xla = True
+
+
 def _boxed(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
     """Marks ``fn`` as taking one list, so AOTAutograd can free its inputs early."""
 
@@ -136,6 +169,7 @@ class SyncfreeXla:
         interrupts.install()
         check_input_devices(gm, example_inputs)
         check_dense_gradients(gm)
+        check_autograd_reaches_xla(example_inputs)
         for observer in list(OBSERVERS):
             observer.on_dynamo_graph(gm, opts)
         if opts.syncfree_passes:  # Dynamo-level rewrites; placeholders stay as they are

@@ -36,6 +36,30 @@ def test_entry_point_works_in_a_fresh_interpreter_without_import_or_pjrt_warning
     assert "PJRT_DEVICE" not in done.stderr, done.stderr
 
 
+CPU_BACKWARD_FIRST = textwrap.dedent("""
+    import torch
+    w = torch.ones(3, requires_grad=True)
+    (w * 2).sum().backward()  # an eager CPU reference, before torch_xla's runtime starts
+    import torch_xla
+    device = torch_xla.device()
+    model = torch.nn.Linear(4, 2).to(device)
+    step = torch.compile(lambda x: model(x).sum(), backend="syncfree_xla")
+    try:
+        step(torch.ones(3, 4, device=device)).backward()
+    except Exception as e:
+        print(str(e))
+""")
+
+
+def test_a_backward_before_the_runtime_started_gets_a_clear_error():
+    done = subprocess.run([sys.executable, "-c", CPU_BACKWARD_FIRST], capture_output=True,
+                          text=True, timeout=300, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert "syncfree_xla: autograd cannot run a backward on the XLA device" in done.stdout
+    assert "torch_xla.device() before the first backward" in done.stdout, done.stdout
+    assert "INTERNAL ASSERT" not in done.stdout + done.stderr
+
+
 def test_cpu_inputs_get_a_clear_error_naming_the_argument(xla):
     model = nn.Linear(3, 2)  # forgotten: .to(torch_xla.device())
     step = torch.compile(lambda m, batch: m(batch), backend="syncfree_xla")
