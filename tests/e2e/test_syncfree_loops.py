@@ -189,7 +189,17 @@ LOOP_B_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     # the user's own capturable=True on the device; eager CPU runs it non-capturable
     "adamw-capturable": lambda p, device: torch.optim.AdamW(
         p, lr=1e-3, capturable=torch.device(device).type == "xla"),
+    # torch_xla's own "syncfree" optimizers, as torch_xla's AMP examples train with
+    "torch_xla-syncfree-adamw": lambda p, device: _syncfree().AdamW(p, lr=1e-3,
+                                                                    weight_decay=1e-2),
+    "torch_xla-syncfree-sgd": lambda p, device: _syncfree().SGD(p, lr=0.05, momentum=0.9),
 }
+
+
+def _syncfree():
+    from torch_xla.amp import syncfree
+
+    return syncfree
 
 
 def _amp_batch(work: workloads.Workload, i: int, device: torch.device | str):
