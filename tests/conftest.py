@@ -49,24 +49,31 @@ def xla():
     torch._dynamo.reset()
 
 
-def pytest_collection_modifyitems(config, items):
-    """Mark each test with its tier, named after the folder under tests/ it lives in.
+def _tier(item: pytest.Item) -> str | None:
+    try:
+        tier = Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
+    except ValueError:  # not under tests/ (e.g. benchmarks/)
+        return None
+    return tier if tier in TIERS else None
 
-    A session that runs xla or e2e tests starts torch_xla's runtime here, before any
-    test: autograd sizes its per-device queues at the process's first backward, and a
-    unit test's CPU backward run first (as a pytest-xdist worker may) would leave the
-    XLA device without one (pytorch/xla#4174: an INTERNAL ASSERT at the next XLA backward).
-    """
-    tiers = set()
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier, named after the folder under tests/ it lives in."""
     for item in items:
-        try:
-            tier = Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
-        except ValueError:  # not under tests/ (e.g. benchmarks/)
-            continue
-        if tier in TIERS:
+        tier = _tier(item)
+        if tier is not None:
             item.add_marker(getattr(pytest.mark, tier))
-            tiers.add(tier)
-    if tiers - {"unit"}:
+
+
+def pytest_collection_finish(session):
+    """A session that runs xla or e2e tests starts torch_xla's runtime before any test.
+
+    Autograd sets up its per-device queues at the process's first backward: a unit
+    test's CPU backward run first (as a pytest-xdist worker may) would leave the XLA
+    device without one (pytorch/xla#4174: an INTERNAL ASSERT at the next XLA backward).
+    Asked after ``-m``/``-k`` deselected, so ``-m unit`` still never imports torch_xla.
+    """
+    if any(_tier(item) not in (None, "unit") for item in session.items):
         import torch_xla
 
         torch_xla.device()
