@@ -71,7 +71,7 @@ def pytest_collection_finish(session):
     Autograd sets up its per-device queues at the process's first backward: a unit
     test's CPU backward run first (as a pytest-xdist worker may) would leave the XLA
     device without one (pytorch/xla#4174: an INTERNAL ASSERT at the next XLA backward).
-    Asked after ``-m``/``-k`` deselected, so ``-m unit`` still never imports torch_xla.
+    Asked after ``-m``/``-k`` deselected: a session of unit tests only does not start it.
     """
     if any(_tier(item) not in (None, "unit") for item in session.items):
         import torch_xla
