@@ -176,11 +176,23 @@ SLOW_BASELINE_READ = textwrap.dedent("""
 """)
 
 
+TWO_CLEAN_TESTS = textwrap.dedent("""
+    import pytest
+    from steps import build
+
+    @pytest.mark.syncfree(warmup=3)
+    def test_clean(syncfree_budget):
+        syncfree_budget.run(*build())
+
+    @pytest.mark.syncfree(warmup=3)
+    def test_clean_too(syncfree_budget):
+        syncfree_budget.run(*build())
+""")
+
+
 def test_update_under_xdist_keeps_every_workers_entries(pytester):
     pytester.makeconftest(SLOW_BASELINE_READ)
-    clean = USER_TESTS.split("@pytest.mark.syncfree(warmup=3)\n")[0]
-    _user_project(pytester, clean + clean.split("from steps import build\n")[1]
-                  .replace("test_clean", "test_clean_too"))
+    _user_project(pytester, TWO_CLEAN_TESTS)
     baseline = pytester.path / "syncfree.json"
     pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2",
                                   f"--syncfree-baseline={baseline}",
