@@ -27,6 +27,16 @@ def host_to_device_transfers() -> int:
     return _metric_count("TransferToDeviceTime")
 
 
+def host_to_device_bytes() -> int:
+    """Bytes copied to the device so far (torch_xla names the metric ``OutboundData``)."""
+    if "torch_xla" not in sys.modules:
+        return 0
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("OutboundData")
+    return int(data[1]) if data else 0
+
+
 def compiles() -> int:
     return _metric_count("CompileTime")
 

@@ -28,6 +28,7 @@ from .executable import (
     Value,
     constants_as_buffers,
     placeholder_tensor,
+    placeholder_tensors,
     run_hlo,
     trace_lock,
 )
@@ -94,10 +95,9 @@ def trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.devi
 def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
                        device: torch.device, pinned: dict[int, int] | None) -> Trace:
     """``trace``'s work, under its lock and settings; its own frame, cleared on failure."""
-    standins = [
-        placeholder_tensor(x, device) if isinstance(x, torch.Tensor) else x
-        for x in inputs
-    ]
+    tensor_inputs = [x for x in inputs if isinstance(x, torch.Tensor)]
+    uploaded = iter(placeholder_tensors(tensor_inputs, device))
+    standins = [next(uploaded) if isinstance(x, torch.Tensor) else x for x in inputs]
     ids = {
         xla_internals.tensor_id(t): k
         for k, t in enumerate(standins)
@@ -147,9 +147,21 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
     param_ids, param_values = xla_internals.device_data(tensors)
     kinds = [("input", ids[pid]) if pid in ids else ("const", value)
              for pid, value in zip(param_ids, param_values)]
-    # fresh stand-ins: the traced ones may have been updated in place, and are IR now
-    operands = [placeholder_tensor(inputs[ids[pid]], device) if pid in ids else value
-                for pid, value in zip(param_ids, param_values)]
+    # The traced stand-ins are still the buffers the IR reads, so they serve as the
+    # operands too, rather than a second set as large as the graph's inputs (an
+    # optimizer's parameters and state). One the trace updated in place is IR now and
+    # gets a fresh buffer; so does each under SPMD, where torch_xla gives a sharded
+    # buffer a new IR id at each use, which ``run_hlo`` could not map back (checked).
+    reuse = not spmd.spmd_active()
+    operands = []
+    for pid, value in zip(param_ids, param_values):
+        if pid not in ids:
+            operands.append(value)  # a constant
+            continue
+        standin = standins[ids[pid]]
+        if not reuse or xla_internals.needs_materialization([standin])[0]:
+            standin = placeholder_tensor(inputs[ids[pid]], device)
+        operands.append(standin)
     hlo = xla_internals.hlo_proto(tensors)
     # with no parameter there is no wiring to confuse (see run_hlo), nor an operand
     computed, order = run_hlo(hlo, operands) if operands else (tensors, [])
