@@ -27,14 +27,19 @@ def host_to_device_transfers() -> int:
     return _metric_count("TransferToDeviceTime")
 
 
-def host_to_device_bytes() -> int:
-    """Bytes copied to the device so far (torch_xla names the metric ``OutboundData``)."""
+def _metric_total(name: str) -> int:
+    """The sum of all values a torch_xla metric recorded."""
     if "torch_xla" not in sys.modules:
         return 0
     import torch_xla.debug.metrics as met
 
-    data = met.metric_data("OutboundData")
+    data = met.metric_data(name)
     return int(data[1]) if data else 0
+
+
+def host_to_device_bytes() -> int:
+    """Bytes copied to the device so far (torch_xla names the metric ``OutboundData``)."""
+    return _metric_total("OutboundData")
 
 
 def compiles() -> int:
@@ -48,12 +53,7 @@ def executions() -> int:
 
 def execute_time_ns() -> int:
     """Device time of every single-device execution so far, in nanoseconds."""
-    if "torch_xla" not in sys.modules:
-        return 0
-    import torch_xla.debug.metrics as met
-
-    data = met.metric_data("ExecuteTime")
-    return int(data[1]) if data else 0
+    return _metric_total("ExecuteTime")
 
 
 def fallback_counts() -> dict[str, int]:

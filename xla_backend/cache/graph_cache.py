@@ -56,7 +56,7 @@ from ..lower.executable import (
     Input,
     Value,
     constants_as_buffers,
-    placeholder_tensors,
+    placeholder_tensor,
     run_hlo,
     trace_lock,
 )
@@ -665,9 +665,9 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
             counters.incr(counters.GRAPHS_LOWERED)
             return exe, []
         # operands in HLO parameter order: the constants themselves, stand-ins for inputs
-        standins = iter(placeholder_tensors(
-            [inputs[value] for kind, value in entry.params if kind != "const"], device))
-        operands = [value.to(device) if kind == "const" else next(standins)
+        fills: dict = {}
+        operands = [value.to(device) if kind == "const" else
+                    placeholder_tensor(inputs[value], device, fills)
                     for kind, value in entry.params]
         _expect(not any(xla_internals.needs_materialization(operands)),
                 "a parameter did not become a device buffer")

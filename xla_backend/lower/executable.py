@@ -105,33 +105,27 @@ def any_symbolic(values: Sequence[Any]) -> bool:
     return any(isinstance(v, SYM_TYPES) for v in values)
 
 
-def placeholder_tensor(example: torch.Tensor, device: torch.device) -> torch.Tensor:
+def placeholder_tensor(example: torch.Tensor, device: torch.device,
+                       fills: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
+                       ) -> torch.Tensor:
     """A device buffer that traces as a computation parameter, sharded as ``example`` is.
 
     torch_xla inlines 0-d tensors holding 0 or 1 as literals ("special scalars"),
     which would bake a stand-in's value into the computation; 2 never is. Under SPMD
     the stand-in carries the example's sharding, so the computation is partitioned for
-    the buffers it will be fed.
+    the buffers it will be fed. ``fills``: host tensors by shape and dtype, shared by the
+    stand-ins of one graph, which for an optimizer are as large as its parameters and
+    state; a host tensor for each would only add to the first step's peak memory. Each
+    is still copied on its own: one call copying them all (``xla_internals.upload``)
+    left 0.1-0.3 GB more resident after training (``benchmarks/memory_bench.py``).
     """
-    return placeholder_tensors([example], device)[0]
-
-
-def placeholder_tensors(examples: Sequence[torch.Tensor], device: torch.device
-                        ) -> list[torch.Tensor]:
-    """:func:`placeholder_tensor` of each example, copied from one host tensor per shape
-    and dtype: an optimizer graph's stand-ins are as large as its parameters and state,
-    and a host tensor of each would only add to the first step's peak memory. Each is
-    copied on its own: one call copying them all (``xla_internals.upload``) left 0.1-0.3
-    GB more resident after training (measured, ``benchmarks/memory_bench.py``)."""
-    fills: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
-    for example in examples:
-        key = (tuple(example.shape), example.dtype)
-        if key not in fills:
-            fills[key] = torch.full(key[0], False if key[1] == torch.bool else 2, dtype=key[1])
-    standins = [fills[(tuple(e.shape), e.dtype)].to(device) for e in examples]
-    for example, standin in zip(examples, standins):
-        spmd.copy_sharding(example, standin)
-    return standins
+    key = (tuple(example.shape), example.dtype)
+    fills = {} if fills is None else fills
+    if key not in fills:
+        fills[key] = torch.full(key[0], False if key[1] == torch.bool else 2, dtype=key[1])
+    standin = fills[key].to(device)
+    spmd.copy_sharding(example, standin)
+    return standin
 
 
 def run_hlo(hlo: bytes, operands: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
@@ -162,7 +156,6 @@ __all__ = [
     "constants_as_buffers",
     "hlo_name",
     "placeholder_tensor",
-    "placeholder_tensors",
     "run_hlo",
     "trace_lock",
 ]

@@ -28,7 +28,6 @@ from .executable import (
     Value,
     constants_as_buffers,
     placeholder_tensor,
-    placeholder_tensors,
     run_hlo,
     trace_lock,
 )
@@ -95,9 +94,9 @@ def trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.devi
 def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
                        device: torch.device, pinned: dict[int, int] | None) -> Trace:
     """``trace``'s work, under its lock and settings; its own frame, cleared on failure."""
-    tensor_inputs = [x for x in inputs if isinstance(x, torch.Tensor)]
-    uploaded = iter(placeholder_tensors(tensor_inputs, device))
-    standins = [next(uploaded) if isinstance(x, torch.Tensor) else x for x in inputs]
+    fills: dict = {}
+    standins = [placeholder_tensor(x, device, fills) if isinstance(x, torch.Tensor) else x
+                for x in inputs]
     ids = {
         xla_internals.tensor_id(t): k
         for k, t in enumerate(standins)
@@ -160,7 +159,7 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
             continue
         standin = standins[ids[pid]]
         if not reuse or xla_internals.needs_materialization([standin])[0]:
-            standin = placeholder_tensor(inputs[ids[pid]], device)
+            standin = placeholder_tensor(inputs[ids[pid]], device, fills)
         operands.append(standin)
     hlo = xla_internals.hlo_proto(tensors)
     # with no parameter there is no wiring to confuse (see run_hlo), nor an operand

@@ -34,7 +34,7 @@ from ..lower.executable import (
     Input,
     any_symbolic,
     constants_as_buffers,
-    placeholder_tensors,
+    placeholder_tensor,
     trace_lock,
 )
 from ..lower.split import OutputSlot, SplitGraph, masked, split
@@ -101,9 +101,8 @@ def start_compile(exe: Executable, feed: list[Any], device: torch.device,
     its shapes and shardings make the lazy node to compile, as a trace would.
     """
     with trace_lock, torch.no_grad(), constants_as_buffers(special_scalars=True):
-        uploaded = iter(placeholder_tensors(
-            [t for (kind, _), t in zip(exe.hlo_params, feed) if kind == "input"], device))
-        standins = [next(uploaded) if kind == "input" else t
+        fills: dict = {}
+        standins = [placeholder_tensor(t, device, fills) if kind == "input" else t
                     for (kind, _), t in zip(exe.hlo_params, feed)]
         to_compile = exe.apply(standins)
     exe.ready = compile_pool.compile_once(
