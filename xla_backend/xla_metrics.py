@@ -10,13 +10,22 @@ from __future__ import annotations
 import sys
 
 
-def _metric_count(name: str) -> int:
+def _metric(name: str, field: int) -> int:
+    """A torch_xla metric's field: 0, how many values it recorded; 1, their sum."""
     if "torch_xla" not in sys.modules:
         return 0
     import torch_xla.debug.metrics as met
 
     data = met.metric_data(name)
-    return int(data[0]) if data else 0
+    return int(data[field]) if data else 0
+
+
+def _metric_count(name: str) -> int:
+    return _metric(name, 0)
+
+
+def _metric_total(name: str) -> int:
+    return _metric(name, 1)
 
 
 def device_to_host_transfers() -> int:
@@ -25,16 +34,6 @@ def device_to_host_transfers() -> int:
 
 def host_to_device_transfers() -> int:
     return _metric_count("TransferToDeviceTime")
-
-
-def _metric_total(name: str) -> int:
-    """The sum of all values a torch_xla metric recorded."""
-    if "torch_xla" not in sys.modules:
-        return 0
-    import torch_xla.debug.metrics as met
-
-    data = met.metric_data(name)
-    return int(data[1]) if data else 0
 
 
 def host_to_device_bytes() -> int:
