@@ -228,6 +228,42 @@ def test_devices_reach_xla_cells_and_their_process_environment(monkeypatch):
     assert seen["env"]["CPU_NUM_DEVICES"] == "4"
 
 
+def test_pair_loops_pairs_loops_a_and_b_with_plain_and_shows_the_ratio(monkeypatch, capsys):
+    specs = []
+
+    def runner(spec: bench.CellSpec, timeout_s: float) -> bench.CellResult:
+        specs.append(spec)
+        result = _fake_result(spec)
+        if spec.paired_loop is not None:
+            result.paired_loop_steady_ms, result.loop_ratio = 8.0, 1.25
+        return result
+
+    monkeypatch.setattr(bench.runner, "run_cell", runner)
+    assert cli.main(["bench", "--models", "mlp", "--backends", "syncfree_xla",
+                     "--loops", "plain", "A", "B", "--pair-loops"]) == 0
+    assert {s.loop: s.paired_loop for s in specs} == {"plain": None, "A": "plain", "B": "plain"}
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mlp")]
+    assert [row.count("1.25x") for row in rows] == [0, 1, 1]
+    specs.clear()
+    bench.run_matrix(["mlp"], ["A"], ["syncfree_xla"], runner=runner)
+    assert specs[0].paired_loop is None  # off unless asked: it costs a second compile
+
+
+def test_a_loop_is_timed_against_plain_after_its_own_counters():
+    """The plain loop's model and compile come after the A cell's counters were read,
+    which stay loop A's alone: one execution and no compile per step."""
+    spec = bench.CellSpec("mlp", "A", "syncfree_xla", steps=3, warmup=3, pipelined=False,
+                          paired_loop="plain")
+    result = bench.run_cell(spec)
+    assert result.ok, result.detail
+    assert (result.executions_per_step, result.syncs_per_step) == (1.0, 0.0)
+    assert result.xla_compiles_after_warmup == 0
+    assert result.paired_loop_steady_ms > 0 and 0.2 < result.loop_ratio < 5
+    for bad in ("A", "C"):
+        with pytest.raises(ValueError, match=f"paired_loop must be another loop.*'plain'.*'{bad}'"):
+            bench.measure_cell(bench.CellSpec("mlp", "A", "eager", paired_loop=bad))
+
+
 def test_cell_json_round_trip():
     spec = bench.CellSpec("bert", "B", "lazy", steps=3, threads=1, cache_dir="/tmp/x")
     assert bench.CellSpec.from_json(spec.to_json()) == spec

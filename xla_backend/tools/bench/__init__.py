@@ -24,7 +24,8 @@ device barrier):
 
 Timings on a shared machine are noisy: compare backends as ratios within one run, or
 interleave a second backend's steps in the same process (``CellSpec.paired``), which
-the perf gate does with eager.
+the perf gate does with eager, or the plain loop's with a loop A or B cell
+(``CellSpec.paired_loop``, ``bench --pair-loops``).
 """
 
 from ..backends import BACKEND_DOCS, BACKENDS, XLA_BACKENDS

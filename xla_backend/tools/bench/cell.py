@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..backends import XLA_BACKENDS
@@ -124,6 +124,11 @@ def measure_cell(spec: CellSpec) -> CellResult:
     """Runs one cell in this process. Call it in a fresh process (see :func:`run_cell`)."""
     from ... import counters, testing
 
+    if spec.paired_loop is not None and (spec.paired_loop not in LOOPS
+                                         or spec.paired_loop == spec.loop):
+        others = ", ".join(repr(loop) for loop in LOOPS if loop != spec.loop)
+        raise ValueError(f"paired_loop must be another loop of the same model, one of "
+                         f"{others}; got {spec.paired_loop!r}")
     result = CellResult(spec.model, spec.loop, spec.backend, steps=spec.steps,
                         warmup=spec.warmup)
     total = spec.warmup + spec.steps * (2 if spec.pipelined else 1)
@@ -153,21 +158,16 @@ def measure_cell(spec: CellSpec) -> CellResult:
     graphs = None if on_xla else _dynamo_counts()[0]
     times, paired_times = [], []
     for i in range(spec.warmup, spec.warmup + spec.steps):
-        started = time.perf_counter()
-        loss = one(i)
-        barrier()
-        times.append(time.perf_counter() - started)
+        seconds, loss = _timed(prepared, i)
+        times.append(seconds)
         if other is not None:
-            started = time.perf_counter()
-            other.step(i)
-            other.barrier()
-            paired_times.append(time.perf_counter() - started)
+            paired_times.append(_timed(other, i)[0])
     result.steady_ms = statistics.median(times) * 1e3
     result.steady_ms_min = min(times) * 1e3
     if paired_times:
         result.paired_steady_ms = statistics.median(paired_times) * 1e3
         result.paired_steady_ms_min = min(paired_times) * 1e3
-        result.paired_ratio = statistics.median(t / p for t, p in zip(times, paired_times))
+        result.paired_ratio = _median_ratio(times, paired_times)
     if start is not None:
         counted = testing.between(start, testing.snapshot(), spec.steps, spec.warmup)
         result.syncs_per_step = counted.syncs_per_step
@@ -197,7 +197,39 @@ def measure_cell(spec: CellSpec) -> CellResult:
         result.eager_fallbacks = int(stats.get(counters.EAGER_FALLBACKS, 0))
     result.final_loss = float(loss)  # a host read, after everything was measured
     result.peak_rss_mb = _rss_mb()
+    if spec.paired_loop is not None:
+        _interleave_loop(spec, prepared, total, result)
     return result
+
+
+def _timed(prepared: PreparedStep, i: int) -> tuple[float, Any]:
+    """Step ``i``: seconds up to the device barrier after it, and what it returned."""
+    started = time.perf_counter()
+    loss = prepared.step(i)
+    prepared.barrier()
+    return time.perf_counter() - started, loss
+
+
+def _median_ratio(times: list[float], paired_times: list[float]) -> float:
+    """The median of per-step ratios: each pair of steps saw the same machine load."""
+    return statistics.median(t / p for t, p in zip(times, paired_times))
+
+
+def _interleave_loop(spec: CellSpec, prepared: PreparedStep, first: int,
+                     result: CellResult) -> None:
+    """Times ``spec.steps`` more steps of this cell interleaved with as many of
+    ``spec.paired_loop``'s (same model and backend, built and warmed up only now)."""
+    other = prepare(replace(spec, loop=spec.paired_loop, paired=None, paired_loop=None),
+                    spec.warmup)
+    for i in range(spec.warmup):
+        other.step(i)
+    other.barrier()
+    times, paired_times = [], []
+    for i in range(first, first + spec.steps):
+        times.append(_timed(prepared, i)[0])
+        paired_times.append(_timed(other, i)[0])
+    result.paired_loop_steady_ms = statistics.median(paired_times) * 1e3
+    result.loop_ratio = _median_ratio(times, paired_times)
 
 
 def _prepare_paired(spec: CellSpec, batches: int) -> PreparedStep | None:

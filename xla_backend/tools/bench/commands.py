@@ -91,6 +91,12 @@ def add_bench_commands(subparsers: Any) -> None:
                             "devices (on the CPU: N virtual devices); each batch is split "
                             "over them, so N must divide the batch (default: one device, "
                             "no SPMD)")
+    bench.add_argument("--pair-loops", action="store_true",
+                       help="also time each loop A and B cell's steps interleaved with the "
+                            "plain loop's, in the same process, and report their ratio "
+                            "('vs plain'): the loops differ by less than two processes do "
+                            "on a shared machine (costs the plain loop's compile and "
+                            "2 x steps more per cell)")
     bench.add_argument("--skip", type=_skip_pair, action="append", default=[],
                        metavar="MODEL:BACKEND", help="record this cell as skipped (repeatable)")
     bench.add_argument("--json", type=_output_path, metavar="FILE",
@@ -104,7 +110,7 @@ def bench_command(args: argparse.Namespace) -> int:
     """Runs the matrix; exit status 1 only when no cell at all succeeded."""
     config = {"models": args.models, "backends": args.backends, "loops": args.loops,
               "steps": args.steps, "warmup": args.warmup, "timeout_s": args.timeout,
-              "threads": args.threads, "devices": args.devices}
+              "threads": args.threads, "devices": args.devices, "pair_loops": args.pair_loops}
     skip = {pair: "skipped on request (--skip)" for pair in args.skip}
     done: list[CellResult] = []
 
@@ -118,13 +124,15 @@ def bench_command(args: argparse.Namespace) -> int:
           f"({args.warmup} warm-up + {args.steps} measured steps)", file=sys.stderr, flush=True)
     results = run_matrix(args.models, args.loops, args.backends, steps=args.steps,
                          warmup=args.warmup, timeout_s=args.timeout, threads=args.threads,
-                         skip=skip, progress=report_progress, devices=args.devices)
+                         skip=skip, progress=report_progress, devices=args.devices,
+                         pair_loops=args.pair_loops)
     print(format_table(results))
     print(f"\nfirst step and warm-up ({args.warmup} steps) are cold: no on-disk graph cache. "
           f"steady = median step time with a device barrier after each step; pipelined = "
-          f"{args.steps} steps, one barrier. syncs, executions and compiles are torch_xla's "
-          f"counts per measured step; peak RSS = {MEMORY_METRIC}. torch threads per cell: "
-          f"{args.threads or 'torch default'}.")
+          f"{args.steps} steps, one barrier; vs plain (--pair-loops) = median ratio of this "
+          f"loop's steps to the plain loop's, interleaved in one process. syncs, executions "
+          f"and compiles are torch_xla's counts per measured step; peak RSS = {MEMORY_METRIC}. "
+          f"torch threads per cell: {args.threads or 'torch default'}.")
     if args.json:
         write_json(make_report(results, config), args.json)
         print(f"wrote {args.json}")

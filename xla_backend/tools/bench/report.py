@@ -82,14 +82,14 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
 
 
 TABLE_HEADER = ("model", "loop", "backend", "first step", "warm-up", "steady (median)",
-                "pipelined", "vs eager", "syncs/step", "execs/step", "XLA compiles",
+                "pipelined", "vs eager", "vs plain", "syncs/step", "execs/step", "XLA compiles",
                 "Dynamo graphs", "peak RSS", "RSS growth", "status")
 
 
 def table_row(r: CellResult, eager_ms: float | None) -> tuple[str, ...]:
     if not r.ok:
         status = f"{r.status}: {one_line(r.error or '', 120)}"
-        return (r.model, r.loop, r.backend, *(["-"] * 11), status)
+        return (r.model, r.loop, r.backend, *(["-"] * (len(TABLE_HEADER) - 4)), status)
     ratio = r.steady_ms / eager_ms if (eager_ms and r.steady_ms) else None
     return (
         r.model, r.loop, r.backend,
@@ -98,6 +98,7 @@ def table_row(r: CellResult, eager_ms: float | None) -> tuple[str, ...]:
         _fmt(r.steady_ms, ".1f", " ms"),
         _fmt(r.pipelined_ms, ".1f", " ms"),
         _fmt(ratio, ".2f", "x"),
+        _fmt(r.loop_ratio, ".2f", "x"),
         _fmt(r.syncs_per_step, ".2f"),
         _fmt(r.executions_per_step, ".2f"),
         _fmt(r.xla_compiles_after_warmup, "d"),
@@ -131,6 +132,8 @@ def progress_line(r: CellResult, index: int, total: int,
         return f"{head} {r.status}: {one_line(r.error or '', 160)}{wall}"
     base = (eager or {}).get((r.model, r.loop))
     ratio = f", {r.steady_ms / base:.2f}x eager" if base and r.steady_ms else ""
+    if r.loop_ratio is not None:
+        ratio += f", {r.loop_ratio:.2f}x plain (interleaved)"
     counts = ""
     if r.syncs_per_step is not None:
         counts = (f", {r.syncs_per_step:.2f} syncs/step, {r.executions_per_step:.2f} execs/step, "

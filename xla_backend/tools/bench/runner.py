@@ -134,6 +134,7 @@ def run_matrix(
     progress: Callable[[CellResult, int, int], None] | None = None,
     runner: Callable[[CellSpec, float], CellResult] | None = None,
     devices: int | None = None,
+    pair_loops: bool = False,
 ) -> list[CellResult]:
     """Every cell, one fresh process each; failures are results and the run goes on.
 
@@ -141,6 +142,8 @@ def run_matrix(
     A (model, backend) that timed out on one loop is skipped on the later loops
     (its compile would most likely time out again and cost another timeout).
     ``devices`` runs the XLA backends over an SPMD mesh of that many devices.
+    ``pair_loops``: every loop A and B cell also times its steps interleaved with the
+    plain loop's, in its own process (``CellSpec.paired_loop``).
     """
     skip = dict(skip or {})
     cells = plan(models, loops, backends)
@@ -151,7 +154,8 @@ def run_matrix(
             result = CellResult(model, loop, backend, status="skipped", error=reason)
         else:
             spec = CellSpec(model, loop, backend, steps=steps, warmup=warmup, threads=threads,
-                            devices=devices if backend in XLA_BACKENDS else None)
+                            devices=devices if backend in XLA_BACKENDS else None,
+                            paired_loop="plain" if pair_loops and loop != "plain" else None)
             logger.debug("running %s", spec)
             result = (runner or run_cell)(spec, timeout_s)
             if is_timeout(result):

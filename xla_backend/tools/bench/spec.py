@@ -60,7 +60,11 @@ class CellSpec:
     checks); without it the cache is off, so first steps are cold. ``paired="eager"``
     interleaves eager's steps with the measured ones in the same process: both see the
     same machine load, so their ratio holds still on a busy machine where the timings
-    of two separate processes do not. ``devices=N`` runs XLA backends data-parallel over
+    of two separate processes do not. ``paired_loop="plain"`` does the same with another
+    loop of the same model and backend, after everything else was measured (its second
+    model and compile would otherwise count in this cell's counters and memory): how
+    much a loop's clipping or GradScaler adds is a few percent, less than two processes
+    differ on a shared machine. ``devices=N`` runs XLA backends data-parallel over
     an SPMD mesh of N devices (N virtual CPU devices on the CPU client), each batch
     split over them (``xla_backend.sharding``); None is the plain single-device run.
     """
@@ -74,6 +78,7 @@ class CellSpec:
     cache_dir: str | None = None
     pipelined: bool = True
     paired: str | None = None
+    paired_loop: str | None = None
     devices: int | None = None
 
     def to_json(self) -> str:
@@ -102,6 +107,8 @@ class CellResult:
     paired_steady_ms: float | None = None  # the paired backend's steps, interleaved
     paired_steady_ms_min: float | None = None
     paired_ratio: float | None = None  # median over steps of this step / the paired step
+    paired_loop_steady_ms: float | None = None  # the paired loop's steps, interleaved
+    loop_ratio: float | None = None  # median over steps of this step / the paired loop's
     syncs_per_step: float | None = None
     executions_per_step: float | None = None
     xla_compiles_after_warmup: int | None = None
