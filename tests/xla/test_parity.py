@@ -234,3 +234,67 @@ def test_accumulation_loop_in_the_step_with_batch_norm_matches_eager(xla):
         compiled(model, opt, [tuple(t.to(xla) for t in b) for b in batches[i:i + 2]])
         _accumulating_step(reference, ref_opt, batches[i:i + 2])
     assert_same_state(model, reference, rtol=1e-5)
+
+
+class _CumulativeBatchNormNet(_BatchNormNet):
+    """BatchNorm with a cumulative average (``momentum=None``) over its running stats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(16, momentum=None)
+
+
+def _plain_step(model, opt, x, y):
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def test_batch_norm_with_a_cumulative_average_matches_eager_in_the_graph(xla):
+    """``momentum=None`` passes ``1 / float(num_batches_tracked)`` to the op: Dynamo broke
+    the graph there and ran the layer in lazy mode, whose running_var was biased (17% off
+    here on batches of 6). Now the layer is traced with the rest of the step, with eager's
+    numbers."""
+    torch.manual_seed(0)
+    model, reference = twin(_CumulativeBatchNormNet(), xla)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.02)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g))
+               for _ in range(8)]
+    torch._dynamo.utils.counters.clear()
+    got, want = train_both(_plain_step,
+                           lambda i: (model, opt, *(t.to(xla) for t in batches[i])),
+                           lambda i: (reference, ref_opt, *batches[i]), steps=8)
+    # the stock forward broke the graph on "Could not guard on data-dependent expression"
+    assert not [reason for reason in torch._dynamo.utils.counters["graph_break"]
+                if "data-dependent" in reason]
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-5, atol=1e-6)
+    assert_same_state(model, reference, rtol=1e-5)
+    assert int(model.norm.num_batches_tracked.cpu()) == 8
+
+
+def test_swa_update_bn_on_a_compiled_averaged_model_matches_eager(xla):
+    """``torch.optim.swa_utils.update_bn`` recomputes BatchNorm statistics with a
+    cumulative average; compiled, it gives eager's running variance."""
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    torch.manual_seed(0)
+    model, reference = twin(_CumulativeBatchNormNet(), xla)
+    model.norm.momentum = reference.norm.momentum = 0.1  # update_bn sets None itself
+    averaged, ref_averaged = AveragedModel(model), AveragedModel(reference)
+    for _ in range(3):
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), reference.parameters()):
+                p.mul_(0.9)
+                q.mul_(0.9)
+        averaged.update_parameters(model)
+        ref_averaged.update_parameters(reference)
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(6, 8, generator=g) for _ in range(4)]
+    update_bn([x.to(xla) for x in inputs], torch.compile(averaged, backend="syncfree_xla"))
+    update_bn(inputs, ref_averaged)
+    assert averaged.module.norm.momentum == 0.1  # update_bn gave it back
+    assert_same_state(averaged.module, ref_averaged.module, rtol=1e-5)

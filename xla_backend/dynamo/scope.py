@@ -20,6 +20,9 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
   stock one reads ``found_inf`` on the host to decide whether to step; and
   ``GradScaler.scale``, ``unscale_`` and ``update`` that Dynamo traces
   (``grad_scaler.STAND_INS``): torch.amp is on its skip list;
+* a ``_BatchNorm.forward`` whose cumulative average (``momentum=None``) Dynamo traces
+  (``batch_norm.traceable_forward``); the stock one breaks the graph and runs the layer
+  in lazy mode, with a biased running variance;
 * under ``torch.compile(dynamic=True)`` only, PyTorch's reference layer and group norm
   as their ``AutogradXLA`` kernels (:func:`_norms_for_symbolic_sizes`).
 
@@ -66,7 +69,7 @@ from torch._dynamo.repro.after_dynamo import WrapBackendDebug
 from torch.optim import _adafactor as torch_adafactor
 
 from .. import options as options_mod
-from . import grad_scaler, step_counters
+from . import batch_norm, grad_scaler, step_counters
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,7 @@ def _scope() -> Iterator[None]:
             if not torch._dynamo.config.assume_static_by_default:  # dynamic=True
                 stack.enter_context(_norms_for_symbolic_sizes())
             stack.enter_context(grad_scaler.masked_step())
+            stack.enter_context(batch_norm.cumulative_average_traced())
             stack.enter_context(step_counters.counters_on_device_when_traced())
             stack.enter_context(_adafactor_groups_by_dtype())
             _scope_stack = stack
