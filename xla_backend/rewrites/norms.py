@@ -17,6 +17,12 @@ contain the decomposed ops. LayerNorm's backward is decomposed too (torch_xla ha
 XLA kernel of its own for it); the step time of the transformer LM did not change
 measurably (CHANGELOG).
 
+Weight normalization (``torch.nn.utils.parametrizations.weight_norm``, with ``dim`` the
+first or last dimension) reaches ``_weight_norm_interface`` and its backward, which
+torch_xla does not lower at all: each would run on the host, a round trip per step.
+The forward is decomposed by torch's own decomposition, the backward by
+:func:`weight_norm_interface_backward` (``torch._decomp`` has none), eager's formula.
+
 Not decomposed yet: BatchNorm with running statistics
 (``_native_batch_norm_legit_functional``, its backward). Decomposing it gives the right
 running_var and large-mean outputs for a single layer, but ResNet-18 (torchvision,
@@ -47,9 +53,24 @@ NORM_OPS: tuple[torch._ops.OpOverloadPacket, ...] = (
 )
 
 
+def weight_norm_interface_backward(grad_w: torch.Tensor, saved_v: torch.Tensor,
+                                   saved_g: torch.Tensor, saved_norms: torch.Tensor,
+                                   dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``w = v * g / ||v||`` (norm over every dimension but ``dim``), in
+    the norms' dtype (float for bfloat16 weights, as the forward keeps them)."""
+    acc = saved_norms.dtype
+    grad_w, v, g = grad_w.to(acc), saved_v.to(acc), saved_g.to(acc)
+    dims = [d for d in range(v.dim()) if d != dim]
+    grad_g = (grad_w * v).sum(dims, keepdim=True) / saved_norms
+    grad_v = (g / saved_norms) * (grad_w - v * (grad_g / saved_norms))
+    return grad_v.to(saved_v.dtype), grad_g.to(saved_g.dtype)
+
+
 def norm_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """The decomposition table handed to AOTAutograd (``decompositions=``)."""
-    return get_decompositions(list(NORM_OPS))
+    table = get_decompositions([*NORM_OPS, _aten._weight_norm_interface])
+    table[_aten._weight_norm_interface_backward.default] = weight_norm_interface_backward
+    return table
 
 
-__all__ = ["NORM_OPS", "norm_decompositions"]
+__all__ = ["NORM_OPS", "norm_decompositions", "weight_norm_interface_backward"]
