@@ -250,12 +250,15 @@ class _CumulativeBatchNormNet(_BatchNormNet):
         self.norm = torch.nn.BatchNorm1d(16, momentum=None)
 
 
-def _plain_step(model, opt, x, y):
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
+def _twins_with_batches(net: torch.nn.Module, optimizer, device, seed: int, steps: int):
+    """The model on ``device`` and on the CPU, an optimizer for each, and the batches."""
+    torch.manual_seed(0)
+    model, reference = twin(net, device)
+    opt, ref_opt = optimizer(model.parameters()), optimizer(reference.parameters())
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g))
+               for _ in range(steps)]
+    return model, reference, opt, ref_opt, batches
 
 
 def test_batch_norm_with_a_cumulative_average_matches_eager_in_the_graph(xla):
@@ -263,15 +266,10 @@ def test_batch_norm_with_a_cumulative_average_matches_eager_in_the_graph(xla):
     the graph there and ran the layer in lazy mode, whose running_var was biased (17% off
     here on batches of 6). Now the layer is traced with the rest of the step, with eager's
     numbers."""
-    torch.manual_seed(0)
-    model, reference = twin(_CumulativeBatchNormNet(), xla)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.02)
-    g = torch.Generator().manual_seed(2)
-    batches = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g))
-               for _ in range(8)]
+    model, reference, opt, ref_opt, batches = _twins_with_batches(
+        _CumulativeBatchNormNet(), lambda p: torch.optim.AdamW(p, lr=0.02), xla, 2, 8)
     torch._dynamo.utils.counters.clear()
-    got, want = train_both(_plain_step,
+    got, want = train_both(workloads.train_step,
                            lambda i: (model, opt, *(t.to(xla) for t in batches[i])),
                            lambda i: (reference, ref_opt, *batches[i]), steps=8)
     # the stock forward broke the graph on "Could not guard on data-dependent expression"
@@ -320,19 +318,14 @@ class _WeightNormNet(torch.nn.Module):
 def test_weight_norm_trains_like_eager_without_a_host_round_trip(xla):
     """torch_xla lowers neither ``_weight_norm_interface`` nor its backward: both ran on
     the host, 12 transfers a step here. Decomposed, the step stays on the device."""
-    torch.manual_seed(0)
-    model, reference = twin(_WeightNormNet(), xla)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.02)
-    g = torch.Generator().manual_seed(4)
-    batches = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g))
-               for _ in range(10)]
-    compiled = torch.compile(_plain_step, backend="syncfree_xla")
+    model, reference, opt, ref_opt, batches = _twins_with_batches(
+        _WeightNormNet(), lambda p: torch.optim.Adam(p, lr=0.02), xla, 4, 10)
+    compiled = torch.compile(workloads.train_step, backend="syncfree_xla")
     got, want = [], []
 
     def one(i: int) -> None:
         got.append(compiled(model, opt, *(t.to(xla) for t in batches[i])))
-        want.append(_plain_step(reference, ref_opt, *batches[i]))
+        want.append(workloads.train_step(reference, ref_opt, *batches[i]))
 
     window = warm_then_measure(one, warmup=4, steps=10)
     assert window.counts.transfers_to_host == 0
