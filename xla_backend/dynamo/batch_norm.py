@@ -38,6 +38,8 @@ def traceable_forward(self: _BatchNorm, input: torch.Tensor) -> torch.Tensor:
         return _STOCK_FORWARD(self, input)
     self._check_input_dim(input)
     self.num_batches_tracked.add_(1)
+    # first, so that a batch it refuses (one value per channel) leaves the stats alone
+    out = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
     with torch.no_grad():
         factor = 1.0 / self.num_batches_tracked
         x = input.detach().to(self.running_mean.dtype)
@@ -45,7 +47,7 @@ def traceable_forward(self: _BatchNorm, input: torch.Tensor) -> torch.Tensor:
         mean, var = x.mean(dims), x.var(dims, correction=1)
         self.running_mean.mul_(1 - factor).add_(mean * factor)
         self.running_var.mul_(1 - factor).add_(var * factor)
-    return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+    return out
 
 
 @contextlib.contextmanager
