@@ -215,6 +215,18 @@ class _BatchNormNet(torch.nn.Module):
         return self.head(torch.relu(self.norm(self.inner(x))))
 
 
+def _twins_with_batches(net: type[torch.nn.Module], optimizer, device, seed: int, steps: int):
+    """``net`` built under seed 0, on ``device`` and on the CPU, an optimizer for each,
+    and ``steps`` batches drawn from ``seed``."""
+    torch.manual_seed(0)
+    model, reference = twin(net(), device)
+    opt, ref_opt = optimizer(model.parameters()), optimizer(reference.parameters())
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g))
+               for _ in range(steps)]
+    return model, reference, opt, ref_opt, batches
+
+
 def _accumulating_step(model, opt, micro_batches):
     """Gradient accumulation inside the compiled function: Dynamo runs this frame
     eagerly (a graph break in a loop) and compiles the model's forward on its own."""
@@ -228,13 +240,8 @@ def _accumulating_step(model, opt, micro_batches):
 def test_accumulation_loop_in_the_step_with_batch_norm_matches_eager(xla):
     """As the README says: the running variance is eager's (unbiased), which torch_xla's
     lazy mode alone would not give (a bare ``nn.Sequential`` here ends 7% off)."""
-    torch.manual_seed(0)
-    model, reference = twin(_BatchNormNet(), xla)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g))
-               for _ in range(12)]
+    model, reference, opt, ref_opt, batches = _twins_with_batches(
+        _BatchNormNet, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), xla, 1, 12)
     compiled = torch.compile(_accumulating_step, backend="syncfree_xla")
     for i in range(0, 12, 2):
         compiled(model, opt, [tuple(t.to(xla) for t in b) for b in batches[i:i + 2]])
@@ -250,24 +257,13 @@ class _CumulativeBatchNormNet(_BatchNormNet):
         self.norm = torch.nn.BatchNorm1d(16, momentum=None)
 
 
-def _twins_with_batches(net: torch.nn.Module, optimizer, device, seed: int, steps: int):
-    """The model on ``device`` and on the CPU, an optimizer for each, and the batches."""
-    torch.manual_seed(0)
-    model, reference = twin(net, device)
-    opt, ref_opt = optimizer(model.parameters()), optimizer(reference.parameters())
-    g = torch.Generator().manual_seed(seed)
-    batches = [(torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g))
-               for _ in range(steps)]
-    return model, reference, opt, ref_opt, batches
-
-
 def test_batch_norm_with_a_cumulative_average_matches_eager_in_the_graph(xla):
     """``momentum=None`` passes ``1 / float(num_batches_tracked)`` to the op: Dynamo broke
     the graph there and ran the layer in lazy mode, whose running_var was biased (17% off
     here on batches of 6). Now the layer is traced with the rest of the step, with eager's
     numbers."""
     model, reference, opt, ref_opt, batches = _twins_with_batches(
-        _CumulativeBatchNormNet(), lambda p: torch.optim.AdamW(p, lr=0.02), xla, 2, 8)
+        _CumulativeBatchNormNet, lambda p: torch.optim.AdamW(p, lr=0.02), xla, 2, 8)
     torch._dynamo.utils.counters.clear()
     got, want = train_both(workloads.train_step,
                            lambda i: (model, opt, *(t.to(xla) for t in batches[i])),
@@ -319,7 +315,7 @@ def test_weight_norm_trains_like_eager_without_a_host_round_trip(xla):
     """torch_xla lowers neither ``_weight_norm_interface`` nor its backward: both ran on
     the host, 12 transfers a step here. Decomposed, the step stays on the device."""
     model, reference, opt, ref_opt, batches = _twins_with_batches(
-        _WeightNormNet(), lambda p: torch.optim.Adam(p, lr=0.02), xla, 4, 10)
+        _WeightNormNet, lambda p: torch.optim.Adam(p, lr=0.02), xla, 4, 10)
     compiled = torch.compile(workloads.train_step, backend="syncfree_xla")
     got, want = [], []
 
