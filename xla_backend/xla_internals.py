@@ -59,6 +59,21 @@ def device_data(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[torch.
     return list(ids), list(values)
 
 
+def buffer_handles(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Each tensor's device buffer, as a number: equal for tensors on one buffer."""
+    return list(_XLAC._get_tensors_handle(list(tensors)))
+
+
+def buffer_alias(t: torch.Tensor) -> torch.Tensor:
+    """A new tensor on ``t``'s device buffer, which ``t`` must hold (not pending IR).
+
+    torch_xla names a buffer's computation parameter, and lets a sync donate the
+    buffer, after the last tensor that made an IR node of it.
+    """
+    (alias,) = _XLAC._get_tensors_xla_device_data_node([t])[1]
+    return alias
+
+
 def upload(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Host tensors copied to ``device`` as plain buffers (never special scalars)."""
     return list(_XLAC._xla_tensors_from_aten(list(tensors), [str(device)] * len(tensors)))

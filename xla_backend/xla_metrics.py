@@ -50,6 +50,13 @@ def executions() -> int:
     return _metric_count("ExecuteTime") + _metric_count("ExecuteReplicatedTime")
 
 
+def buffers_donated() -> int:
+    """Input buffers that compiled computations may update in place, summed over the
+    compiles so far (torch_xla's ``InputOutputAliasCount``): a sync that donates the
+    buffers it replaces counts them when it compiles."""
+    return _metric_total("InputOutputAliasCount")
+
+
 def execute_time_ns() -> int:
     """Device time of every single-device execution so far, in nanoseconds."""
     return _metric_total("ExecuteTime")

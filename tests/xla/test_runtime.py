@@ -158,3 +158,27 @@ def test_stats_report_waiting_and_how_far_the_host_ran_ahead(xla):
     assert s["compile_seconds"] > 0
     assert s["dispatch_wait_seconds"] >= 0
     assert s["queue_depth_max"] >= 1, "ten asynchronous calls left at least one in flight"
+
+
+def test_a_graph_traced_on_one_buffer_passed_twice_reads_two_inputs(xla):
+    """A graph traced on real inputs runs on their own buffers (``executable.standins``),
+    and torch_xla makes one computation parameter of one buffer: the second input on
+    the same buffer needs a buffer of its own, or the computation would read one
+    parameter for both, and a later call with two tensors get ``x * 2 + x``."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from xla_backend.runtime.graph import LoweredGraph
+
+    def fn(a, b):
+        return (a * 2 + b,)
+
+    gm = make_fx(fn, tracing_mode="fake")(torch.randn(4, device=xla), torch.randn(4, device=xla))
+    x = torch.arange(4.0).to(xla)
+    settle()
+    lowered = LoweredGraph(gm, [x, x], "forward graph 0")  # traced now, on x and x
+    y = torch.full((4,), 10.0).to(xla)
+    (got,) = lowered([x, y])
+    torch.testing.assert_close(got.cpu(), torch.arange(4.0) * 2 + 10)
+    (same,) = lowered([x, x])
+    torch.testing.assert_close(same.cpu(), torch.arange(4.0) * 3)
+

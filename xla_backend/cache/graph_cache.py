@@ -56,8 +56,8 @@ from ..lower.executable import (
     Input,
     Value,
     constants_as_buffers,
-    placeholder_tensor,
     run_hlo,
+    standins,
     trace_lock,
 )
 from ..lower.trace import Trace
@@ -559,8 +559,12 @@ class Lookup:
 
 
 def lookup(device_gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch.device,
-           opts: options_mod.Options, pinned: dict[int, int] | None = None) -> Lookup:
-    """Looks ``device_gm`` up; on a usable entry, ``.executable`` is ready to run."""
+           opts: options_mod.Options, pinned: dict[int, int] | None = None,
+           share: bool = False) -> Lookup:
+    """Looks ``device_gm`` up; on a usable entry, ``.executable`` is ready to run.
+
+    ``share``: the rebuilt computation's stand-ins may share the inputs' buffers
+    (``executable.standins``)."""
     try:
         store = store_for(opts)
         key = graph_key(device_gm, inputs, opts, pinned)
@@ -582,7 +586,7 @@ def lookup(device_gm: torch.fx.GraphModule, inputs: Sequence[Any], device: torch
     if payload is not None:
         exe = _live.get(digest)
         if exe is None:
-            exe, found.to_compile = _load(store, digest, payload, inputs, device)
+            exe, found.to_compile = _load(store, digest, payload, inputs, device, share)
         if exe is not None:
             _live[digest] = exe
             counters.incr(counters.CACHE_GRAPH_HITS)
@@ -605,7 +609,7 @@ def _explain_miss(store: Store, key: key_mod.CacheKey) -> None:
 
 
 def _load(store: Store, digest: str, payload: bytes, inputs: Sequence[Any],
-          device: torch.device) -> tuple[Executable | None, list[torch.Tensor]]:
+          device: torch.device, share: bool) -> tuple[Executable | None, list[torch.Tensor]]:
     """Rebuilds the executable of an entry and the tensors to compile for it.
 
     None (and the entry discarded) if it is unusable.
@@ -613,7 +617,7 @@ def _load(store: Store, digest: str, payload: bytes, inputs: Sequence[Any],
     try:
         entry, devices = decode_entry(payload)
         _check_against_inputs(entry, inputs)
-        return _rebuild(entry, devices, device, inputs)
+        return _rebuild(entry, devices, device, inputs, share)
     except Exception as e:  # a bad entry must only cost a compile
         counters.incr(counters.CACHE_GRAPH_REJECTED)
         warn_once("load", "syncfree-xla graph cache: entry %s is unusable (%s: %s); "
@@ -639,11 +643,12 @@ def _check_against_inputs(entry: GraphEntry, inputs: Sequence[Any]) -> None:
 
 
 def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
-             inputs: Sequence[Any]) -> tuple[Executable, list[torch.Tensor]]:
+             inputs: Sequence[Any], share: bool) -> tuple[Executable, list[torch.Tensor]]:
     """Wraps the stored HLO into a lazy computation on stand-ins, ready to compile.
 
     Stand-ins take the shapes, dtypes and SPMD shardings of the inputs they stand for
-    (``_check_against_inputs`` made sure those match the entry).
+    (``_check_against_inputs`` made sure those match the entry), or with ``share``
+    their buffers (``executable.standins``).
     """
     # Constants must become device buffers, as they were when traced: no shared cached
     # scalars, and no 0-d 0/1 inlined as a literal (a "special scalar").
@@ -665,13 +670,14 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
             counters.incr(counters.GRAPHS_LOWERED)
             return exe, []
         # operands in HLO parameter order: the constants themselves, stand-ins for inputs
-        fills: dict = {}
-        operands = [value.to(device) if kind == "const" else
-                    placeholder_tensor(inputs[value], device, fills)
-                    for kind, value in entry.params]
-        _expect(not any(xla_internals.needs_materialization(operands)),
-                "a parameter did not become a device buffer")
-        results, order = run_hlo(entry.hlo, operands)
+        read = [value for kind, value in entry.params if kind == "input"]
+        with standins([inputs[v] for v in read], device, share) as (stand, _):
+            of_input = dict(zip(read, stand))
+            operands = [value.to(device) if kind == "const" else of_input[value]
+                        for kind, value in entry.params]
+            _expect(not any(xla_internals.needs_materialization(operands)),
+                    "a parameter did not become a device buffer")
+            results, order = run_hlo(entry.hlo, operands)
         _expect(len(results) == len(entry.computed), "computation has other outputs")
         for r, (shape, dtype) in zip(results, entry.computed):
             # the HLO may hold a narrower integer than the trace (cummax's indices);

@@ -128,6 +128,73 @@ def placeholder_tensor(example: torch.Tensor, device: torch.device,
     return standin
 
 
+@contextlib.contextmanager
+def standins(inputs: Sequence[Any], device: torch.device, share: bool = False
+             ) -> Iterator[tuple[list[Any], list[int]]]:
+    """Stand-ins to trace or rebuild a graph on, and the positions that share a buffer.
+
+    Each tensor input gets a buffer of its own (:func:`placeholder_tensor`). With
+    ``share`` (a graph that runs alone at its first call, before joining starts), an
+    input that already is a device buffer is stood in for by a new tensor on that same
+    buffer instead, so the trace holds no second copy of it: for an optimizer, as large
+    as its parameters, gradients and state. Ops may run on it, as a CPU fallback does.
+    torch_xla makes one computation parameter of one buffer, so of inputs on one buffer
+    only the first shares it; 0-d inputs (which torch_xla's scalar cache may share
+    with other tensors) and views never do, nor does anything under SPMD.
+
+    torch_xla donates a buffer at a sync only to the tensor that last made an IR node
+    of it, which a stand-in now is. On the way out each shared input is rebound to a
+    tensor of its own on its buffer, so the sync that runs the graph donates it. (Done
+    inside a joined step, that rebinding would give the step's IR two nodes for one
+    buffer, and the next step another hash: a compile more.)
+    """
+    stand = list(inputs)
+    shared: list[int] = []
+    if share and not spmd.spmd_active():
+        candidates = [k for k, x in enumerate(inputs) if _holds_buffer(x)]
+        seen: set[int] = set()
+        for k, handle in zip(candidates, xla_internals.buffer_handles(
+                [inputs[k] for k in candidates])):
+            if handle not in seen:
+                seen.add(handle)
+                shared.append(k)
+                stand[k] = xla_internals.buffer_alias(inputs[k])
+        xla_internals.device_data([stand[k] for k in shared])  # each names its buffer
+    fills: dict = {}
+    owned = set(shared)
+    for k, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and k not in owned:
+            stand[k] = placeholder_tensor(x, device, fills)
+    try:
+        yield stand, shared
+    finally:
+        for k in shared:
+            x = inputs[k]
+            if not xla_internals.needs_materialization([x])[0]:
+                xla_internals.rebind(x, xla_internals.buffer_alias(x))
+
+
+def sharing_intact(stand: Sequence[Any], shared: Sequence[int]) -> bool:
+    """Whether each stand-in at ``shared`` still names the parameter of its buffer.
+
+    torch_xla names a buffer's parameter after the last tensor that made an IR node of
+    it. Another tensor on the same buffer doing so meanwhile (on another thread) takes
+    the name over, and a trace would read that buffer as a constant of the computation.
+    """
+    tensors = [stand[k] for k in shared]
+    if not tensors:
+        return True
+    ids, _ = xla_internals.device_data(tensors)
+    return {xla_internals.tensor_id(t) for t in tensors} <= set(ids)
+
+
+def _holds_buffer(x: Any) -> bool:
+    """A whole tensor of one or more dimensions on a device buffer, not pending IR."""
+    return (type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "xla"
+            and x.dim() > 0 and not x._is_view()
+            and not xla_internals.needs_materialization([x])[0])
+
+
 def run_hlo(hlo: bytes, operands: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
     """``hlo`` applied to ``operands`` as one lazy-IR node, ready to compile and replay.
 
@@ -157,5 +224,7 @@ __all__ = [
     "hlo_name",
     "placeholder_tensor",
     "run_hlo",
+    "sharing_intact",
+    "standins",
     "trace_lock",
 ]

@@ -1,7 +1,7 @@
 """Traces an aten FX graph on the XLA device and exports it as one HLO module.
 
-The graph runs once on stand-in buffers (``executable.placeholder_tensor``), which builds
-torch_xla's lazy IR; that IR is lowered to an HLO module proto and wrapped back into one
+The graph runs once on stand-ins (``executable.standins``), which builds torch_xla's
+lazy IR; that IR is lowered to an HLO module proto and wrapped back into one
 user computation (``executable.run_hlo``), ready for the XLA compile. Nothing runs here
 and nothing is cached: ``runtime.graph`` asks the graph cache first and keeps what this
 returns. CPU-side pieces (optimizer step counters) were split off before (``split``).
@@ -29,6 +29,8 @@ from .executable import (
     constants_as_buffers,
     placeholder_tensor,
     run_hlo,
+    sharing_intact,
+    standins,
     trace_lock,
 )
 
@@ -72,15 +74,21 @@ def _is_alias(node: Any) -> bool:
 
 
 def trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.device,
-          pinned: dict[int, int] | None = None) -> Trace:
+          pinned: dict[int, int] | None = None, share: bool = False) -> Trace:
     """Traces ``device_gm`` on stand-in buffers: the executable, its HLO, what to compile.
 
     ``pinned`` maps a device output to the input it updates in place; under SPMD that
     output keeps the input's sharding, so a parameter rebound to it stays sharded.
+    ``share``: stand-ins may share the inputs' buffers (``executable.standins``).
     """
     with trace_lock, torch.no_grad(), constants_as_buffers():
         try:
-            return _trace_on_standins(device_gm, inputs, device, pinned)
+            try:
+                return _trace_on_standins(device_gm, inputs, device, pinned, share)
+            except _SharingLost:
+                log.debug("syncfree_xla: an input's buffer was used elsewhere while it "
+                          "was traced; tracing again on buffers of its own")
+                return _trace_on_standins(device_gm, inputs, device, pinned, share=False)
         except BaseException as exc:
             # The trace's frames hold its stand-ins and lazy results. An exception kept
             # anywhere (by the caller, in a log record) would keep them alive, and the
@@ -91,19 +99,28 @@ def trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.devi
             raise
 
 
+class _SharingLost(Exception):
+    """A stand-in on an input's buffer stopped naming its parameter (``sharing_intact``)."""
+
+
 def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
-                       device: torch.device, pinned: dict[int, int] | None) -> Trace:
+                       device: torch.device, pinned: dict[int, int] | None,
+                       share: bool) -> Trace:
     """``trace``'s work, under its lock and settings; its own frame, cleared on failure."""
-    fills: dict = {}
-    standins = [placeholder_tensor(x, device, fills) if isinstance(x, torch.Tensor) else x
-                for x in inputs]
+    with standins(inputs, device, share) as (stand, shared):
+        return _trace(device_gm, inputs, device, pinned, stand, shared)
+
+
+def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.device,
+           pinned: dict[int, int] | None, stand: list[Any], shared: list[int]) -> Trace:
+    """Runs ``device_gm`` on the stand-ins ``stand`` and lowers what it computes."""
     ids = {
         xla_internals.tensor_id(t): k
-        for k, t in enumerate(standins)
+        for k, t in enumerate(stand)
         if isinstance(t, torch.Tensor)
     }
     fallbacks_before = xla_metrics.fallback_counts()
-    results = device_gm(*standins)
+    results = device_gm(*stand)
     fell_back = xla_metrics.fell_back_since(fallbacks_before)
     if fell_back:
         raise OpsFellBackInTrace(fell_back)
@@ -111,7 +128,7 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
         r = results[out_index]
         if isinstance(r, torch.Tensor) and r.device.type == "xla" and \
                 xla_internals.needs_materialization([r])[0]:
-            spmd.copy_sharding(standins[position], r)
+            spmd.copy_sharding(stand[position], r)
     tensors: list[torch.Tensor] = []
     result_index: dict[int, int] = {}
     output_values: list[Any] = []
@@ -144,12 +161,14 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
     if not tensors:
         return Trace(Executable(None, [], output_values), [])
     param_ids, param_values = xla_internals.device_data(tensors)
+    if not sharing_intact(stand, shared):
+        raise _SharingLost()
     kinds = [("input", ids[pid]) if pid in ids else ("const", value)
              for pid, value in zip(param_ids, param_values)]
     # The traced stand-ins are still the buffers the IR reads, so they serve as the
     # operands too, rather than a second set as large as the graph's inputs (an
     # optimizer's parameters and state). One the trace updated in place is IR now and
-    # gets a fresh buffer; so does each under SPMD, where torch_xla gives a sharded
+    # gets a buffer of its own; so does each under SPMD, where torch_xla gives a sharded
     # buffer a new IR id at each use, which ``run_hlo`` could not map back (checked).
     reuse = not spmd.spmd_active()
     operands = []
@@ -157,9 +176,9 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
         if pid not in ids:
             operands.append(value)  # a constant
             continue
-        standin = standins[ids[pid]]
+        standin = stand[ids[pid]]
         if not reuse or xla_internals.needs_materialization([standin])[0]:
-            standin = placeholder_tensor(inputs[ids[pid]], device, fills)
+            standin = placeholder_tensor(inputs[ids[pid]], device)
         operands.append(standin)
     hlo = xla_internals.hlo_proto(tensors)
     # with no parameter there is no wiring to confuse (see run_hlo), nor an operand
@@ -167,7 +186,7 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
     for out_index, position in (pinned or {}).items():
         value = output_values[out_index]
         if isinstance(value, Computed):
-            spmd.copy_sharding(standins[position], computed[value.index])
+            spmd.copy_sharding(stand[position], computed[value.index])
     counters.incr(counters.GRAPHS_LOWERED)
     exe = Executable(xla_internals.graph_hash(computed), [kinds[k] for k in order],
                      output_values, dtypes=tuple(t.dtype for t in tensors),

@@ -15,8 +15,10 @@ runs as its masked twin instead, which keeps each old value where found_inf is s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any, Sequence
 
 import torch
@@ -34,7 +36,7 @@ from ..lower.executable import (
     Input,
     any_symbolic,
     constants_as_buffers,
-    placeholder_tensor,
+    standins,
     trace_lock,
 )
 from ..lower.split import OutputSlot, SplitGraph, masked, split
@@ -43,6 +45,23 @@ from ..options import Options, resolve
 from . import compile_pool, step
 
 log = logging.getLogger(__name__)
+
+#: Called with True as a graph starts lowering (tracing, or rebuilding from the cache,
+#: and storing what it traced) and with False as it ends. A graph may lower at its
+#: first call, outside Dynamo's compile: ``explain`` counts the host reads in between
+#: (the constants the cache stores) as compile time all the same.
+LOWERING_OBSERVERS: list[Callable[[bool], None]] = []
+
+
+@contextlib.contextmanager
+def _lowering() -> Iterator[None]:
+    for observer in list(LOWERING_OBSERVERS):
+        observer(True)
+    try:
+        yield
+    finally:
+        for observer in list(LOWERING_OBSERVERS):
+            observer(False)
 
 
 def _signature(args: Sequence[Any], positions: Sequence[int], sharded: bool = False) -> tuple:
@@ -65,24 +84,26 @@ def _signature(args: Sequence[Any], positions: Sequence[int], sharded: bool = Fa
 
 def trace_and_compile(device_gm: torch.fx.GraphModule, inputs: list[Any],
                       device: torch.device, options: Options | None = None,
-                      pinned: dict[int, int] | None = None, compile_now: bool = True
-                      ) -> Executable:
+                      pinned: dict[int, int] | None = None, compile_now: bool = True,
+                      share: bool = False) -> Executable:
     """A stored entry for this graph and inputs, else a trace that is stored; then a compile.
 
     A hit skips tracing and HLO lowering; on CPU the XLA compile itself still runs. The
     compile runs on the runtime's pool and ``exe.ready`` says when it is done. With
     ``join_graphs`` the graph compiles as part of its step instead, so nothing is
     compiled here (:func:`start_compile` does it if the graph ever runs alone); nor
-    without ``compile_now``.
+    without ``compile_now``. ``share``: the stand-ins may share the inputs' buffers
+    (``executable.standins``).
     """
     options = options if options is not None else resolve(None)
-    found = graph_cache.lookup(device_gm, inputs, device, options, pinned)
-    if found.executable is not None:
-        exe, to_compile = found.executable, found.to_compile
-    else:
-        traced = trace(device_gm, inputs, device, pinned)
-        exe, to_compile = traced.executable, traced.to_compile
-        found.store(traced)
+    with _lowering():
+        found = graph_cache.lookup(device_gm, inputs, device, options, pinned, share)
+        if found.executable is not None:
+            exe, to_compile = found.executable, found.to_compile
+        else:
+            traced = trace(device_gm, inputs, device, pinned, share)
+            exe, to_compile = traced.executable, traced.to_compile
+            found.store(traced)
     # a computation that reads no buffer cannot be a lazy node of its own: it runs alone;
     # before joining starts, graphs run alone too (the first step, see ``step``)
     joins_later = options.join_graphs and exe.hlo_params and step.joiner.started
@@ -101,10 +122,11 @@ def start_compile(exe: Executable, feed: list[Any], device: torch.device,
     its shapes and shardings make the lazy node to compile, as a trace would.
     """
     with trace_lock, torch.no_grad(), constants_as_buffers(special_scalars=True):
-        fills: dict = {}
-        standins = [placeholder_tensor(t, device, fills) if kind == "input" else t
-                    for (kind, _), t in zip(exe.hlo_params, feed)]
-        to_compile = exe.apply(standins)
+        read = [t for (kind, _), t in zip(exe.hlo_params, feed) if kind == "input"]
+        with standins(read, device) as (stand, _):
+            of_input = iter(stand)
+            to_compile = exe.apply([next(of_input) if kind == "input" else t
+                                    for (kind, _), t in zip(exe.hlo_params, feed)])
     exe.ready = compile_pool.compile_once(
         _hash_key(exe.graph_hash), lambda: _compile_and_release(to_compile),
         options.resolved_compile_threads())
@@ -214,6 +236,10 @@ class LoweredGraph:
         self._async_dispatch = resolved.async_dispatch
         self._join = resolved.join_graphs
         self._split: SplitGraph = gm if isinstance(gm, SplitGraph) else split(gm)
+        # an optimizer step (not a forward, whose buffer updates compile beside its
+        # backward): until joining starts, it runs alone and updates in place
+        self._alone_first = (self._join and bool(self._split.device_mutations)
+                             and step.kind(name) != "forward")
         self._twin = twin  # made ahead of need: compiled when it first runs alone
         # the twin a masked GradScaler step runs: False until made, None if none
         self._masked: LoweredGraph | bool | None = (
@@ -243,9 +269,12 @@ class LoweredGraph:
 
         AOTAutograd hands over the forward and the backward graph together, so both
         compile side by side while the forward starts running. Examples carrying
-        symbolic sizes are left to the first call, which sees real ones.
+        symbolic sizes are left to the first call, which sees real ones. So is a graph
+        that runs alone first (an optimizer step): traced at its first call, it shares
+        its inputs' buffers (``executable.standins``), where stand-ins made here would
+        be a second copy of its parameters, gradients and state.
         """
-        if any_symbolic(examples):
+        if any_symbolic(examples) or self._alone_first:
             return
         host_examples = None
         if self._split.host is not None:
@@ -277,13 +306,19 @@ class LoweredGraph:
             exe = self._executables.get(key)
             if exe is None:
                 inputs = self._device_inputs(args, host_values)
+                alone = self._alone_first and at_call and not step.joiner.started
+                if alone:  # inputs that are buffers already are shared by the trace
+                    _materialize([t for t in inputs if isinstance(t, torch.Tensor)
+                                  and t.is_xla], self._device)
                 # Dynamo may still have its fake-tensor mode active while it compiles;
                 # stand-ins must be real device buffers.
                 try:
                     with unset_fake_temporarily():
+                        # running alone, it compiles as its sync runs
                         exe = trace_and_compile(self._split.device, inputs, self._device,
                                                 self._options, self._pinned,
-                                                compile_now=not self._twin)
+                                                compile_now=not (self._twin or alone),
+                                                share=alone)
                 except OpsFellBackInTrace as exc:
                     if not at_call:
                         raise  # at compile time the caller partitions the graph instead
@@ -337,7 +372,7 @@ class LoweredGraph:
         exe = self._executable_for(args, host_values, at_call=True)
         dev_inputs = self._device_inputs(args, host_values)
         computed: list[Any] = []
-        joined = False
+        joined = alone = False
         if exe.op_by_op:
             counters.incr(counters.EAGER_FALLBACKS)
             with torch.no_grad():
@@ -350,6 +385,15 @@ class LoweredGraph:
             step.joiner.before(id(self), self._device)
             computed = exe.apply(feed)
             joined = True
+        elif (exe.graph_hash is not None and self._alone_first and exe.hlo_params
+              and not step.joiner.started):
+            # Run as a step of its own, synced below: that sync donates the buffers
+            # it updates. Run alone from its executable, the old and new parameters
+            # and optimizer state would be alive at once.
+            feed = _feed(exe.hlo_params, dev_inputs)
+            _to_device_data(feed, self._device)
+            computed = exe.apply(feed)
+            alone = True
         elif exe.graph_hash is not None:
             feed = _feed(exe.params, dev_inputs)
             _to_device_data(feed, self._device)
@@ -377,8 +421,8 @@ class LoweredGraph:
         updates = []
         for arg_index, out_index in split_.device_mutations.items():
             t, value = args[arg_index], device_results[out_index]
-            # joined: written through, so the step's one sync can donate the old buffer
-            through = arg_index in views or joined
+            # joined or alone: written through, so the sync can donate the old buffer
+            through = arg_index in views or joined or alone
             updates.append((t, value if mask is None else mask.select(t, value), through))
         _write_back(updates)
         if mask is not None:
@@ -387,6 +431,11 @@ class LoweredGraph:
         if joined:
             step.joiner.after(id(self), self.name, self._device, wait=not self._async_dispatch)
         outs = [self._output(slot, args, host_values, device_results) for slot in split_.outputs]
+        if alone:
+            # a result kept here would be one more output of the sync, beside the
+            # tensor it was written to: a buffer of its own, not the donated one
+            del computed, device_results, updates
+            step.run_pending(self._device, wait=not self._async_dispatch)
         return outs if split_.output_is_sequence else outs[0]
 
     @staticmethod
@@ -405,4 +454,4 @@ def xla_device() -> torch.device:
     return torch_xla.device()
 
 
-__all__ = ["LoweredGraph", "trace_and_compile", "xla_device"]
+__all__ = ["LOWERING_OBSERVERS", "LoweredGraph", "trace_and_compile", "xla_device"]

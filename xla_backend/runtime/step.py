@@ -136,8 +136,8 @@ class StepJoiner:
                 self._transfers = transfers  # a step starts: host reads from now cut it
             self._since.append((graph_id, name))
             self._device, self._wait = device, wait
-            kind = name.split(" ", 1)[0]
-            self._open += (kind == "forward") - (kind == "backward")
+            graph_kind = kind(name)
+            self._open += (graph_kind == "forward") - (graph_kind == "backward")
             done = self._previous is not None and self._since == self._previous
         # inside a compiled call, rule 1 ends the step: eager code after its last graph
         # (GradScaler's masked step) belongs to it
@@ -161,15 +161,7 @@ class StepJoiner:
                 self._previous = joined
         if not joined:
             return
-        compiles, started = xla_metrics.compiles(), time.perf_counter()
-        with trace_lock:  # a trace in progress on another thread must stay lazy IR
-            xla_internals.sync_live_tensors(device)
-        if xla_metrics.compiles() != compiles:  # the sync compiled the step first
-            counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
-            host_memory.release()
-        if self._wait:
-            compile_pool.timed_wait(xla_internals.wait_device_ops)
-        counters.incr(counters.EXECUTIONS)
+        run_pending(device, self._wait)
         counters.incr(counters.STEPS_JOINED)
         counters.incr(counters.GRAPHS_JOINED, len(joined))
         if cut:
@@ -200,6 +192,29 @@ class StepJoiner:
                 self._cache_was = None
 
 
+def run_pending(device: torch.device, wait: bool) -> None:
+    """Runs everything pending on ``device`` as one execution: a joined step, or a
+    graph that runs alone before joining starts (``runtime.graph``).
+
+    A sync of every live tensor is what lets torch_xla donate the buffers the
+    computation replaces. ``wait``: the execution is waited for.
+    """
+    compiles, started = xla_metrics.compiles(), time.perf_counter()
+    with trace_lock:  # a trace in progress on another thread must stay lazy IR
+        xla_internals.sync_live_tensors(device)
+    if xla_metrics.compiles() != compiles:  # the sync compiled first
+        counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
+        host_memory.release()
+    if wait:
+        compile_pool.timed_wait(xla_internals.wait_device_ops)
+    counters.incr(counters.EXECUTIONS)
+
+
+def kind(name: str) -> str:
+    """A graph's AOTAutograd kind, which its name starts with (``backend.py``)."""
+    return name.split(" ", 1)[0]
+
+
 joiner = StepJoiner()
 
-__all__ = ["StepJoiner", "joiner"]
+__all__ = ["StepJoiner", "joiner", "kind", "run_pending"]

@@ -25,7 +25,7 @@ from passes import pipeline as pass_pipeline
 
 from ... import backend, counters, xla_metrics
 from ...dynamo import grad_scaler
-from ...runtime import step
+from ...runtime import graph, step
 from . import dynamo_records
 from .analysis import DynamoRecord, aten_graph_report, dynamo_sync_points
 from .location import frames_from_summaries, innermost
@@ -64,6 +64,7 @@ class ExplainSession:
         self._start: tuple[float, ...] = (0,) * 6
         self._compile_syncs = 0
         self._compile_start: int | None = None
+        self._lowering_start: int | None = None  # a graph lowering at its first call
         self._end: tuple[float, ...] | None = None
         self._active = False
         self._previous_profiler: Any = None
@@ -89,6 +90,7 @@ class ExplainSession:
         torch._dynamo.callback_handler.register_start_callback(self._on_compile_start)
         torch._dynamo.callback_handler.register_end_callback(self._on_compile_end)
         grad_scaler.OBSERVERS.append(self._grad_scaler_step)
+        graph.LOWERING_OBSERVERS.append(self._on_lowering)
         self._previous_profiler = sys.getprofile()
         sys.setprofile(self._on_c_call)
         self._active = True
@@ -104,6 +106,7 @@ class ExplainSession:
         _remove(torch._dynamo.callback_handler.start_callbacks, self._on_compile_start)
         _remove(torch._dynamo.callback_handler.end_callbacks, self._on_compile_end)
         _remove(grad_scaler.OBSERVERS, self._grad_scaler_step)
+        _remove(graph.LOWERING_OBSERVERS, self._on_lowering)
         if sys.getprofile() == self._on_c_call:
             sys.setprofile(self._previous_profiler)
         self._drain_dynamo()
@@ -147,6 +150,16 @@ class ExplainSession:
         if self._compile_start is not None:
             self._compile_syncs += xla_metrics.device_to_host_transfers() - self._compile_start
             self._compile_start = None
+
+    def _on_lowering(self, started: bool) -> None:
+        """A graph lowers outside Dynamo's compile (at its first call): its host reads
+        (constants stored in the cache) are compile-time too."""
+        if started:
+            if self._compile_start is None and self._lowering_start is None:
+                self._lowering_start = xla_metrics.device_to_host_transfers()
+        elif self._lowering_start is not None:
+            self._compile_syncs += xla_metrics.device_to_host_transfers() - self._lowering_start
+            self._lowering_start = None
 
     def on_dynamo_graph(self, gm: torch.fx.GraphModule, options: Any) -> None:
         """A Dynamo graph, before the passes: notes its sync points."""
@@ -216,7 +229,7 @@ class ExplainSession:
             return
         tensor = getattr(arg, "__self__", None)
         if not isinstance(tensor, torch.Tensor) or tensor.device.type != "xla" or \
-                self._compile_start is not None:
+                self._compile_start is not None or self._lowering_start is not None:
             return
         if arg.__name__ == "to" and not _to_host(frame):
             return
