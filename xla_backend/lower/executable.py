@@ -159,7 +159,6 @@ def standins(inputs: Sequence[Any], device: torch.device, share: bool = False
                 seen.add(handle)
                 shared.append(k)
                 stand[k] = xla_internals.buffer_alias(inputs[k])
-        xla_internals.device_data([stand[k] for k in shared])  # each names its buffer
     fills: dict = {}
     owned = set(shared)
     for k, x in enumerate(inputs):

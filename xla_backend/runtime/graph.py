@@ -378,22 +378,17 @@ class LoweredGraph:
             with torch.no_grad():
                 computed = list(self._split.device(*dev_inputs))
             exe = Executable(None, [], [Computed(i) for i in range(len(computed))])
-        elif (exe.graph_hash is not None and self._join and exe.hlo_params
-              and step.joiner.joins(id(self), self.name)):
+        elif exe.graph_hash is not None and self._join and exe.hlo_params and (
+                (joined := step.joiner.joins(id(self), self.name))
+                or (alone := self._alone_first and not step.joiner.started)):
+            # alone: a step of its own, synced below, which donates the buffers it
+            # updates; run from its executable, the old and new parameters and
+            # optimizer state would be alive at once
             feed = _feed(exe.hlo_params, dev_inputs)
             _to_device_data(feed, self._device)
-            step.joiner.before(id(self), self._device)
+            if joined:
+                step.joiner.before(id(self), self._device)
             computed = exe.apply(feed)
-            joined = True
-        elif (exe.graph_hash is not None and self._alone_first and exe.hlo_params
-              and not step.joiner.started):
-            # Run as a step of its own, synced below: that sync donates the buffers
-            # it updates. Run alone from its executable, the old and new parameters
-            # and optimizer state would be alive at once.
-            feed = _feed(exe.hlo_params, dev_inputs)
-            _to_device_data(feed, self._device)
-            computed = exe.apply(feed)
-            alone = True
         elif exe.graph_hash is not None:
             feed = _feed(exe.params, dev_inputs)
             _to_device_data(feed, self._device)
