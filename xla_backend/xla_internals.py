@@ -74,6 +74,11 @@ def buffer_alias(t: torch.Tensor) -> torch.Tensor:
     return alias
 
 
+def buffer_address(t: torch.Tensor) -> int:
+    """Where ``t``'s device buffer lies in memory: unchanged by an update made in place."""
+    return int(_XLAC._unsafe_buffer_pointer(t))
+
+
 def upload(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Host tensors copied to ``device`` as plain buffers (never special scalars)."""
     return list(_XLAC._xla_tensors_from_aten(list(tensors), [str(device)] * len(tensors)))

@@ -142,11 +142,9 @@ def standins(inputs: Sequence[Any], device: torch.device, share: bool = False
     only the first shares it; 0-d inputs (which torch_xla's scalar cache may share
     with other tensors) and views never do, nor does anything under SPMD.
 
-    torch_xla donates a buffer at a sync only to the tensor that last made an IR node
-    of it, which a stand-in now is. On the way out each shared input is rebound to a
-    tensor of its own on its buffer, so the sync that runs the graph donates it. (Done
-    inside a joined step, that rebinding would give the step's IR two nodes for one
-    buffer, and the next step another hash: a compile more.)
+    torch_xla donates a buffer at a sync only to the tensor that last made an IR node of
+    it, which a stand-in now is: :func:`name_for_donation` names the buffers the graph
+    updates after their tensors again before it runs.
     """
     stand = list(inputs)
     shared: list[int] = []
@@ -164,13 +162,36 @@ def standins(inputs: Sequence[Any], device: torch.device, share: bool = False
     for k, x in enumerate(inputs):
         if isinstance(x, torch.Tensor) and k not in owned:
             stand[k] = placeholder_tensor(x, device, fills)
-    try:
-        yield stand, shared
-    finally:
-        for k in shared:
-            x = inputs[k]
-            if not xla_internals.needs_materialization([x])[0]:
-                xla_internals.rebind(x, xla_internals.buffer_alias(x))
+    yield stand, shared
+
+
+def name_for_donation(operands: Sequence[Any], updated: Sequence[torch.Tensor]) -> None:
+    """Names each buffer a computation updates after its tensor, in the order that lets
+    XLA update it in place.
+
+    At a sync torch_xla donates a buffer only to the tensor that last made an IR node of
+    it (a trace's stand-in, until this runs). XLA then pairs donated parameters with
+    results of the same size by order alone: the parameters in the order the sync's
+    walk of the IR meets them, which for a computation's operands is last to first; the
+    results in the order of their tensors' ids. A result paired with another tensor's
+    buffer costs a copy of that buffer per execution, and for an optimizer step as
+    many temporaries as it has parameters. Rebinding each updated tensor, last operand
+    first, to a new tensor (a new id) on its own buffer makes the two orders agree; ids
+    outlive a sync, so once is enough. Not under SPMD, where stand-ins never share.
+    """
+    if spmd.spmd_active():
+        return
+    wanted = {id(t) for t in updated}
+    order: list[torch.Tensor] = []
+    for x in reversed(operands):
+        if id(x) in wanted and _holds_buffer(x):
+            wanted.discard(id(x))
+            order.append(x)
+    ids = [xla_internals.tensor_id(x) for x in order]
+    if all(a < b for a, b in zip(ids, ids[1:])):
+        return
+    for x in order:
+        xla_internals.rebind(x, xla_internals.buffer_alias(x))
 
 
 def sharing_intact(stand: Sequence[Any], shared: Sequence[int]) -> bool:
@@ -221,6 +242,7 @@ __all__ = [
     "any_symbolic",
     "constants_as_buffers",
     "hlo_name",
+    "name_for_donation",
     "placeholder_tensor",
     "run_hlo",
     "sharing_intact",

@@ -36,13 +36,14 @@ from ..lower.executable import (
     Input,
     any_symbolic,
     constants_as_buffers,
+    name_for_donation,
     standins,
     trace_lock,
 )
 from ..lower.split import OutputSlot, SplitGraph, masked, split
 from ..lower.trace import OpsFellBackInTrace, trace
 from ..options import Options, resolve
-from . import compile_pool, step
+from . import compile_pool, host_memory, step
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,10 @@ class LoweredGraph:
                 inputs = self._device_inputs(args, host_values)
                 alone = self._alone_first and at_call and not step.joiner.started
                 if alone:  # inputs that are buffers already are shared by the trace
+                    # the first step's peak is ahead (its gradients, new optimizer state
+                    # and parameters alive at once): what compiles and the forward and
+                    # backward freed is given back before it, not kept in glibc's arenas
+                    host_memory.release()
                     _materialize([t for t in inputs if isinstance(t, torch.Tensor)
                                   and t.is_xla], self._device)
                 # Dynamo may still have its fake-tensor mode active while it compiles;
@@ -388,6 +393,8 @@ class LoweredGraph:
             _to_device_data(feed, self._device)
             if joined:
                 step.joiner.before(id(self), self._device)
+            else:
+                name_for_donation(feed, [args[i] for i in split_.device_mutations])
             computed = exe.apply(feed)
         elif exe.graph_hash is not None:
             feed = _feed(exe.params, dev_inputs)
