@@ -126,16 +126,18 @@ def test_configure_pjrt_adds_the_cpu_flags_without_clobbering(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     device.configure_pjrt()
     assert os.environ["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x --xla_cpu_enable_fast_min_max=false"
-                                       " --xla_multiheap_size_constraint_per_heap=16777216")
+                                       " --xla_multiheap_size_constraint_per_heap=16777216"
+                                       " --xla_cpu_copy_insertion_use_region_analysis=true")
     device.configure_pjrt()  # idempotent
     assert os.environ["XLA_FLAGS"].count("fast_min_max") == 1
     assert os.environ["XLA_FLAGS"].count("multiheap") == 1
+    assert os.environ["XLA_FLAGS"].count("region_analysis") == 1
 
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_min_max=true "
-                                    "--xla_multiheap_size_constraint_per_heap=-1")
+    user = ("--xla_cpu_enable_fast_min_max=true --xla_multiheap_size_constraint_per_heap=-1 "
+            "--xla_cpu_copy_insertion_use_region_analysis=false")
+    monkeypatch.setenv("XLA_FLAGS", user)
     device.configure_pjrt()  # the user's choices win
-    assert os.environ["XLA_FLAGS"] == ("--xla_cpu_enable_fast_min_max=true "
-                                       "--xla_multiheap_size_constraint_per_heap=-1")
+    assert os.environ["XLA_FLAGS"] == user
 
     monkeypatch.delenv("XLA_FLAGS")
     device.configure_pjrt()
