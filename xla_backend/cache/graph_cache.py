@@ -671,13 +671,13 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
             return exe, []
         # operands in HLO parameter order: the constants themselves, stand-ins for inputs
         read = [value for kind, value in entry.params if kind == "input"]
-        with standins([inputs[v] for v in read], device, share) as (stand, _):
-            of_input = dict(zip(read, stand))
-            operands = [value.to(device) if kind == "const" else of_input[value]
-                        for kind, value in entry.params]
-            _expect(not any(xla_internals.needs_materialization(operands)),
-                    "a parameter did not become a device buffer")
-            results, order = run_hlo(entry.hlo, operands)
+        stand, _ = standins([inputs[v] for v in read], device, share)
+        of_input = dict(zip(read, stand))
+        operands = [value.to(device) if kind == "const" else of_input[value]
+                    for kind, value in entry.params]
+        _expect(not any(xla_internals.needs_materialization(operands)),
+                "a parameter did not become a device buffer")
+        results, order = run_hlo(entry.hlo, operands)
         _expect(len(results) == len(entry.computed), "computation has other outputs")
         for r, (shape, dtype) in zip(results, entry.computed):
             # the HLO may hold a narrower integer than the trace (cummax's indices);

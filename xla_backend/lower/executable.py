@@ -128,9 +128,8 @@ def placeholder_tensor(example: torch.Tensor, device: torch.device,
     return standin
 
 
-@contextlib.contextmanager
 def standins(inputs: Sequence[Any], device: torch.device, share: bool = False
-             ) -> Iterator[tuple[list[Any], list[int]]]:
+             ) -> tuple[list[Any], list[int]]:
     """Stand-ins to trace or rebuild a graph on, and the positions that share a buffer.
 
     Each tensor input gets a buffer of its own (:func:`placeholder_tensor`). With
@@ -162,7 +161,7 @@ def standins(inputs: Sequence[Any], device: torch.device, share: bool = False
     for k, x in enumerate(inputs):
         if isinstance(x, torch.Tensor) and k not in owned:
             stand[k] = placeholder_tensor(x, device, fills)
-    yield stand, shared
+    return stand, shared
 
 
 def name_for_donation(operands: Sequence[Any], updated: Sequence[torch.Tensor]) -> None:

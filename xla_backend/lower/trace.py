@@ -107,8 +107,8 @@ def _trace_on_standins(device_gm: torch.fx.GraphModule, inputs: list[Any],
                        device: torch.device, pinned: dict[int, int] | None,
                        share: bool) -> Trace:
     """``trace``'s work, under its lock and settings; its own frame, cleared on failure."""
-    with standins(inputs, device, share) as (stand, shared):
-        return _trace(device_gm, inputs, device, pinned, stand, shared)
+    stand, shared = standins(inputs, device, share)
+    return _trace(device_gm, inputs, device, pinned, stand, shared)
 
 
 def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.device,

@@ -124,10 +124,9 @@ def start_compile(exe: Executable, feed: list[Any], device: torch.device,
     """
     with trace_lock, torch.no_grad(), constants_as_buffers(special_scalars=True):
         read = [t for (kind, _), t in zip(exe.hlo_params, feed) if kind == "input"]
-        with standins(read, device) as (stand, _):
-            of_input = iter(stand)
-            to_compile = exe.apply([next(of_input) if kind == "input" else t
-                                    for (kind, _), t in zip(exe.hlo_params, feed)])
+        of_input = iter(standins(read, device)[0])
+        to_compile = exe.apply([next(of_input) if kind == "input" else t
+                                for (kind, _), t in zip(exe.hlo_params, feed)])
     exe.ready = compile_pool.compile_once(
         _hash_key(exe.graph_hash), lambda: _compile_and_release(to_compile),
         options.resolved_compile_threads())
