@@ -134,6 +134,25 @@ def run_cached(graph_hash_: Any, buffers: Sequence[torch.Tensor]) -> list[torch.
     return _XLAC._run_cached_graph(graph_hash_, list(buffers))
 
 
+def reader(tensors: Sequence[torch.Tensor], keep_first: bool) -> Any:
+    """A computation that reads each of ``tensors`` and computes nothing from them.
+
+    Its result is the first tensor's value with ``keep_first``, else a 0-d ``False``.
+    A sync's walk of the IR meets a node's operands last to first and numbers the
+    computation's parameters in that order: applied (:func:`apply_computation`) as
+    a node, this is how a caller sets the order.
+    """
+    import torch_xla.core.xla_builder as xb  # only here: it is not needed otherwise
+
+    def root(*params: Any) -> Any:
+        if keep_first:
+            return params[0]
+        return xb.Op.scalar(params[0].builder(), False, dtype=xb.Type.PRED)
+
+    shapes = xb.tensor_shape(list(tensors), str(tensors[0].device))
+    return xb.create_computation("syncfree_reads", root, shapes)
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -217,6 +236,7 @@ __all__ = [
     "mark_sharding",
     "needs_materialization",
     "op_sharding",
+    "reader",
     "rebind",
     "run_cached",
     "runtime_is_initialized",

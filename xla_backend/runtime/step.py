@@ -51,15 +51,34 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .. import counters, xla_internals, xla_metrics
+from .. import counters, spmd, xla_internals, xla_metrics
 from ..dynamo import scope
 from ..lower.executable import trace_lock
 from . import compile_pool, host_memory
 
 log = logging.getLogger(__name__)
+
+#: Below this many bytes of buffers updated in place a step, XLA's copies of the ones it
+#: pairs wrongly cost less than the two lazy-IR nodes that order them (``_read_donors``).
+DONOR_ORDER_MIN_BYTES = 1 << 20
+_READS = "syncfree_reads"  # the nodes that order them
+
+
+@dataclass
+class _DonorOrder:
+    """What a step's start reads for one list of noted tensors (``_read_donors``)."""
+
+    recorded: tuple[int, ...]  # id() of each tensor noted, in the order noted
+    tensors: list[weakref.ref]  # those holding buffers, highest id first: the operands
+    reads: Any  # the computation reading them
+    keeps: Any = None  # the one that keeps the first tensor's value and reads the node
 
 
 class StepJoiner:
@@ -76,6 +95,12 @@ class StepJoiner:
         self._cache_was: bool | None = None  # torch_xla's scalar-buffer cache, before
         self._ran: list[tuple[int, str]] = []  # graph calls before joining started
         self._owner: int | None = None  # the thread that joins, once joining started
+        # the tensors the step's graphs update in place, and whether to order their
+        # buffers (None: not decided yet); the node reading them, with the first
+        self._updated: list[weakref.ref] = []
+        self._order_donors: bool | None = None
+        self._donor_order: _DonorOrder | None = None
+        self._donors: tuple[torch.Tensor, torch.Tensor, _DonorOrder] | None = None
 
     @property
     def started(self) -> bool:
@@ -122,8 +147,64 @@ class StepJoiner:
                     self._cache_was = xla_internals.set_device_data_cache(False)
         with self._lock:
             again = any(gid == graph_id for gid, _ in self._since)
+            starts = not self._since
         if again:
             self.flush(device)
+        if again or starts:
+            self._read_donors()
+
+    def updating(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Notes tensors a graph updates in place: the next step donates their buffers,
+        and :meth:`_read_donors` orders them."""
+        if self._order_donors is not False:
+            self._updated.extend(weakref.ref(t) for t in tensors)
+
+    def _read_donors(self) -> None:
+        """Makes the buffers the step updates in place its computation's first
+        parameters, in the order of their tensors' ids.
+
+        XLA pairs each donated parameter with a result of the same size by order alone
+        (``executable.name_for_donation``): the parameters in the order the sync's walk
+        meets them, the results in the order of their tensors' ids. The walk meets a
+        parameter through the forward that reads it, while the ids follow the
+        optimizer's operands, and a result paired with another tensor's buffer costs a
+        copy of that buffer per step. So as a step starts, while the tensors the last
+        step updated still hold their buffers, one node reads them; at the step's end
+        the first of them in id order, which is the sync's first result, takes that
+        node as an operand (:meth:`flush`), and the walk meets the buffers there first.
+        """
+        refs, self._updated, self._donors = self._updated, [], None
+        if not refs or self._order_donors is False:
+            return
+        noted = [ref() for ref in refs]
+        recorded = tuple(map(id, noted))
+        order, tensors = self._donor_order, None
+        if order is not None and order.recorded == recorded:
+            tensors = [ref() for ref in order.tensors]
+        if tensors is None or any(t is None for t in tensors):
+            order = self._donor_order = self._order(noted, recorded)
+            if order is None:
+                return
+            tensors = [ref() for ref in order.tensors]
+        with trace_lock, torch.no_grad():
+            (node,) = xla_internals.apply_computation(_READS, order.reads, tensors)
+        self._donors = (tensors[-1], node, order)
+
+    def _order(self, noted: list[torch.Tensor | None],
+               recorded: tuple[int, ...]) -> _DonorOrder | None:
+        """Works out what :meth:`_read_donors` reads for these noted tensors, once."""
+        alive = list({id(t): t for t in noted
+                      if t is not None and t.is_xla and not t._is_view()}.values())
+        held = [t for t, pending in zip(alive, xla_internals.needs_materialization(alive))
+                if not pending]
+        if self._order_donors is None:
+            size = sum(t.numel() * t.element_size() for t in held)
+            self._order_donors = size >= DONOR_ORDER_MIN_BYTES and not spmd.spmd_active()
+        if not self._order_donors or len(held) < 2:
+            return None
+        held.sort(key=xla_internals.tensor_id, reverse=True)  # met last operand first
+        return _DonorOrder(recorded, [weakref.ref(t) for t in held],
+                           xla_internals.reader(held, keep_first=False))
 
     def after(self, graph_id: int, name: str, device: torch.device, wait: bool = False) -> None:
         """Called once a graph joined; runs the step if it is the last step's whole list.
@@ -161,6 +242,17 @@ class StepJoiner:
                 self._previous = joined
         if not joined:
             return
+        donors, self._donors = self._donors, None
+        if donors is not None:
+            first, node, order = donors
+            del donors
+            if order.keeps is None:
+                order.keeps = xla_internals.reader([first, node], keep_first=True)
+            with trace_lock, torch.no_grad():
+                (kept,) = xla_internals.apply_computation(_READS, order.keeps, [first, node])
+                # through .data: the same lazy tensor, without a version counter bump
+                first.data.copy_(kept)
+            del first, node, kept
         run_pending(device, self._wait)
         counters.incr(counters.STEPS_JOINED)
         counters.incr(counters.GRAPHS_JOINED, len(joined))
@@ -186,6 +278,8 @@ class StepJoiner:
         with self._lock:
             self._since, self._previous, self._open = [], None, 0
             self._ran, self._owner = [], None
+            self._updated, self._order_donors, self._donors = [], None, None
+            self._donor_order = None
         with trace_lock:
             if self._cache_was is not None:
                 xla_internals.set_device_data_cache(self._cache_was)
@@ -217,4 +311,4 @@ def kind(name: str) -> str:
 
 joiner = StepJoiner()
 
-__all__ = ["StepJoiner", "joiner", "kind", "run_pending"]
+__all__ = ["DONOR_ORDER_MIN_BYTES", "StepJoiner", "joiner", "kind", "run_pending"]
