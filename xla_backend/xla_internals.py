@@ -134,13 +134,16 @@ def run_cached(graph_hash_: Any, buffers: Sequence[torch.Tensor]) -> list[torch.
     return _XLAC._run_cached_graph(graph_hash_, list(buffers))
 
 
+_READS = "syncfree_reads"  # the name of :func:`reader`'s computations and their nodes
+
+
 def reader(tensors: Sequence[torch.Tensor], keep_first: bool) -> Any:
     """A computation that reads each of ``tensors`` and computes nothing from them.
 
     Its result is the first tensor's value with ``keep_first``, else a 0-d ``False``.
     A sync's walk of the IR meets a node's operands last to first and numbers the
-    computation's parameters in that order: applied (:func:`apply_computation`) as
-    a node, this is how a caller sets the order.
+    computation's parameters in that order: applied as a node (:func:`read`), this is
+    how a caller sets the order.
     """
     import torch_xla.core.xla_builder as xb  # only here: it is not needed otherwise
 
@@ -150,7 +153,13 @@ def reader(tensors: Sequence[torch.Tensor], keep_first: bool) -> Any:
         return xb.Op.scalar(params[0].builder(), False, dtype=xb.Type.PRED)
 
     shapes = xb.tensor_shape(list(tensors), str(tensors[0].device))
-    return xb.create_computation("syncfree_reads", root, shapes)
+    return xb.create_computation(_READS, root, shapes)
+
+
+def read(computation: Any, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A :func:`reader` computation applied to ``tensors`` as one lazy-IR node."""
+    (result,) = apply_computation(_READS, computation, tensors)
+    return result
 
 
 # --------------------------------------------------------------------------- settings
@@ -236,6 +245,7 @@ __all__ = [
     "mark_sharding",
     "needs_materialization",
     "op_sharding",
+    "read",
     "reader",
     "rebind",
     "run_cached",

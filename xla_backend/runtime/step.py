@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 #: Below this many bytes of buffers updated in place a step, XLA's copies of the ones it
 #: pairs wrongly cost less than the two lazy-IR nodes that order them (``_read_donors``).
 DONOR_ORDER_MIN_BYTES = 1 << 20
-_READS = "syncfree_reads"  # the nodes that order them
 
 
 @dataclass
@@ -187,7 +186,7 @@ class StepJoiner:
                 return
             tensors = [ref() for ref in order.tensors]
         with trace_lock, torch.no_grad():
-            (node,) = xla_internals.apply_computation(_READS, order.reads, tensors)
+            node = xla_internals.read(order.reads, tensors)
         self._donors = (tensors[-1], node, order)
 
     def _order(self, noted: list[torch.Tensor | None],
@@ -249,7 +248,7 @@ class StepJoiner:
             if order.keeps is None:
                 order.keeps = xla_internals.reader([first, node], keep_first=True)
             with trace_lock, torch.no_grad():
-                (kept,) = xla_internals.apply_computation(_READS, order.keeps, [first, node])
+                kept = xla_internals.read(order.keeps, [first, node])
                 # through .data: the same lazy tensor, without a version counter bump
                 first.data.copy_(kept)
             del first, node, kept
