@@ -191,7 +191,10 @@ class StepJoiner:
 
     def _order(self, noted: list[torch.Tensor | None],
                recorded: tuple[int, ...]) -> _DonorOrder | None:
-        """Works out what :meth:`_read_donors` reads for these noted tensors, once."""
+        """Works out what :meth:`_read_donors` reads for these noted tensors, once.
+
+        Whether to order at all is decided on the first list, by its size, and kept
+        until :meth:`reset` (``torch._dynamo.reset()``)."""
         alive = list({id(t): t for t in noted
                       if t is not None and t.is_xla and not t._is_view()}.values())
         held = [t for t, pending in zip(alive, xla_internals.needs_materialization(alive))
