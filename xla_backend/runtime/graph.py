@@ -420,7 +420,7 @@ class LoweredGraph:
             for v in exe.output_values
         ]
         if self._join and split_.device_mutations:
-            step.joiner.updating([args[i] for i in split_.device_mutations])
+            step.joiner.updating(args, split_.device_mutations)
         updates = []
         for arg_index, out_index in split_.device_mutations.items():
             t, value = args[arg_index], device_results[out_index]

@@ -52,7 +52,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,11 +95,11 @@ class StepJoiner:
         self._ran: list[tuple[int, str]] = []  # graph calls before joining started
         self._owner: int | None = None  # the thread that joins, once joining started
         # the tensors the step's graphs update in place, and whether to order their
-        # buffers (None: not decided yet); the node reading them, with the first
+        # buffers (None: not decided yet); what to read, and this step's node reading it
         self._updated: list[weakref.ref] = []
         self._order_donors: bool | None = None
         self._donor_order: _DonorOrder | None = None
-        self._donors: tuple[torch.Tensor, torch.Tensor, _DonorOrder] | None = None
+        self._reading: torch.Tensor | None = None
 
     @property
     def started(self) -> bool:
@@ -152,11 +152,11 @@ class StepJoiner:
         if again or starts:
             self._read_donors()
 
-    def updating(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Notes tensors a graph updates in place: the next step donates their buffers,
-        and :meth:`_read_donors` orders them."""
+    def updating(self, args: Sequence[Any], positions: Iterable[int]) -> None:
+        """Notes the tensors at ``positions`` of ``args`` that a graph updates in place:
+        the next step donates their buffers, and :meth:`_read_donors` orders them."""
         if self._order_donors is not False:
-            self._updated.extend(weakref.ref(t) for t in tensors)
+            self._updated.extend(weakref.ref(args[i]) for i in positions)
 
     def _read_donors(self) -> None:
         """Makes the buffers the step updates in place its computation's first
@@ -172,7 +172,7 @@ class StepJoiner:
         the first of them in id order, which is the sync's first result, takes that
         node as an operand (:meth:`flush`), and the walk meets the buffers there first.
         """
-        refs, self._updated, self._donors = self._updated, [], None
+        refs, self._updated, self._reading = self._updated, [], None
         if not refs or self._order_donors is False:
             return
         noted = [ref() for ref in refs]
@@ -186,8 +186,7 @@ class StepJoiner:
                 return
             tensors = [ref() for ref in order.tensors]
         with trace_lock, torch.no_grad():
-            node = xla_internals.read(order.reads, tensors)
-        self._donors = (tensors[-1], node, order)
+            self._reading = xla_internals.read(order.reads, tensors)
 
     def _order(self, noted: list[torch.Tensor | None],
                recorded: tuple[int, ...]) -> _DonorOrder | None:
@@ -244,17 +243,18 @@ class StepJoiner:
                 self._previous = joined
         if not joined:
             return
-        donors, self._donors = self._donors, None
-        if donors is not None:
-            first, node, order = donors
-            del donors
+        node, self._reading = self._reading, None
+        order = self._donor_order
+        first = order.tensors[-1]() if node is not None and order is not None else None
+        if first is not None:
             if order.keeps is None:
                 order.keeps = xla_internals.reader([first, node], keep_first=True)
             with trace_lock, torch.no_grad():
                 kept = xla_internals.read(order.keeps, [first, node])
                 # through .data: the same lazy tensor, without a version counter bump
                 first.data.copy_(kept)
-            del first, node, kept
+            del kept
+        del first, node
         run_pending(device, self._wait)
         counters.incr(counters.STEPS_JOINED)
         counters.incr(counters.GRAPHS_JOINED, len(joined))
@@ -280,7 +280,7 @@ class StepJoiner:
         with self._lock:
             self._since, self._previous, self._open = [], None, 0
             self._ran, self._owner = [], None
-            self._updated, self._order_donors, self._donors = [], None, None
+            self._updated, self._order_donors, self._reading = [], None, None
             self._donor_order = None
         with trace_lock:
             if self._cache_was is not None:
