@@ -20,6 +20,16 @@ def _metric(name: str, field: int) -> int:
     return int(data[field]) if data else 0
 
 
+def _counter(name: str) -> int:
+    """A torch_xla counter's value: unlike a metric, which copies up to 1024 samples
+    into Python on each read, it costs nothing to read once a step."""
+    if "torch_xla" not in sys.modules:
+        return 0
+    import torch_xla.debug.metrics as met
+
+    return int(met.counter_value(name) or 0)
+
+
 def _metric_count(name: str) -> int:
     return _metric(name, 0)
 
@@ -43,6 +53,18 @@ def host_to_device_bytes() -> int:
 
 def compiles() -> int:
     return _metric_count("CompileTime")
+
+
+def graph_syncs() -> int:
+    """Syncs that ran lazy IR: each looks its graph up in torch_xla's computation cache
+    as it is scheduled, on the calling thread (``CachedCompile`` or ``UncachedCompile``),
+    while ``ExecuteTime`` is only recorded once an execution ends."""
+    return _counter("CachedCompile") + _counter("UncachedCompile")
+
+
+def uncached_graph_syncs() -> int:
+    """The syncs of :func:`graph_syncs` that found no compiled graph and compiled one."""
+    return _counter("UncachedCompile")
 
 
 def executions() -> int:

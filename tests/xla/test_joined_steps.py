@@ -316,6 +316,62 @@ def test_a_host_read_inside_the_step_is_reported_as_a_cut(xla):
     assert "cut into more executions by a host read" in str(report)
 
 
+@pytest.mark.parametrize("kind", ["plain", "B"])
+def test_steady_joined_steps_read_counters_not_metrics(xla, kind, monkeypatch):
+    """Reading a torch_xla metric copies its samples (up to 1024) into Python. A step
+    that read two or four of them ran 0.1-0.3 ms slower on the mlp once the process had
+    made a thousand host reads, as a loop logging ``loss.item()`` each step has."""
+    import torch_xla
+
+    work = workloads.get_workload("mlp", hidden=48)
+    model = work.build_model().to(xla)
+    opt, run = _loop(kind, model, xla)
+    compiled = torch.compile(STEP_FNS[kind], backend="syncfree_xla", options=JOIN)
+    for i in range(WARMUP):
+        run(compiled, *work.make_batch(i, xla))
+    batches = [work.make_batch(i, xla) for i in range(WARMUP, STEPS)]
+    settle()
+    joined = counters.counter(counters.STEPS_JOINED)
+    read, names = torch_xla._XLAC._xla_metric_data, []
+    monkeypatch.setattr(torch_xla._XLAC, "_xla_metric_data",
+                        lambda name: names.append(name) or read(name))
+    for batch in batches:
+        run(compiled, *batch)
+    monkeypatch.undo()
+    settle()
+    assert counters.counter(counters.STEPS_JOINED) - joined == STEPS - WARMUP
+    assert names == [], f"steady steps read these metrics: {sorted(set(names))}"
+
+
+@pytest.mark.parametrize("read", ["after the step", "of a tensor made before it"])
+def test_a_host_read_that_runs_none_of_the_step_does_not_cut_it(xla, read):
+    """A step is cut when a sync runs its pending work early, not by every host read."""
+    model = torch.nn.Linear(4, 1).to(xla)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scale = torch.full((), 3.0, device=xla)
+    settle()
+
+    def step(x):
+        loss = model(x).square().mean()
+        loss.backward()
+        factor = float(scale) if read != "after the step" else 3.0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach() * factor
+
+    compiled = torch.compile(step, backend="syncfree_xla", options=JOIN)
+    with ExplainSession() as session:
+        for _ in range(3):
+            float(compiled(torch.ones(2, 4, device=xla)))  # logged after each step
+        with MetricWindow() as window:
+            for _ in range(3):
+                float(compiled(torch.ones(2, 4, device=xla)))
+    report = session.report()
+    assert report.steps_joined == 5 and report.steps_cut == 0, str(report)
+    host_reads = 3 if read == "after the step" else 6
+    assert (window.counts.executions, window.counts.transfers_to_host) == (3, host_reads)
+
+
 def test_a_graph_that_reads_no_buffer_runs_alone(xla):
     """A computation with no parameter cannot be a lazy node: it runs as its own."""
     compiled = torch.compile(lambda: torch.arange(6, device=xla).float() * 2,

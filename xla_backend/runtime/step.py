@@ -87,7 +87,7 @@ class StepJoiner:
         self._lock = threading.Lock()
         self._since: list[tuple[int, str]] = []  # (graph id, name) joined since the boundary
         self._previous: list[tuple[int, str]] | None = None  # the last step's
-        self._transfers: tuple[int, float] = (0, 0)  # _reads() as the step's first graph joined
+        self._syncs: tuple[int, float] = (0, 0)  # _syncs_so_far() as the step's first graph joined
         self._open = 0  # forwards joined since the boundary whose backward has not
         self._device: torch.device | None = None
         self._wait = False
@@ -212,10 +212,10 @@ class StepJoiner:
 
         ``wait``: the step's execution is waited for (``async_dispatch`` off).
         """
-        transfers = None if self._since else self._reads()
+        syncs = None if self._since else self._syncs_so_far()
         with self._lock:
-            if transfers is not None:
-                self._transfers = transfers  # a step starts: host reads from now cut it
+            if syncs is not None:
+                self._syncs = syncs  # a step starts: syncs from now on cut it
             self._since.append((graph_id, name))
             self._device, self._wait = device, wait
             graph_kind = kind(name)
@@ -231,14 +231,14 @@ class StepJoiner:
         """Runs everything pending on ``device`` as one asynchronous execution.
 
         ``cut``: the step is not over (an op must run on the host), so it is counted as
-        a step that could not be joined whole. A host read torch_xla made since the last
-        boundary (``.item()`` between two graphs) counts the same way.
+        a step that could not be joined whole. So is a step whose pending IR torch_xla
+        ran before its end, as a host read of a tensor it computed (``.item()`` between
+        two graphs) does.
         """
-        transfers = self._reads()
+        syncs = self._syncs_so_far()
         with self._lock:
             joined, self._since, self._open = self._since, [], 0
-            cut = cut or (transfers[0] != self._transfers[0]
-                          and transfers[1] == self._transfers[1])
+            cut = cut or (syncs[0] != self._syncs[0] and syncs[1] == self._syncs[1])
             if joined:
                 self._previous = joined
         if not joined:
@@ -263,11 +263,12 @@ class StepJoiner:
         log.debug("ran a joined step of %d graph calls%s", len(joined), " (cut)" if cut else "")
 
     @staticmethod
-    def _reads() -> tuple[int, float]:
-        """Host reads so far, and graphs lowered: a step that lowered a graph may read
-        constants back while tracing, which is no host read of the step's."""
-        return (xla_metrics.device_to_host_transfers(),
-                counters.counter(counters.GRAPHS_LOWERED))
+    def _syncs_so_far() -> tuple[int, float]:
+        """torch_xla's syncs so far, and graphs lowered: a step that lowered a graph may
+        run constants while tracing, which does not cut it. Counters, not metrics: a
+        metric's read copies its samples, which grows a step's host time by 0.1-0.3 ms
+        once a process has made a thousand host reads."""
+        return xla_metrics.graph_syncs(), counters.counter(counters.GRAPHS_LOWERED)
 
     def last_step(self) -> list[str]:
         """The names of the graphs the last step joined, in the order they ran."""
@@ -295,10 +296,10 @@ def run_pending(device: torch.device, wait: bool) -> None:
     A sync of every live tensor is what lets torch_xla donate the buffers the
     computation replaces. ``wait``: the execution is waited for.
     """
-    compiles, started = xla_metrics.compiles(), time.perf_counter()
+    compiles, started = xla_metrics.uncached_graph_syncs(), time.perf_counter()
     with trace_lock:  # a trace in progress on another thread must stay lazy IR
         xla_internals.sync_live_tensors(device)
-    if xla_metrics.compiles() != compiles:  # the sync compiled first
+    if xla_metrics.uncached_graph_syncs() != compiles:  # the sync compiled first
         counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
         host_memory.release()
     if wait:
