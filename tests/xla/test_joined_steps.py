@@ -318,9 +318,9 @@ def test_a_host_read_inside_the_step_is_reported_as_a_cut(xla):
 
 @pytest.mark.parametrize("kind", ["plain", "B"])
 def test_steady_joined_steps_read_counters_not_metrics(xla, kind, monkeypatch):
-    """Reading a torch_xla metric copies its samples (up to 1024) into Python. A step
-    that read two or four of them ran 0.1-0.3 ms slower on the mlp once the process had
-    made a thousand host reads, as a loop logging ``loss.item()`` each step has."""
+    """Reading a torch_xla metric copies its samples (up to 1024) into Python: the
+    four reads a step made cost 0.11-0.15 ms once the process had made a thousand host
+    reads, as a loop logging ``loss.item()`` each step has."""
     import torch_xla
 
     work = workloads.get_workload("mlp", hidden=48)
