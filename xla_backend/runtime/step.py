@@ -296,10 +296,10 @@ def run_pending(device: torch.device, wait: bool) -> None:
     A sync of every live tensor is what lets torch_xla donate the buffers the
     computation replaces. ``wait``: the execution is waited for.
     """
-    compiles, started = xla_metrics.uncached_graph_syncs(), time.perf_counter()
+    misses, started = xla_metrics.uncached_graph_syncs(), time.perf_counter()
     with trace_lock:  # a trace in progress on another thread must stay lazy IR
         xla_internals.sync_live_tensors(device)
-    if xla_metrics.uncached_graph_syncs() != compiles:  # the sync compiled first
+    if xla_metrics.uncached_graph_syncs() != misses:  # the sync compiled first
         counters.incr(counters.COMPILE_SECONDS, time.perf_counter() - started)
         host_memory.release()
     if wait:
