@@ -27,6 +27,7 @@ from .device import configure_pjrt, cpu_client
 from .dynamo import grad_scaler, interrupts
 from .dynamo import scope as dynamo_scope
 from .errors import DeviceMismatchError, UnsupportedOnXla
+from .rewrites.lowering_gaps import gap_decompositions, restore_composite_autograd
 from .rewrites.norms import norm_decompositions
 
 configure_pjrt()
@@ -38,6 +39,7 @@ from .runtime.graph import xla_device  # noqa: E402
 
 if cpu_client():  # device buffers are host memory: keep a step's temporaries mapped
     host_memory.keep_step_heaps()
+restore_composite_autograd()  # torch_xla is imported: its registrations are known
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +182,7 @@ class SyncfreeXla:
             forward=self._aten_compiler("forward", opts),
             backward=self._aten_compiler("backward", opts),
             inference=self._aten_compiler("inference", opts),
-            decompositions=norm_decompositions(),
+            decompositions={**norm_decompositions(), **gap_decompositions()},
         )
         if any(isinstance(x, (list, tuple, dict)) for x in example_inputs):
             # nested inputs: Dynamo's own wrapper flattens them; not cached

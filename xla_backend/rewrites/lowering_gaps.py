@@ -1,0 +1,165 @@
+"""Ops whose torch_xla 2.9 registration loses a gradient, computes a wrong one, or has
+no lowering, routed through PyTorch's own definitions while AOTAutograd traces.
+
+Three gaps, each found against eager PyTorch on CPU (``tests/xla/test_lowering_gaps.py``):
+
+* **No gradient at all.** torch defines ``kl_div``, ``std.dim``, ``diag``, ``selu``,
+  ``cross``, ``qr`` and a few more (:func:`ungraded_ops`) as CompositeImplicitAutograd:
+  autograd differentiates the ops they decompose into. torch_xla registers an XLA
+  kernel for each and no autograd kernel, and a backend kernel takes an op off the
+  composite path for that backend's autograd key too. The dispatcher's fallback then
+  warns, and a backward through the op gives its inputs no gradient: under Dynamo,
+  ``x.std(-1)`` in a LayerNorm of one's own left every parameter before it with
+  ``grad=None``, so the optimizer silently skipped them. :func:`restore_composite_autograd`
+  gives the AutogradXLA key back the composite kernel, as a Python-dispatcher kernel:
+  AOTAutograd traces with the Python dispatcher on, so the compiled graphs get torch's
+  gradients, while torch_xla's lazy mode (which never enables it) keeps its own kernels.
+* **A wrong value.** torch_xla's ``elu_backward`` reads its last argument as the
+  forward's result whatever ``is_result`` says; autograd passes the input, so ELU, SELU
+  and CELU gradients are wrong wherever the input is negative (in lazy mode too). It
+  is decomposed with torch's reference, as is ``norm``, which ``torch.norm`` calls on
+  XLA tensors (eager CPU goes to ``linalg.vector_norm``) and whose lowering gives
+  other values than eager for ``p=inf`` and ``-inf``. Its ``avg_pool2d`` and ``avg_pool3d`` with
+  ``divisor_override`` give other values than eager where ``ceil_mode`` is on or
+  ``count_include_pad`` off: :func:`avg_pool_with_divisor`. Their
+  backward with an override runs on the host, as torch_xla sends it to its fallback.
+* **No lowering.** Each op in :data:`DECOMPOSED_FOR_LOWERING` has no XLA kernel, so a
+  graph holding it would run it on the host: a round trip per step (GLU's backward,
+  Huber loss's backward, ``logaddexp``, ``vdot`` in ``spectral_norm``'s power
+  iteration). torch's decompositions of them lower to ordinary XLA ops;
+  ``Tensor.unfold``'s backward gets one of its own (:func:`unfold_backward`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+from torch._decomp import get_decompositions
+
+_aten = torch.ops.aten
+
+#: Decomposed because torch_xla's lowering gives another value than eager.
+DECOMPOSED_FOR_VALUES: tuple[torch._ops.OpOverloadPacket, ...] = (_aten.elu_backward, _aten.norm)
+
+#: Decomposed because torch_xla has no lowering: each would run on the host.
+DECOMPOSED_FOR_LOWERING: tuple[torch._ops.OpOverloadPacket, ...] = (
+    _aten.glu_backward,
+    _aten.huber_loss,
+    _aten.huber_loss_backward,
+    _aten.logaddexp,
+    _aten.vdot,
+    _aten.unfold,
+)
+
+
+@functools.cache
+def has_xla_lowering(op: torch._ops.OpOverload) -> bool:
+    """Whether dispatching ``op`` on XLA tensors reaches something other than the fallback.
+
+    An XLA kernel lowers it; a CompositeImplicitAutograd or CompositeExplicitAutograd
+    kernel decomposes it into other ops. The CompositeExplicitAutogradNonFunctional
+    kernels do not apply to XLA.
+    """
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return any(has(op.name(), key) for key in
+               ("XLA", "CompositeImplicitAutograd", "CompositeExplicitAutograd"))
+
+
+def unfold_backward(grad: torch.Tensor, input_sizes: list[int], dim: int, size: int,
+                    step: int) -> torch.Tensor:
+    """The gradient of ``Tensor.unfold(dim, size, step)``: each window's elements added
+    back where they came from. (torch's own decomposition unfolds an index tensor,
+    and ``unfold`` has no XLA lowering either.)"""
+    if not input_sizes:
+        return grad.squeeze(0)
+    dim %= len(input_sizes)
+    windows = torch.arange(grad.shape[dim], device=grad.device) * step
+    index = (windows[:, None] + torch.arange(size, device=grad.device)).flatten()
+    grad = grad.movedim(-1, dim + 1).flatten(dim, dim + 1)
+    return grad.new_zeros(input_sizes).index_add(dim, index, grad)
+
+
+def avg_pool_with_divisor(dims: int) -> Callable[..., torch.Tensor]:
+    """``avg_pool{dims}d`` with ``divisor_override``, which torch_xla's lowering gets
+    wrong (the module's docstring): each window's sum (zeros padded in explicitly, as
+    far as ``ceil_mode``'s last window reaches) divided by the override. Without an
+    override the op is left as it is."""
+
+    def decomposition(x: torch.Tensor, kernel_size: list[int], stride: list[int],
+                      padding: list[int] | int = 0, ceil_mode: bool = False,
+                      count_include_pad: bool = True,
+                      divisor_override: int | None = None) -> torch.Tensor:
+        if divisor_override is None:
+            return NotImplemented
+
+        def per_dim(v: list[int] | int) -> list[int]:
+            v = [v] if isinstance(v, int) else list(v)
+            return v * dims if len(v) == 1 else v
+
+        kernel, padding = per_dim(kernel_size), per_dim(padding)
+        stride = per_dim(stride) if stride else kernel
+        pads: list[int] = []
+        for size, k, s, p in zip(x.shape[-dims:], kernel, stride, padding):
+            span = size + 2 * p - k
+            out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+            if ceil_mode and (out - 1) * s >= size + p:
+                out -= 1  # the last window must start inside the input or its left pad
+            pads = [p, max(p, (out - 1) * s + k - size - p)] + pads
+        summed = _AVG_POOL[dims](torch.nn.functional.pad(x, pads), kernel, stride, 0,
+                                 False, True) * math.prod(kernel)
+        return summed / divisor_override
+
+    return decomposition
+
+
+_AVG_POOL = {2: _aten.avg_pool2d.default, 3: _aten.avg_pool3d.default}
+
+
+def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
+    """The decompositions of :data:`DECOMPOSED_FOR_VALUES` and
+    :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward` and
+    :func:`avg_pool_with_divisor`, for AOTAutograd's ``decompositions=``."""
+    table = get_decompositions([*DECOMPOSED_FOR_VALUES, *DECOMPOSED_FOR_LOWERING])
+    table[_aten.unfold_backward.default] = unfold_backward
+    for dims, op in _AVG_POOL.items():
+        table[op] = avg_pool_with_divisor(dims)
+    return table
+
+
+@functools.cache
+def ungraded_ops() -> tuple[torch._ops.OpOverload, ...]:
+    """The ops torch differentiates through their composite kernel, which a torch_xla
+    kernel shadows for XLA with no AutogradXLA kernel in its place. Read off the
+    dispatcher once torch_xla is imported, as its registrations decide the list."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    found = []
+    for name in sorted(torch._C._dispatch_get_all_op_names()):
+        if not (name.startswith("aten::") and has(name, "XLA")
+                and has(name, "CompositeImplicitAutograd") and not has(name, "AutogradXLA")):
+            continue
+        packet, _, overload = name[len("aten::"):].partition(".")
+        if packet.startswith("_"):  # torch_xla's own helpers (_to_cpu, _propagate_xla_data)
+            continue
+        op = getattr(getattr(_aten, packet), overload or "default")
+        if not any(arg.is_out for arg in op._schema.arguments):  # autograd refuses out=
+            found.append(op)
+    return tuple(found)
+
+
+@functools.cache
+def restore_composite_autograd() -> None:
+    """Registers torch's composite kernel for AutogradXLA on each of :func:`ungraded_ops`,
+    for traces under the Python dispatcher (AOTAutograd's); once per process."""
+    for op in ungraded_ops():
+        op.py_impl(torch._C.DispatchKey.AutogradXLA)(functools.partial(_composite, op))
+
+
+def _composite(op: torch._ops.OpOverload, *args: object, **kwargs: object) -> object:
+    return op.decompose(*args, **kwargs)
+
+
+__all__ = ["DECOMPOSED_FOR_LOWERING", "DECOMPOSED_FOR_VALUES", "gap_decompositions",
+           "has_xla_lowering", "restore_composite_autograd", "ungraded_ops"]
