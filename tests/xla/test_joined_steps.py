@@ -264,6 +264,45 @@ def test_compiled_model_with_an_eager_optimizer_joins_it_into_the_step(xla):
     assert_same_state(model, reference, rtol=1e-4)
 
 
+def test_compiled_model_with_an_eager_grad_scaler_reads_found_inf_once_a_step(xla):
+    """``torch.compile(model)`` with torch's own ``GradScaler.step``: it reads found-inf
+    on the host before stepping (README), which runs the step so far (forward,
+    backward, unscale) as one execution; the update joins the next."""
+    work = workloads.get_workload("mlp", hidden=40)
+    model, reference = twin(work.build_model(), xla)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    scaler = workloads.make_grad_scaler(xla, init_scale=2.0**8, growth_interval=2)
+    ref_scaler = workloads.make_grad_scaler(torch.device("cpu"), init_scale=2.0**8,
+                                            growth_interval=2)
+    compiled = torch.compile(model, backend="syncfree_xla", options=JOIN)
+
+    def one(net, optimizer, grad_scaler, i, device):
+        x, y = work.make_batch(i, device)
+        loss = workloads.cross_entropy(net(x), y)
+        grad_scaler.scale(loss).backward()
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for i in range(WARMUP + 2):  # with a step after a closing sync, as the window's first
+        one(compiled, opt, scaler, i, xla)
+        one(reference, ref_opt, ref_scaler, i, "cpu")
+        if i == WARMUP - 1:
+            settle()
+    with MetricWindow() as window:
+        for i in range(WARMUP + 2, STEPS + 2):
+            one(compiled, opt, scaler, i, xla)
+            one(reference, ref_opt, ref_scaler, i, "cpu")
+    # two per step, and the last step's update at the window's closing sync
+    steps = STEPS - WARMUP
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles) == (2 * steps + 1, steps, 0), window.counts
+    assert_same_state(model, reference, rtol=1e-4)
+    assert scaler.get_scale() == ref_scaler.get_scale()
+
+
 def test_per_graph_option_runs_each_graph_as_its_own_execution(xla):
     """The per-graph path stays available as the fallback: more than one per step."""
     work = workloads.get_workload("mlp", hidden=44)
