@@ -158,9 +158,10 @@ def test_the_aot_cache_key_names_the_ops_given_their_composite_autograd(xla, mon
                                       count_include_pad=False, divisor_override=2)),
     (F.avg_pool2d, (2, 3, 9, 7), dict(kernel_size=(4, 3), stride=(2, 3), padding=(2, 1),
                                       count_include_pad=False, divisor_override=5)),
+    (F.avg_pool2d, (2, 3, 8, 8), dict(kernel_size=2)),  # stride and the rest by default
     (F.avg_pool3d, (1, 2, 5, 5, 5), dict(kernel_size=(2, 3, 4), stride=(1, 2, 2),
                                          padding=(0, 1, 2), ceil_mode=True, divisor_override=3)),
-], ids=["2d-ceil", "2d", "3d-ceil"])
+], ids=["2d-ceil", "2d", "2d-defaults", "3d-ceil"])
 def test_avg_pool_with_a_divisor_override_matches_eager(xla, pool, shape, kwargs):
     """torch_xla's lowering ignores the override; its backward runs on the host."""
     x = torch.randn(shape)

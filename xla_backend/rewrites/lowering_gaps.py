@@ -17,17 +17,18 @@ Three gaps, each found against eager PyTorch on CPU (``tests/xla/test_lowering_g
 * **A wrong value.** torch_xla's ``elu_backward`` reads its last argument as the
   forward's result whatever ``is_result`` says; autograd passes the input, so ELU, SELU
   and CELU gradients are wrong wherever the input is negative (in lazy mode too). It
-  is decomposed with torch's reference, as is ``norm``, which ``torch.norm`` calls on
-  XLA tensors (eager CPU goes to ``linalg.vector_norm``) and whose lowering gives
-  other values than eager for ``p=inf`` and ``-inf``. Its ``avg_pool2d`` and ``avg_pool3d`` with
-  ``divisor_override`` give other values than eager where ``ceil_mode`` is on or
-  ``count_include_pad`` off: :func:`avg_pool_with_divisor`. Their
-  backward with an override runs on the host, as torch_xla sends it to its fallback.
+  is decomposed with torch's reference, as is ``norm`` with ``p=inf`` or ``-inf``
+  (:func:`infinite_norm`): ``torch.norm`` calls it on XLA tensors (eager CPU goes to
+  ``linalg.vector_norm``), and its lowering gives other values there. Its
+  ``avg_pool2d`` and ``avg_pool3d`` with ``divisor_override`` give other values than
+  eager where ``ceil_mode`` is on or ``count_include_pad`` off:
+  :func:`avg_pool_with_divisor`. Their backward with an override runs on the host, as
+  torch_xla sends it to its fallback.
 * **No lowering.** Each op in :data:`DECOMPOSED_FOR_LOWERING` has no XLA kernel, so a
   graph holding it would run it on the host: a round trip per step (GLU's backward,
   Huber loss's backward, ``logaddexp``, ``vdot`` in ``spectral_norm``'s power
-  iteration). torch's decompositions of them lower to ordinary XLA ops;
-  ``Tensor.unfold``'s backward gets one of its own (:func:`unfold_backward`).
+  iteration, ``Tensor.unfold``). torch's decompositions of them lower to ordinary XLA
+  ops; ``Tensor.unfold``'s backward gets one of its own (:func:`unfold_backward`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch._decomp import get_decompositions
 _aten = torch.ops.aten
 
 #: Decomposed because torch_xla's lowering gives another value than eager.
-DECOMPOSED_FOR_VALUES: tuple[torch._ops.OpOverloadPacket, ...] = (_aten.elu_backward, _aten.norm)
+DECOMPOSED_FOR_VALUES: tuple[torch._ops.OpOverloadPacket, ...] = (_aten.elu_backward,)
 
 #: Decomposed because torch_xla has no lowering: each would run on the host.
 DECOMPOSED_FOR_LOWERING: tuple[torch._ops.OpOverloadPacket, ...] = (
@@ -88,7 +89,7 @@ def avg_pool_with_divisor(dims: int) -> Callable[..., torch.Tensor]:
     far as ``ceil_mode``'s last window reaches) divided by the override. Without an
     override the op is left as it is."""
 
-    def decomposition(x: torch.Tensor, kernel_size: list[int], stride: list[int],
+    def decomposition(x: torch.Tensor, kernel_size: list[int], stride: list[int] = (),
                       padding: list[int] | int = 0, ceil_mode: bool = False,
                       count_include_pad: bool = True,
                       divisor_override: int | None = None) -> torch.Tensor:
@@ -118,12 +119,27 @@ def avg_pool_with_divisor(dims: int) -> Callable[..., torch.Tensor]:
 _AVG_POOL = {2: _aten.avg_pool2d.default, 3: _aten.avg_pool3d.default}
 
 
+def infinite_norm(reference: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """An overload of ``aten.norm`` through torch's reference where ``p`` is infinite,
+    and left as it is otherwise (the other norms lower as eager computes them)."""
+
+    def decomposition(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        p = args[0] if args else kwargs.get("p", 2)
+        if not (isinstance(p, (int, float)) and math.isinf(p)):
+            return NotImplemented
+        return reference(x, *args, **kwargs)
+
+    return decomposition
+
+
 def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """The decompositions of :data:`DECOMPOSED_FOR_VALUES` and
-    :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward` and
-    :func:`avg_pool_with_divisor`, for AOTAutograd's ``decompositions=``."""
+    :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward`, :func:`infinite_norm`
+    and :func:`avg_pool_with_divisor`, for AOTAutograd's ``decompositions=``."""
     table = get_decompositions([*DECOMPOSED_FOR_VALUES, *DECOMPOSED_FOR_LOWERING])
     table[_aten.unfold_backward.default] = unfold_backward
+    for op, reference in get_decompositions([_aten.norm]).items():
+        table[op] = infinite_norm(reference)
     for dims, op in _AVG_POOL.items():
         table[op] = avg_pool_with_divisor(dims)
     return table
