@@ -189,6 +189,67 @@ def test_an_optimizer_steps_first_on_its_own_buffers_and_in_place(xla):
     assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
 
 
+def _momentum_teacher(device):
+    """A student, a teacher made from it with ``copy_`` (MoCo, BYOL, a mean teacher) and a
+    copy kept aside with ``load_state_dict`` (the best weights so far)."""
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                  torch.nn.Linear(32, 4)).to(device)
+    teacher = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                  torch.nn.Linear(32, 4)).to(device)
+    best = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                               torch.nn.Linear(32, 4)).to(device)
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.copy_(s)
+            t.requires_grad_(False)
+    best.load_state_dict(student.state_dict())
+    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+
+    def step(x, y):
+        with torch.no_grad():
+            target = teacher(x).softmax(-1)
+        loss = -(target * student(x).log_softmax(-1)).sum(-1).mean()
+        loss = loss + torch.nn.functional.cross_entropy(student(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for t, s in zip(teacher.parameters(), student.parameters()):
+                t.mul_(0.9).add_(s, alpha=0.1)
+        return loss.detach()
+
+    return (student, teacher, best), step
+
+
+def test_a_buffer_that_a_copy_also_holds_is_not_donated_from_under_it(xla):
+    """torch_xla's ``copy_`` shares the source's buffer instead of copying it. The first
+    step's optimizer graph, synced on its own, donated that buffer and deleted it under
+    the teacher ("buffer ... is deleted" inside the step) and under the copy kept aside
+    (at its next read). The first step now runs without donating a buffer another
+    tensor holds; later steps join as usual."""
+    got_models, got_step = _momentum_teacher(xla)
+    want_models, want_step = _momentum_teacher(torch.device("cpu"))
+    compiled = torch.compile(got_step, backend="syncfree_xla", options=JOIN)
+    batch = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),
+              torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)))
+             for i in range(STEPS)]
+    got, want = [], []
+    for i in range(WARMUP):
+        got.append(compiled(*(t.to(xla) for t in batch[i])))
+        want.append(want_step(*batch[i]))
+    with MetricWindow() as window:
+        for i in range(WARMUP, STEPS):
+            got.append(compiled(*(t.to(xla) for t in batch[i])))
+            want.append(want_step(*batch[i]))
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    for model, reference in zip(got_models, want_models):
+        assert_same_state(model, reference, rtol=1e-4)
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles) == (STEPS - WARMUP, 0, 0)
+
+
 @pytest.mark.parametrize("kind", ["plain", "B"])
 def test_steady_joined_steps_update_each_buffer_in_place(xla, kind):
     """A joined step donates each buffer it updates to that same tensor's new value, so

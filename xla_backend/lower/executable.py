@@ -7,6 +7,7 @@ entry; both run the graph's HLO through :func:`run_hlo`, so neither needs the ot
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -191,6 +192,54 @@ def name_for_donation(operands: Sequence[Any], updated: Sequence[torch.Tensor]) 
         return
     for x in order:
         xla_internals.rebind(x, xla_internals.buffer_alias(x))
+
+
+def held_elsewhere(tensors: Sequence[Any]) -> bool:
+    """Whether a live tensor other than ``tensors`` holds one of their device buffers.
+
+    torch_xla's ``copy_`` between two device tensors of one dtype (``load_state_dict``,
+    ``teacher_p.copy_(student_p)``) makes the destination read the source's buffer
+    rather than a copy of it, and after a sync both hold that one buffer. A sync that
+    then donates the buffer to the source's update deletes it under the destination
+    (torch_xla's own lazy mode fails alike once a ``torch_xla.sync()`` came between).
+    Python tensors are all the graph's caller can hold, so a scan of the garbage
+    collector's objects finds every other holder. That scan takes about 0.2 s in a
+    process holding half a million objects (torchvision and transformers imported), so
+    only an optimizer graph's calls before steps join, the first step's, ask it.
+    """
+    mine = [t for t in tensors if _holds_buffer(t)]
+    if not mine:
+        return False
+    skip = {id(t) for t in tensors}
+    others = [o for o in gc.get_objects() if id(o) not in skip and _holds_buffer(o)]
+    if not others:
+        return False
+    # a Python tensor on the same lazy tensor (a detach(), an argument list's alias)
+    # follows the update; only another lazy tensor on the same buffer loses it
+    holders = {(h, xla_internals.tensor_id(t))
+               for h, t in zip(xla_internals.buffer_handles(mine), mine)}
+    handles = {h for h, _ in holders}
+    return any(h in handles and (h, xla_internals.tensor_id(o)) not in holders
+               for h, o in _handles(others))
+
+
+def _handles(tensors: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    """(buffer handle, tensor) for each tensor torch_xla can name a buffer of.
+
+    A tensor on the XLA device that torch_xla does not own (in a long test session,
+    one left over from earlier tests failed with "Expected XLA tensor. Got:
+    XLABoolType") holds no buffer of torch_xla's, so it is passed over.
+    """
+    try:
+        return list(zip(xla_internals.buffer_handles(tensors), tensors))
+    except RuntimeError:
+        found = []
+        for t in tensors:
+            try:
+                found.append((xla_internals.buffer_handles([t])[0], t))
+            except RuntimeError:
+                continue
+        return found
 
 
 def sharing_intact(stand: Sequence[Any], shared: Sequence[int]) -> bool:

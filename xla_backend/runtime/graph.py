@@ -36,6 +36,7 @@ from ..lower.executable import (
     Input,
     any_symbolic,
     constants_as_buffers,
+    held_elsewhere,
     name_for_donation,
     standins,
     trace_lock,
@@ -370,6 +371,13 @@ class LoweredGraph:
         for arg_index in views:
             _check_writable(args[arg_index], arg_index, self.name)
         split_ = self._split
+        if self._alone_first and not step.joiner.started and held_elsewhere(
+                [args[i] for i in split_.device_mutations]):
+            # donating would delete the buffer under its other holder: run as a graph
+            # of its own, whose results are new buffers
+            log.debug("syncfree_xla: %s updates a buffer another tensor holds; it "
+                      "runs without donating until steps join", self.name)
+            self._alone_first = False
         host_values = None
         if split_.host is not None:
             host_values = split_.host(*[args[i] for i in split_.host_inputs])
