@@ -4,6 +4,7 @@ Imports torch only, never torch_xla.
 """
 
 from .base import GraphPass, PassResult
+from .int_inputs import tensorify_int_inputs
 from .negated_scalars import hoist_scalar_negation
 from .pipeline import run_pipeline
 from .tensorify_scalars import tensorify_scalar_reads
@@ -21,5 +22,6 @@ __all__ = [
     "PassResult",
     "hoist_scalar_negation",
     "run_pipeline",
+    "tensorify_int_inputs",
     "tensorify_scalar_reads",
 ]

@@ -95,7 +95,7 @@ from .dynamo_graph import annotate, fake_mode, is_dynamo_float_input, is_sym, is
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SYM_OPS", "TENSOR_CONSUMERS", "tensorify_scalar_reads"]
+__all__ = ["SYM_OPS", "TENSOR_CONSUMERS", "rewritable_reads", "tensorify_scalar_reads"]
 
 _BINARY: dict[Any, Callable[[Any, Any], Any]] = {
     operator.add: operator.add,
@@ -295,6 +295,11 @@ def _plan(gm: torch.fx.GraphModule) -> list[Node]:
     for reason in rejected.values():
         log.debug("tensorify_scalar_reads: left a scalar read alone: %s", reason)
     return [n for n in nodes if root_of[n] not in rejected]
+
+
+def rewritable_reads(gm: torch.fx.GraphModule) -> set[Node]:
+    """The ``.item()`` reads :data:`tensorify_scalar_reads` would turn into tensor math."""
+    return {n for n in _plan(gm) if _is_root(n)}
 
 
 class _Emitter:

@@ -146,6 +146,33 @@ def _boxed(fn: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
     return call
 
 
+def _int_tensor(value: int | None) -> torch.Tensor:
+    """A Python int input as ``passes.tensorify_int_inputs`` takes it: 0-d int64, host."""
+    return torch.tensor(0 if value is None else value, dtype=torch.int64)
+
+
+def _ints_as_tensors(compiled: Callable, positions: list[int]) -> Callable:
+    """``compiled``, taking the ints Dynamo passes at ``positions`` as 0-d tensors."""
+    if not positions:
+        return compiled
+
+    def convert(args: Sequence[Any]) -> list[Any]:
+        args = list(args)
+        for k in positions:
+            args[k] = _int_tensor(args[k])
+        return args
+
+    if getattr(compiled, "_boxed_call", False):
+        def boxed(args: list[Any]) -> Any:
+            converted = convert(args)
+            args.clear()  # a boxed call frees its inputs as it goes
+            return compiled(converted)
+
+        boxed._boxed_call = True  # type: ignore[attr-defined]
+        return boxed
+    return lambda *args: compiled(*convert(args))
+
+
 class SyncfreeXla:
     """The backend: a callable Dynamo hands each graph, with a ``reset`` it calls too.
 
@@ -174,7 +201,12 @@ class SyncfreeXla:
         check_autograd_reaches_xla(example_inputs)
         for observer in list(OBSERVERS):
             observer.on_dynamo_graph(gm, opts)
-        if opts.syncfree_passes:  # Dynamo-level rewrites; placeholders stay as they are
+        int_inputs: list[int] = []
+        if opts.syncfree_passes:  # Dynamo-level rewrites
+            if not any(isinstance(x, (list, tuple, dict)) for x in example_inputs):
+                int_inputs = passes.tensorify_int_inputs(gm, example_inputs)
+                example_inputs = [_int_tensor(x.node.hint) if k in int_inputs else x
+                                  for k, x in enumerate(example_inputs)]
             passes.run_pipeline(gm, passes.DYNAMO_PASSES)
         if opts.cpu_rewrites and cpu_client():  # above AOTAutograd: rewrites the backward too
             passes.run_pipeline(gm, rewrites.CPU_DYNAMO_REWRITES)
@@ -199,10 +231,11 @@ class SyncfreeXla:
             else:
                 found.hit()
                 self._tell_aot(gm, "skipped: its graphs and metadata came from the cache")
-                return compiled
+                return _ints_as_tensors(compiled, int_inputs)
         self._tell_aot(gm, "ran; " + found.outcome)
-        return aot.compile_graph(gm, example_inputs, compilers,
-                                 found.store if found.cacheable else None)
+        return _ints_as_tensors(aot.compile_graph(gm, example_inputs, compilers,
+                                                  found.store if found.cacheable else None),
+                                int_inputs)
 
     @staticmethod
     def _tell_aot(gm: torch.fx.GraphModule, outcome: str) -> None:

@@ -201,6 +201,69 @@ def test_dynamo_float_input_item_is_kept_and_anchored():
     assert len(anchors) == 1
 
 
+# --------------------------------------------------------------------------- int inputs
+
+
+def _momentum_schedule(w: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
+    return w.mul(1 - 0.1 * (1 - i / 8)) + x * (i // 2)
+
+
+def _index_returned(w: torch.Tensor, x: torch.Tensor, i: int) -> tuple[torch.Tensor, int]:
+    return w * x * (i + 1), i * 2
+
+
+def _index_as_slice(w: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
+    return (w[:i] * x[:i]).sum() * (i + 1)
+
+
+class IntInputs:
+    """A backend doing what ours does with int inputs: rewrite, then pass tensors."""
+
+    def __init__(self) -> None:
+        self.graphs: list[tuple[torch.fx.GraphModule, list[int]]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        positions = passes.tensorify_int_inputs(gm, example_inputs)
+        passes.run_pipeline(gm, passes.DYNAMO_PASSES)
+        self.graphs.append((gm, positions))
+
+        def call(*args: Any) -> Any:
+            return gm.forward(*[torch.tensor(a) if k in positions else a
+                                for k, a in enumerate(args)])
+
+        return call
+
+
+def test_an_int_input_used_as_a_number_becomes_a_tensor_input():
+    """Dynamo makes the int symbolic at its second value; the graph then takes it as a
+    0-d tensor, with the arithmetic as tensor math, and gives eager's values exactly."""
+    backend = IntInputs()
+    compiled = _compile(_momentum_schedule, backend)
+    w, x = torch.randn(6), torch.randn(6)
+    for i in range(6):
+        torch.testing.assert_close(compiled(w, x, i), _momentum_schedule(w, x, i),
+                                   rtol=0, atol=0)
+    assert len(backend.graphs) == 2, "one graph for i=0, then one for every index"
+    gm, positions = backend.graphs[-1]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert [placeholders[k].name for k in positions] == ["l_i_"]
+    assert not _sym_nodes(gm) and _item_calls(gm) == 0
+
+
+@pytest.mark.parametrize("fn", [_index_returned, _index_as_slice], ids=["output", "slice"])
+def test_an_int_input_used_otherwise_stays_a_symbol(fn):
+    """A number that leaves the graph or sizes a tensor keeps its SymInt input."""
+    backend = IntInputs()
+    compiled = _compile(fn, backend)
+    w, x = torch.randn(6), torch.randn(6)
+    for i in range(1, 5):
+        torch.testing.assert_close(compiled(w, x, i), fn(w, x, i), rtol=0, atol=0)
+    gm, positions = backend.graphs[-1]
+    assert positions == []
+    assert any(isinstance(n.meta.get("example_value"), torch.SymInt)
+               for n in gm.graph.nodes if n.op == "placeholder")
+
+
 # --------------------------------------------------------------------------- hoist negation
 
 

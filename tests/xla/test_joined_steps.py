@@ -209,7 +209,6 @@ def _momentum_teacher(device):
     opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
 
     def step(x, y, i=None):
-        momentum = 0.9 if i is None else 1 - 0.1 * (1 - i / STEPS)
         with torch.no_grad():
             target = teacher(x).softmax(-1)
         loss = -(target * student(x).log_softmax(-1)).sum(-1).mean()
@@ -217,6 +216,7 @@ def _momentum_teacher(device):
         loss.backward()
         opt.step()
         opt.zero_grad()
+        momentum = 0.9 if i is None else 1 - 0.1 * (1 - i / STEPS)
         with torch.no_grad():
             for t, s in zip(teacher.parameters(), student.parameters()):
                 t.mul_(momentum).add_(s, alpha=1 - momentum)
@@ -253,14 +253,11 @@ def test_a_buffer_that_a_copy_also_holds_is_not_donated_from_under_it(xla):
             window.counts.compiles) == (STEPS - WARMUP, 0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: a Python int argument that Dynamo makes symbolic (the step index) is traced "
-    "into the computation as a constant, so each new value retraces the graph, reads "
-    "values back to the host (2 transfers a step here) and stores one graph-cache entry "
-    "a step; the numbers are right, and a Python float or a tensor step index is "
-    "sync-free (passes/tensorify_scalars.py turns floats and .item() reads into 0-d "
-    "tensor math, not int arguments)"))
 def test_a_step_index_argument_driving_a_momentum_schedule_is_sync_free(xla):
+    """Dynamo makes an int argument symbolic at its second value. Traced in as a
+    constant, each new step index retraced the graph, read values back to the host (2
+    transfers a step here) and stored one more graph-cache entry; it is now a 0-d
+    tensor input (``passes.tensorify_int_inputs``)."""
     got_models, got_step = _momentum_teacher(xla)
     want_models, want_step = _momentum_teacher(torch.device("cpu"))
     compiled = torch.compile(got_step, backend="syncfree_xla", options=JOIN)
