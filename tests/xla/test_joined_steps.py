@@ -225,65 +225,39 @@ def _momentum_teacher(device):
     return (student, teacher, best), step
 
 
-def test_a_buffer_that_a_copy_also_holds_is_not_donated_from_under_it(xla):
-    """torch_xla's ``copy_`` shares the source's buffer instead of copying it. The first
-    step's optimizer graph, synced on its own, donated that buffer and deleted it under
-    the teacher ("buffer ... is deleted" inside the step) and under the copy kept aside
-    (at its next read). The first step now runs without donating a buffer another
-    tensor holds; later steps join as usual."""
+@pytest.mark.parametrize("indexed", [False, True], ids=["fixed-momentum", "step-index"])
+def test_a_momentum_teacher_trains_like_eager_in_one_execution_per_step(xla, indexed):
+    """Two things this loop broke. torch_xla's ``copy_`` shares the source's buffer
+    instead of copying it: the first step's optimizer graph, synced on its own, donated
+    that buffer and deleted it under the teacher ("buffer ... is deleted" inside the
+    step) and under the copy kept aside (at its next read). That step now runs without
+    donating a buffer another tensor holds. And Dynamo makes the int step index
+    symbolic at its second value: traced in as a constant, each new index retraced the
+    graph, read values back to the host (12 transfers a step) and stored one more
+    graph-cache entry. It is now a 0-d tensor input (``passes.tensorify_int_inputs``)."""
     got_models, got_step = _momentum_teacher(xla)
     want_models, want_step = _momentum_teacher(torch.device("cpu"))
     compiled = torch.compile(got_step, backend="syncfree_xla", options=JOIN)
-    batch = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),
-              torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)))
-             for i in range(STEPS)]
-    got, want = [], []
-    for i in range(WARMUP):
-        got.append(compiled(*(t.to(xla) for t in batch[i])))
-        want.append(want_step(*batch[i]))
-    with MetricWindow() as window:
-        for i in range(WARMUP, STEPS):
-            got.append(compiled(*(t.to(xla) for t in batch[i])))
-            want.append(want_step(*batch[i]))
-    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
-                               rtol=1e-4, atol=1e-5)
-    for model, reference in zip(got_models, want_models):
-        assert_same_state(model, reference, rtol=1e-4)
-    assert (window.counts.executions, window.counts.transfers_to_host,
-            window.counts.compiles) == (STEPS - WARMUP, 0, 0)
+    batches = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),
+                torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)),
+                i if indexed else None) for i in range(STEPS)]
 
-
-def test_a_step_index_argument_driving_a_momentum_schedule_is_sync_free(xla):
-    """Dynamo makes an int argument symbolic at its second value. Traced in as a
-    constant, each new step index retraced the graph, read values back to the host (2
-    transfers a step here) and stored one more graph-cache entry; it is now a 0-d
-    tensor input (``passes.tensorify_int_inputs``)."""
-    got_models, got_step = _momentum_teacher(xla)
-    want_models, want_step = _momentum_teacher(torch.device("cpu"))
-    compiled = torch.compile(got_step, backend="syncfree_xla", options=JOIN)
-    batch = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),
-              torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)))
-             for i in range(STEPS)]
-    got, want = [], []
-    for i in range(WARMUP):
-        got.append(compiled(*(t.to(xla) for t in batch[i]), i))
-        want.append(want_step(*batch[i], i))
     def lookups():  # one per executable built for a graph: traced or from the cache
         return sum(counters.counter(name) for name in (
             counters.CACHE_GRAPH_HITS, counters.CACHE_GRAPH_MISSES,
             counters.CACHE_GRAPH_UNCACHEABLE))
 
+    got = [compiled(x.to(xla), y.to(xla), i) for x, y, i in batches[:WARMUP]]
     built = lookups()
     with MetricWindow() as window:
-        for i in range(WARMUP, STEPS):
-            got.append(compiled(*(t.to(xla) for t in batch[i]), i))
-            want.append(want_step(*batch[i], i))
+        got += [compiled(x.to(xla), y.to(xla), i) for x, y, i in batches[WARMUP:]]
+    want = [want_step(*batch) for batch in batches]
     torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
                                rtol=1e-4, atol=1e-5)
     for model, reference in zip(got_models, want_models):
         assert_same_state(model, reference, rtol=1e-4)
     assert (window.counts.executions, window.counts.transfers_to_host,
-            lookups() - built) == (STEPS - WARMUP, 0, 0)
+            window.counts.compiles, lookups() - built) == (STEPS - WARMUP, 0, 0, 0)
 
 
 @pytest.mark.parametrize("kind", ["plain", "B"])
