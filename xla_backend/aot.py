@@ -44,6 +44,7 @@ from torch._functorch.partitioners import default_partition
 from torch._guards import TracingContext
 from torch.fx.experimental.symbolic_shapes import SymIntEqByExpr
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .dynamo import grad_scaler
 
@@ -312,10 +313,27 @@ def _backward_disabled(compiler: Compiler) -> Compiler:
     return compile_backward
 
 
+def _partition(joint: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+    """``default_partition``, after giving each tensor node the ``tensor_meta`` it expects.
+
+    AOTAutograd's ``tensorify_python_scalars`` turns float math it keeps symbolic (a
+    cosine schedule written with ``math.cos`` on a step index) into ``scalar_tensor``
+    ops that carry a ``val`` but no ``tensor_meta``, and ``default_partition`` takes
+    such a node for a tuple and fails an assertion (torch's own
+    ``aot_eager_default_partitioner`` fails alike on the CPU).
+    """
+    for node in joint.graph.nodes:
+        val = node.meta.get("val")
+        if (node.op == "call_function" and "tensor_meta" not in node.meta
+                and isinstance(val, torch.Tensor)):
+            node.meta["tensor_meta"] = _extract_tensor_metadata(val)
+    return default_partition(joint, *args, **kwargs)
+
+
 def _prepare(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
              compilers: Compilers, backward: Compiler) -> tuple:
     return aot_mod.prepare_aot_module_simplified(
-        gm, list(example_inputs), None, compilers.forward, backward, default_partition,
+        gm, list(example_inputs), None, compilers.forward, backward, _partition,
         compilers.decompositions, True, compilers.inference, None, False, flatten=False)
 
 

@@ -11,6 +11,8 @@ one execution per graph, the fallback.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -258,6 +260,40 @@ def test_a_momentum_teacher_trains_like_eager_in_one_execution_per_step(xla, ind
         assert_same_state(model, reference, rtol=1e-4)
     assert (window.counts.executions, window.counts.transfers_to_host,
             window.counts.compiles, lookups() - built) == (STEPS - WARMUP, 0, 0, 0)
+
+
+def test_a_schedule_written_with_math_cos_compiles_and_trains_like_eager(xla):
+    """A step index through ``math.cos`` stays float math AOTAutograd keeps symbolic,
+    as ``scalar_tensor`` ops without the ``tensor_meta`` its default partitioner
+    expects: compiling failed with a bare AssertionError (``xla_backend.aot``)."""
+    def make(device):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 4)).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+        def step(x, y, i):
+            scale = 0.5 * (1 + math.cos(math.pi * i / STEPS))
+            loss = torch.nn.functional.cross_entropy(model(x), y) * scale
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach()
+
+        return model, step
+
+    model, step = make(xla)
+    reference, ref_step = make(torch.device("cpu"))
+    compiled = torch.compile(step, backend="syncfree_xla", options=JOIN)
+    got, want = [], []
+    for i in range(STEPS):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(i))
+        y = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i))
+        got.append(compiled(x.to(xla), y.to(xla), i))
+        want.append(ref_step(x, y, i))
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["plain", "B"])
