@@ -205,6 +205,7 @@ class SyncfreeXla:
         if opts.syncfree_passes:  # Dynamo-level rewrites
             if not any(isinstance(x, (list, tuple, dict)) for x in example_inputs):
                 int_inputs = passes.tensorify_int_inputs(gm, example_inputs)
+            if int_inputs:
                 example_inputs = [_int_tensor(x.node.hint) if k in int_inputs else x
                                   for k, x in enumerate(example_inputs)]
             passes.run_pipeline(gm, passes.DYNAMO_PASSES)

@@ -56,19 +56,6 @@ DECOMPOSED_FOR_LOWERING: tuple[torch._ops.OpOverloadPacket, ...] = (
 )
 
 
-@functools.cache
-def has_xla_lowering(op: torch._ops.OpOverload) -> bool:
-    """Whether dispatching ``op`` on XLA tensors reaches something other than the fallback.
-
-    An XLA kernel lowers it; a CompositeImplicitAutograd or CompositeExplicitAutograd
-    kernel decomposes it into other ops. The CompositeExplicitAutogradNonFunctional
-    kernels do not apply to XLA.
-    """
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return any(has(op.name(), key) for key in
-               ("XLA", "CompositeImplicitAutograd", "CompositeExplicitAutograd"))
-
-
 def unfold_backward(grad: torch.Tensor, input_sizes: list[int], dim: int, size: int,
                     step: int) -> torch.Tensor:
     """The gradient of ``Tensor.unfold(dim, size, step)``: each window's elements added
@@ -178,4 +165,4 @@ def _composite(op: torch._ops.OpOverload, *args: object, **kwargs: object) -> ob
 
 
 __all__ = ["DECOMPOSED_FOR_LOWERING", "DECOMPOSED_FOR_VALUES", "gap_decompositions",
-           "has_xla_lowering", "restore_composite_autograd", "ungraded_ops"]
+           "restore_composite_autograd", "ungraded_ops"]

@@ -26,6 +26,7 @@ stage already overwrote.
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from typing import Any, Callable, Sequence
@@ -42,7 +43,6 @@ from ..lower.executable import any_symbolic, placeholder_tensor, trace_lock
 from ..lower.split import UnsplittableGraph
 from ..lower.trace import OpsFellBackInTrace
 from ..options import Options
-from ..rewrites.lowering_gaps import has_xla_lowering
 from ..warn_once import WarnOnce
 from . import step
 from .graph import LoweredGraph, xla_device
@@ -51,6 +51,22 @@ log = logging.getLogger(__name__)
 
 _no_lowering = WarnOnce(log)
 _op_by_op = WarnOnce(log)
+
+
+@functools.cache
+def has_xla_lowering(op: torch._ops.OpOverload) -> bool:
+    """Whether dispatching ``op`` on XLA tensors reaches something other than the fallback.
+
+    An XLA kernel lowers it; a CompositeImplicitAutograd or CompositeExplicitAutograd
+    kernel decomposes it into other ops, which the trace's safety net checks. The
+    CompositeExplicitAutogradNonFunctional kernels do not apply to XLA.
+    """
+    name = op._schema.name
+    if op._overloadname != "default":
+        name += "." + op._overloadname
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return any(has(name, key) for key in
+               ("XLA", "CompositeImplicitAutograd", "CompositeExplicitAutograd"))
 
 
 def op_name(node: torch.fx.Node) -> str:
