@@ -7,6 +7,7 @@ import torch
 
 from tests.xla_helpers import (
     MetricWindow,
+    assert_same_optimizer_state,
     assert_same_state,
     train_both,
     twin,
@@ -329,3 +330,50 @@ def test_weight_norm_trains_like_eager_without_a_host_round_trip(xla):
     torch.testing.assert_close(torch.stack([t.cpu() for t in got]), torch.stack(want),
                                rtol=1e-5, atol=1e-6)
     assert_same_state(model, reference, rtol=1e-5)
+
+
+
+def _set_up_freezing(net: torch.nn.Sequential, change: str) -> torch.optim.Optimizer:
+    if change == "unfreeze-trunk":
+        net[0].requires_grad_(False)
+        return torch.optim.AdamW(net[2].parameters(), lr=1e-2)
+    return torch.optim.AdamW(net.parameters(), lr=1e-2)
+
+
+def _change_freezing(net: torch.nn.Sequential, opt: torch.optim.Optimizer, change: str) -> None:
+    if change == "unfreeze-trunk":
+        net[0].requires_grad_(True)
+        opt.add_param_group({"params": list(net[0].parameters()), "lr": 1e-3})
+    else:
+        net[2].requires_grad_(False)
+
+
+@pytest.mark.parametrize("form", ["whole-step", "module"])
+@pytest.mark.parametrize("change", ["unfreeze-trunk", "freeze-head"])
+def test_layers_frozen_or_unfrozen_mid_training_train_like_eager(xla, form, change):
+    """Gradual unfreezing, a fine-tuning staple, changes ``requires_grad`` in place and
+    leaves the module's ``__dict__`` as it was. The step must still be retraced, or the
+    graph traced with the trunk frozen runs on and the trunk never gets a gradient
+    (pytorch/pytorch#139476). Freezing is the other direction of the same loop."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    model, reference = twin(net, xla)
+    opt, ref_opt = _set_up_freezing(model, change), _set_up_freezing(reference, change)
+    compiled_step = torch.compile(workloads.train_step, backend="syncfree_xla")
+    compiled_model = torch.compile(model, backend="syncfree_xla")
+    g = torch.Generator().manual_seed(1)
+    got, want = [], []
+    for i in range(10):
+        x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+        if i == 4:
+            _change_freezing(model, opt, change)
+            _change_freezing(reference, ref_opt, change)
+        want.append(workloads.train_step(reference, ref_opt, x, y))
+        if form == "whole-step":
+            got.append(compiled_step(model, opt, x.to(xla), y.to(xla)))
+        else:
+            got.append(workloads.train_step(compiled_model, opt, x.to(xla), y.to(xla)))
+    torch.testing.assert_close(torch.stack([t.cpu() for t in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
+    assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)

@@ -14,6 +14,8 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
   defaults): a float that changes between calls (``param_groups[i]["lr"]``) becomes a
   0-d float64 graph *input* after one recompile, instead of a constant;
 * ``enable_cpp_symbolic_shape_guards=False``: see :data:`DYNAMO_SETTINGS`;
+* ``skip_tensor_guards_with_matching_dict_tags=False``: a parameter whose
+  ``requires_grad`` changed in place (layers unfrozen mid-training) retraces the step;
 * ``capture_scalar_outputs=True``: ``.item()`` / ``float(t)`` stay in the graph as
   symbolic scalars, which ``passes.tensorify_scalar_reads`` turns into 0-d tensor math;
 * a branch-free ``GradScaler._maybe_opt_step`` (``grad_scaler.masked_maybe_opt_step``): the
@@ -84,6 +86,11 @@ DYNAMO_SETTINGS: dict[str, Any] = {
     # it as a C++ extension with the system compiler, 10-14 s in every fresh process
     # on two cores. Its Python form costs microseconds per call.
     "enable_cpp_symbolic_shape_guards": False,
+    # With PyTorch's default a parameter's guards are skipped while its module's
+    # __dict__ is unchanged, so unfreezing layers (p.requires_grad_(True)) reran the
+    # graph traced with them frozen: they got no gradient and were silently never
+    # trained (pytorch/pytorch#139476). Checking them costs microseconds per call.
+    "skip_tensor_guards_with_matching_dict_tags": False,
 }
 
 #: One patch object, entered at each outermost call: building one defines a class (~50 us).
