@@ -377,3 +377,34 @@ def test_layers_frozen_or_unfrozen_mid_training_train_like_eager(xla, form, chan
                                rtol=1e-4, atol=1e-5)
     assert_same_state(model, reference, rtol=1e-4)
     assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
+
+
+def _hand_written_sgd_step(model, x, y):
+    """The optimizer-free loop of PyTorch's own tutorials, gradients dropped as it goes."""
+    loss = workloads.cross_entropy(model(x), y)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+            p.grad = None
+    return loss.detach()
+
+
+def test_hand_written_sgd_that_drops_each_gradient_trains_like_eager(xla):
+    """``p -= ...`` rebinds ``p``; Dynamo traced the name as a stand-in tensor, so the
+    ``p.grad = None`` after it was lost and every backward added to stale gradients."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    model, reference = twin(net, xla)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g))
+               for _ in range(8)]
+    got, want = train_both(
+        _hand_written_sgd_step,
+        lambda i: (model, *(t.to(xla) for t in batches[i])),
+        lambda i: (reference, *batches[i]),
+        steps=8,
+    )
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
+    assert all(p.grad is None for p in model.parameters())

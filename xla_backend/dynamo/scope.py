@@ -25,6 +25,9 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
 * a ``_BatchNorm.forward`` whose cumulative average (``momentum=None``) Dynamo traces
   (``batch_norm.traceable_forward``); the stock one breaks the graph and runs the layer
   in lazy mode, with a biased running variance;
+* ``p -= x`` on a tensor traced as ``p`` itself
+  (``augmented_assignment.augmented_assignment_keeps_tensor``): Dynamo binds the name to
+  a stand-in, and a hand-written SGD loop's ``p.grad = None`` after it is lost;
 * under ``torch.compile(dynamic=True)`` only, PyTorch's reference layer and group norm
   as their ``AutogradXLA`` kernels (:func:`_norms_for_symbolic_sizes`).
 
@@ -71,7 +74,7 @@ from torch._dynamo.repro.after_dynamo import WrapBackendDebug
 from torch.optim import _adafactor as torch_adafactor
 
 from .. import options as options_mod
-from . import batch_norm, grad_scaler, step_counters
+from . import augmented_assignment, batch_norm, grad_scaler, step_counters
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,7 @@ def _scope() -> Iterator[None]:
                 stack.enter_context(_norms_for_symbolic_sizes())
             stack.enter_context(grad_scaler.masked_step())
             stack.enter_context(batch_norm.cumulative_average_traced())
+            stack.enter_context(augmented_assignment.augmented_assignment_keeps_tensor())
             stack.enter_context(step_counters.counters_on_device_when_traced())
             stack.enter_context(_adafactor_groups_by_dtype())
             _scope_stack = stack
