@@ -11,6 +11,7 @@ one execution per graph, the fallback.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -23,7 +24,7 @@ from tests.xla_helpers import (
     settle,
     twin,
 )
-from xla_backend import counters, xla_internals, xla_metrics
+from xla_backend import counters, warn_once, xla_internals, xla_metrics
 from xla_backend.runtime.step import DONOR_ORDER_MIN_BYTES
 from xla_backend.tools import workloads
 from xla_backend.tools.explain import ExplainSession
@@ -517,6 +518,44 @@ def test_a_host_read_that_runs_none_of_the_step_does_not_cut_it(xla, read):
     host_reads = 3 if read == "after the step" else 6
     assert (window.counts.executions, window.counts.transfers_to_host) == (3, host_reads)
 
+
+
+def test_a_step_logging_its_loss_every_few_steps_warns_nothing_and_trains_like_eager(
+        xla, caplog):
+    """``if it % 4 == 0: log(loss.item())`` after the update, in the compiled step: the
+    read's graph has nothing to compile, so running it op by op is no fallback to warn
+    about on a clean run; the read costs one transfer on the steps that log, no more."""
+    warn_once.reset_all()
+    torch.manual_seed(0)
+    model, reference = twin(workloads.get_workload("mlp").build_model(), xla)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+
+    def step(model, opt, it, x, y, logged):
+        loss = workloads.train_step(model, opt, x, y)
+        if it % 4 == 0:
+            logged.append(loss.item())
+        return loss
+
+    compiled = torch.compile(step, backend="syncfree_xla", options=JOIN)
+    work = workloads.get_workload("mlp")
+    got, want, got_log, want_log = [], [], [], []
+    with caplog.at_level(logging.WARNING, logger="xla_backend"):
+        for it in range(6):
+            got.append(compiled(model, opt, it, *work.make_batch(it, xla), got_log))
+            want.append(step(reference, ref_opt, it, *work.make_batch(it), want_log))
+        with MetricWindow() as window:
+            for it in range(6, 10):
+                got.append(compiled(model, opt, it, *work.make_batch(it, xla), got_log))
+                want.append(step(reference, ref_opt, it, *work.make_batch(it), want_log))
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert window.counts.transfers_to_host == 1  # step 8's read
+    torch.testing.assert_close(torch.tensor(got_log), torch.tensor(want_log),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.stack([t.cpu() for t in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
+    assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
 
 def test_a_graph_that_reads_no_buffer_runs_alone(xla):
     """A computation with no parameter cannot be a lazy node: it runs as its own."""

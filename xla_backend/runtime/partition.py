@@ -40,7 +40,7 @@ from passes.pipeline import copy_graph
 
 from .. import counters, xla_metrics
 from ..lower.executable import any_symbolic, placeholder_tensor, trace_lock
-from ..lower.split import UnsplittableGraph
+from ..lower.split import SYNC_TARGETS, UnsplittableGraph
 from ..lower.trace import OpsFellBackInTrace
 from ..options import Options
 from ..warn_once import WarnOnce
@@ -326,14 +326,31 @@ class EagerOnXla:
 
     def __init__(self, gm: torch.fx.GraphModule, reason: str, name: str) -> None:
         self._gm = gm
-        # once per reason: a recompiled graph (a new lr, a new shape) says it again
-        _op_by_op(reason, "syncfree_xla: running %s op by op instead of as one "
-                  "computation: %s", name, reason)
+        message = "syncfree_xla: running %s op by op instead of as one computation: %s"
+        if _reads_only(gm):  # a loop logging loss.item(): no computation to lose
+            log.debug(message, name, reason)
+        else:  # once per reason: a recompiled graph (a new lr, a new shape) says it again
+            _op_by_op(reason, message, name, reason)
 
     def __call__(self, args: list[Any]) -> Any:
         counters.incr(counters.EAGER_FALLBACKS)
         with torch.no_grad():
             return self._gm(*args)
+
+
+_NO_COMPUTATION = {torch.ops.aten.detach.default, torch.ops.aten.alias.default}
+
+
+def _reads_only(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph's only device work is reading values on the host: the rest
+    passes tensors through or runs on the host with what it read."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target in SYNC_TARGETS | _NO_COMPUTATION:
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+            return False
+    return True
 
 
 def lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str = "graph",
