@@ -1,6 +1,6 @@
-"""Ops whose torch_xla registration loses or bends a gradient, or that have no lowering
-(``xla_backend.rewrites.lowering_gaps``), trained as a whole compiled step against
-eager PyTorch on CPU.
+"""Ops whose torch_xla registration loses or bends a gradient, that have no lowering, or
+whose backward AOTAutograd could not trace (``xla_backend.rewrites.lowering_gaps``),
+trained as a whole compiled step against eager PyTorch on CPU.
 
 Each op sits between a parameter and the loss, so a gradient that does not reach the
 parameter leaves it untrained, and the comparison fails.
@@ -68,6 +68,15 @@ OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "glu": lambda h: F.glu(h, dim=-1),
     "logaddexp": lambda h: torch.logaddexp(h, -2 * h),
     "unfold": _patch_mean,
+    # a backward AOTAutograd could not trace on XLA (the compile failed)
+    "affine_grid": lambda h: F.affine_grid(h[:, :6].reshape(-1, 2, 3), [h.shape[0], 1, 3, 2],
+                                           align_corners=False).flatten(1),
+    "affine_grid_3d": lambda h: F.affine_grid(h.reshape(-1, 3, 4), [h.shape[0], 1, 2, 2, 2],
+                                              align_corners=True).flatten(1),
+    # no lowering, forward or backward: two host round trips per step
+    "grid_sample": lambda h: F.grid_sample(h.reshape(-1, 1, 3, 4),
+                                           torch.tanh(h[:, :8]).reshape(-1, 2, 2, 2),
+                                           align_corners=False).flatten(1),
 }
 
 
@@ -144,12 +153,14 @@ def test_ops_decomposed_for_want_of_a_lowering_have_no_xla_kernel():
             assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "XLA"), op
 
 
-def test_the_aot_cache_key_names_the_ops_given_their_composite_autograd(xla, monkeypatch):
+@pytest.mark.parametrize("repair", ["ungraded_ops", "DIFFERENTIATED_AS_DECOMPOSED"])
+def test_the_aot_cache_key_names_the_ops_given_their_composite_autograd(xla, monkeypatch,
+                                                                        repair):
     """A cache written before the repair holds graphs without those gradients."""
     gm = torch.fx.symbolic_trace(lambda x: torch.std(x, 0))
     inputs = [torch.randn(4, 3, device=xla)]
     key = aot_cache.aot_key(gm, inputs, {}).digest
-    monkeypatch.setattr(aot_cache, "ungraded_ops", lambda: ())
+    monkeypatch.setattr(aot_cache, repair, (lambda: ()) if repair == "ungraded_ops" else ())
     assert aot_cache.aot_key(gm, inputs, {}).digest != key
 
 

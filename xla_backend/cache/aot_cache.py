@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .. import aot, counters
 from .. import options as options_mod
-from ..rewrites.lowering_gaps import ungraded_ops
+from ..rewrites.lowering_gaps import DIFFERENTIATED_AS_DECOMPOSED, ungraded_ops
 from ..warn_once import WarnOnce
 from . import fx_codec
 from . import key as key_mod
@@ -126,6 +126,8 @@ def aot_key(gm: torch.fx.GraphModule, inputs: Sequence[Any],
         key_mod.SHARDING: "",
         key_mod.OPTIONS: dumps({"decompositions": sorted(str(op) for op in decompositions),
                                 "composite_autograd": [str(op) for op in ungraded_ops()],
+                                "decomposed_autograd": [str(op) for op in
+                                                        DIFFERENTIATED_AS_DECOMPOSED],
                                 "keep_inference_input_mutations": True}),
     })
     return key_mod.backend_key(components)

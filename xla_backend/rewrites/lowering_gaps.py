@@ -1,7 +1,8 @@
-"""Ops whose torch_xla 2.9 registration loses a gradient, computes a wrong one, or has
-no lowering, routed through PyTorch's own definitions while AOTAutograd traces.
+"""Ops whose torch_xla 2.9 registration loses a gradient, computes a wrong one, has no
+lowering or stops AOTAutograd's trace, routed through PyTorch's own definitions while
+AOTAutograd traces.
 
-Three gaps, each found against eager PyTorch on CPU (``tests/xla/test_lowering_gaps.py``):
+Four gaps, each found against eager PyTorch on CPU (``tests/xla/test_lowering_gaps.py``):
 
 * **No gradient at all.** torch defines ``kl_div``, ``std.dim``, ``diag``, ``selu``,
   ``cross``, ``qr`` and a few more (:func:`ungraded_ops`) as CompositeImplicitAutograd:
@@ -29,6 +30,14 @@ Three gaps, each found against eager PyTorch on CPU (``tests/xla/test_lowering_g
   Huber loss's backward, ``logaddexp``, ``vdot`` in ``spectral_norm``'s power
   iteration, ``Tensor.unfold``). torch's decompositions of them lower to ordinary XLA
   ops; ``Tensor.unfold``'s backward gets one of its own (:func:`unfold_backward`).
+* **A backward that cannot be traced or lowered.** ``affine_grid``'s backward is a C++
+  composite that reshapes a tensor in place (``unsqueeze_``); on the functional tensors
+  of AOTAutograd's trace that reaches torch_xla's kernel, which stops the compile with
+  "Expected XLA tensor". ``grid_sample``'s sampler has no lowering, forward or
+  backward. A spatial transformer could not compile, or ran both on the host. Each op
+  in :data:`DIFFERENTIATED_AS_DECOMPOSED` gets, for AutogradXLA under the Python
+  dispatcher (as above), torch's decomposition as its kernel: autograd differentiates
+  the ordinary ops it is made of, which lower.
 """
 
 from __future__ import annotations
@@ -53,6 +62,13 @@ DECOMPOSED_FOR_LOWERING: tuple[torch._ops.OpOverloadPacket, ...] = (
     _aten.logaddexp,
     _aten.vdot,
     _aten.unfold,
+)
+
+#: Differentiated through torch's decomposition: their own backward cannot be traced
+#: (``affine_grid``) or lowered (``grid_sample``).
+DIFFERENTIATED_AS_DECOMPOSED: tuple[torch._ops.OpOverloadPacket, ...] = (
+    _aten.affine_grid_generator,
+    _aten.grid_sampler_2d,
 )
 
 
@@ -155,14 +171,19 @@ def ungraded_ops() -> tuple[torch._ops.OpOverload, ...]:
 @functools.cache
 def restore_composite_autograd() -> None:
     """Registers torch's composite kernel for AutogradXLA on each of :func:`ungraded_ops`,
-    for traces under the Python dispatcher (AOTAutograd's); once per process."""
+    and torch's decomposition on each of :data:`DIFFERENTIATED_AS_DECOMPOSED`, for
+    traces under the Python dispatcher (AOTAutograd's); once per process."""
     for op in ungraded_ops():
         op.py_impl(torch._C.DispatchKey.AutogradXLA)(functools.partial(_composite, op))
+    for op, decomposition in get_decompositions(list(DIFFERENTIATED_AS_DECOMPOSED)).items():
+        if not any(arg.is_out for arg in op._schema.arguments):
+            op.py_impl(torch._C.DispatchKey.AutogradXLA)(decomposition)
 
 
 def _composite(op: torch._ops.OpOverload, *args: object, **kwargs: object) -> object:
     return op.decompose(*args, **kwargs)
 
 
-__all__ = ["DECOMPOSED_FOR_LOWERING", "DECOMPOSED_FOR_VALUES", "gap_decompositions",
+__all__ = ["DECOMPOSED_FOR_LOWERING", "DECOMPOSED_FOR_VALUES", "DIFFERENTIATED_AS_DECOMPOSED",
+           "gap_decompositions",
            "restore_composite_autograd", "ungraded_ops"]
