@@ -53,23 +53,28 @@ def _keeping_tensor(stock: Callable[..., None]) -> Callable[..., None]:
 
 _PATCHED = {name: _keeping_tensor(fn) for name, fn in _STOCK.items()}
 
+#: Python >= 3.11 runs every binary and in-place op through this table (BINARY_OP);
+#: swapping its contents is one slice assignment, at each outermost call of ours.
+_LOOKUP: list[Callable[..., None]] | None = getattr(symbolic_convert, "_binary_op_lookup", None)
+if _LOOKUP is not None:
+    _by_stock = {id(_STOCK[name]): _PATCHED[name] for name in _STOCK}
+    _STOCK_LOOKUP = list(_LOOKUP)
+    _PATCHED_LOOKUP = [_by_stock.get(id(fn), fn) for fn in _LOOKUP]
 
-def _install(table: dict[str, Callable[..., None]]) -> None:
-    by_stock = {id(_STOCK[name]): table[name] for name in _STOCK}
-    by_stock.update({id(_PATCHED[name]): table[name] for name in _STOCK})
-    for name, fn in table.items():
+
+def _install(patched: bool) -> None:
+    if _LOOKUP is not None:
+        _LOOKUP[:] = _PATCHED_LOOKUP if patched else _STOCK_LOOKUP
+        return
+    for name, fn in (_PATCHED if patched else _STOCK).items():  # one opcode per op
         setattr(_TRANSLATOR, name, fn)
-    lookup = getattr(symbolic_convert, "_binary_op_lookup", None)  # Python >= 3.11
-    if lookup is not None:
-        for i, fn in enumerate(lookup):
-            lookup[i] = by_stock.get(id(fn), fn)
 
 
 @contextlib.contextmanager
 def augmented_assignment_keeps_tensor() -> Iterator[None]:
     """Puts the tensor-keeping handlers in Dynamo for the duration."""
-    _install(_PATCHED)
+    _install(True)
     try:
         yield
     finally:
-        _install(_STOCK)
+        _install(False)
