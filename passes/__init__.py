@@ -4,6 +4,7 @@ Imports torch only, never torch_xla.
 """
 
 from .base import GraphPass, PassResult
+from .device_moves import hoist_device_moves
 from .int_inputs import tensorify_int_inputs
 from .negated_scalars import hoist_scalar_negation
 from .pipeline import run_pipeline
@@ -20,6 +21,7 @@ __all__ = [
     "fold_step_size_last",
     "GraphPass",
     "PassResult",
+    "hoist_device_moves",
     "hoist_scalar_negation",
     "run_pipeline",
     "tensorify_int_inputs",

@@ -349,6 +349,18 @@ def _detach_indices(meta: schemas.ViewAndMutationMeta, bw: torch.fx.GraphModule)
     return out
 
 
+def moved_example(example: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``example`` as AOTAutograd should see it once moved to ``device``: a fake tensor of
+    the backend's fake mode, with the example's own sizes. (A tensor made here is one
+    Dynamo never saw: AOTAutograd would give it symbolic sizes.)"""
+    context = TracingContext.try_get()
+    if context is None or context.fake_mode is None:
+        return example.to(device)
+    mode = context.fake_mode
+    with mode:
+        return mode.from_tensor(example, static_shapes=True).to(device)
+
+
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                   compilers: Compilers,
                   on_captured: Callable[[Captured], None] | None = None) -> Callable:

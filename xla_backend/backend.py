@@ -151,15 +151,19 @@ def _int_tensor(value: int | None) -> torch.Tensor:
     return torch.tensor(0 if value is None else value, dtype=torch.int64)
 
 
-def _ints_as_tensors(compiled: Callable, positions: list[int]) -> Callable:
-    """``compiled``, taking the ints Dynamo passes at ``positions`` as 0-d tensors."""
-    if not positions:
+def _converting_inputs(compiled: Callable, ints: list[int],
+                       moves: Mapping[int, torch.device]) -> Callable:
+    """``compiled``, taking the ints Dynamo passes at ``ints`` as 0-d tensors and the host
+    tensors at ``moves`` moved to their device (``passes.hoist_device_moves``)."""
+    if not ints and not moves:
         return compiled
 
     def convert(args: Sequence[Any]) -> list[Any]:
         args = list(args)
-        for k in positions:
+        for k in ints:
             args[k] = _int_tensor(args[k])
+        for k, device in moves.items():
+            args[k] = args[k].to(device)
         return args
 
     if getattr(compiled, "_boxed_call", False):
@@ -196,6 +200,9 @@ class SyncfreeXla:
         counters.incr(counters.GRAPHS_RECEIVED)
         grad_scaler.graph_compiling()
         interrupts.install()
+        moves = passes.hoist_device_moves(gm, example_inputs)
+        example_inputs = [aot.moved_example(x, moves[k]) if k in moves else x
+                          for k, x in enumerate(example_inputs)]
         check_input_devices(gm, example_inputs)
         check_dense_gradients(gm)
         check_autograd_reaches_xla(example_inputs)
@@ -232,11 +239,11 @@ class SyncfreeXla:
             else:
                 found.hit()
                 self._tell_aot(gm, "skipped: its graphs and metadata came from the cache")
-                return _ints_as_tensors(compiled, int_inputs)
+                return _converting_inputs(compiled, int_inputs, moves)
         self._tell_aot(gm, "ran; " + found.outcome)
-        return _ints_as_tensors(aot.compile_graph(gm, example_inputs, compilers,
-                                                  found.store if found.cacheable else None),
-                                int_inputs)
+        return _converting_inputs(aot.compile_graph(gm, example_inputs, compilers,
+                                                    found.store if found.cacheable else None),
+                                  int_inputs, moves)
 
     @staticmethod
     def _tell_aot(gm: torch.fx.GraphModule, outcome: str) -> None:

@@ -7,6 +7,7 @@ give eager's result, or a clear error.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -255,6 +256,50 @@ def test_cpu_tensor_inside_a_container_is_named_in_the_error(xla):
                        r"\['x'\] is a cpu tensor of shape \(2, 3\)"):
         fn({"x": torch.ones(2, 3)})
 
+
+
+@pytest.mark.parametrize("non_blocking", [False, True])
+def test_a_step_that_moves_its_host_batch_itself_trains_like_eager(xla, non_blocking):
+    """``x, y = x.to(device), y.to(device)`` at the top of the step: the batch comes in on
+    the host, and the moves are taken out of the graph (``passes.hoist_device_moves``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    reference = copy.deepcopy(model)
+    model.to(xla)
+    runs = {}
+    for net, device in ((model, xla), (reference, torch.device("cpu"))):
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+
+        def step(x, y, net=net, opt=opt, device=device):
+            x, y = x.to(device, non_blocking=non_blocking), y.to(device=device)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach()
+
+        runs[device.type] = step
+    compiled = torch.compile(runs["xla"], backend="syncfree_xla")
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g))
+               for _ in range(8)]
+    got = [compiled(*b) for b in batches[:4]]
+    with MetricWindow() as window:
+        got += [compiled(*b) for b in batches[4:]]
+    want = [runs["cpu"](*b) for b in batches]
+    torch.testing.assert_close(torch.stack(_cpu(got)), torch.stack(want), rtol=1e-4, atol=1e-5)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), q, rtol=1e-4, atol=1e-5)
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles, window.counts.dynamo_graphs) == (4, 0, 0, 0), window.counts
+
+
+def test_a_host_tensor_moved_with_a_new_dtype_is_still_named_in_the_error(xla):
+    """Only a pure move is taken out of the graph; a cast on the way is left to the user."""
+    fn = torch.compile(lambda x: x.to(xla, torch.float64) * 2, backend="syncfree_xla")
+    with pytest.raises(Exception, match=r"DeviceMismatchError: syncfree_xla: L\['x'\] is a "
+                       r"cpu tensor of shape \(2, 3\)"):
+        fn(torch.ones(2, 3))
 
 def test_in_place_update_of_a_leaf_that_requires_grad_raises(xla):
     fn = torch.compile(lambda t: t.add_(1), backend="syncfree_xla")
