@@ -194,8 +194,10 @@ class SyncfreeXla:
         self._graph_ids = itertools.count()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                 options: Mapping[str, Any] | None = None) -> Callable:
-        """Compiles one Dynamo graph. ``options`` comes from ``torch.compile(options=...)``."""
+                 options: Mapping[str, Any] | None = None, mode: str | None = None
+                 ) -> Callable:
+        """Compiles one Dynamo graph. ``options`` and ``mode`` come from ``torch.compile``."""
+        options_mod.check_mode(mode)
         opts = options_mod.resolve(options)
         counters.incr(counters.GRAPHS_RECEIVED)
         grad_scaler.graph_compiling()

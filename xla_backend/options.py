@@ -134,3 +134,15 @@ def resolve(options: Mapping[str, Any] | None = None,
                              f"{', '.join(sorted(_SPECS))}")
         values[name] = _check(name, value, "options={...}")
     return dataclasses.replace(Options(), **values)
+
+
+def check_mode(mode: str | None) -> None:
+    """Refuses ``torch.compile(mode=...)`` other than the default, naming what it takes.
+
+    The modes (``reduce-overhead``, ``max-autotune``) are inductor's and mean nothing
+    here; without this a user coming from inductor got a TypeError about ``__call__``.
+    """
+    if mode not in (None, "default"):
+        raise ValueError(f"syncfree_xla: torch.compile(mode={mode!r}) is an inductor mode; "
+                         f"this backend takes mode=None or 'default', and its own settings "
+                         f"as options={{...}}: {', '.join(sorted(_SPECS))}")

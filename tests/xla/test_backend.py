@@ -109,6 +109,20 @@ def test_options_reach_the_backend_through_torch_compile(xla):
         f(torch.ones(2, device=xla))
 
 
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_an_inductor_mode_is_refused_naming_it_and_the_options(xla, mode):
+    """A user coming from inductor got "__call__() got an unexpected keyword argument"."""
+    f = torch.compile(lambda x: x + 1, backend="syncfree_xla", mode=mode)
+    with pytest.raises(Exception, match=rf"mode='{mode}'\) is an inductor mode; .*mode=None "
+                       rf"or 'default'.*options=.*join_graphs"):
+        f(torch.ones(2, device=xla))
+
+
+def test_the_default_mode_is_accepted(xla):
+    f = torch.compile(lambda x: x + 1, backend="syncfree_xla", mode="default")
+    assert torch.equal(f(torch.ones(2, device=xla)).cpu(), torch.full((2,), 2.0))
+
 def test_stats_count_graphs_and_executions_and_reset(xla):
     f = torch.compile(lambda x: (x @ x).relu(), backend="syncfree_xla")
     x = torch.randn(4, 4, device=xla)
