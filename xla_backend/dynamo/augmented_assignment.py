@@ -11,7 +11,8 @@ that stand-in. A hand-written SGD loop::
 
 then sets ``grad = None`` on nothing the program can see: the real gradients stay, the
 next backward adds to them, and training is silently wrong on every backend, ``eager``
-included (pytorch/pytorch#113160 fixed this for ``x = x.add_(1)``, not for ``-=``).
+included. (The method form rebound, ``p = p.sub_(x)``, loses it the same way in torch
+2.9, as pytorch/pytorch#113160 and #113271 describe; it is rarer and not covered here.)
 
 While one of our compiled functions runs, :func:`augmented_assignment_keeps_tensor`
 gives Dynamo's in-place arithmetic instructions (``+=``, ``-=``, ``*=``, ``/=`` and the
