@@ -338,17 +338,20 @@ class EagerOnXla:
             return self._gm(*args)
 
 
-_NO_COMPUTATION = {torch.ops.aten.detach.default, torch.ops.aten.alias.default}
+#: Ops that read a device value for the host, or pass a tensor through unchanged.
+_READ_OR_PASS = SYNC_TARGETS | {torch.ops.aten.detach.default, torch.ops.aten.alias.default}
 
 
 def _reads_only(gm: torch.fx.GraphModule) -> bool:
     """Whether the graph's only device work is reading values on the host: the rest
     passes tensors through or runs on the host with what it read."""
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target in SYNC_TARGETS | _NO_COMPUTATION:
+        if node.op != "call_function" or node.target in _READ_OR_PASS:
             continue
         value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+        leaves = pytree.tree_leaves(value)
+        if value is None or any(isinstance(v, torch.Tensor) and v.device.type != "cpu"
+                                for v in leaves):
             return False
     return True
 
