@@ -101,3 +101,21 @@ def test_a_graph_that_writes_into_a_value_it_computed_merges_nothing():
     s = _split(fn, torch.tensor(3.0), torch.empty(2, device="meta"))
     a, b = s.host(torch.tensor(3.0))
     assert (a.item(), b.item()) == (7.0, 6.0)
+
+
+def test_a_host_tensor_made_from_an_int_input_is_computed_on_the_host():
+    """An lr computed from the step index at the top of a step leaves the graph as a CPU
+    ``scalar_tensor``. Made in the device part, the index was a constant of the device
+    computation, so every new index compiled it again; made on the host, the device
+    part does not take the index at all."""
+
+    def fn(it, x):
+        return x.sin(), torch.scalar_tensor(0.01 * ((it + 1) / 100), dtype=torch.float64)
+
+    gm = make_fx(fn, tracing_mode="symbolic")(5, torch.empty(2, device="meta"))
+    s = split(gm)
+    assert s.scalar_inputs == []
+    assert all(kind != "scalar" for kind, _ in s.device_inputs)
+    assert s.host_inputs == [0]
+    (lr,) = s.host(7)
+    assert lr.dtype == torch.float64 and lr.item() == 0.01 * (8 / 100)

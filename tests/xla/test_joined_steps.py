@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -556,6 +557,55 @@ def test_a_step_logging_its_loss_every_few_steps_warns_nothing_and_trains_like_e
                                rtol=1e-4, atol=1e-5)
     assert_same_state(model, reference, rtol=1e-4)
     assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
+
+
+def test_a_warm_up_lr_set_from_the_step_index_at_the_top_of_the_step_costs_no_compile(xla):
+    """``lr = base * min(1, (it + 1) / warmup)`` assigned to every group before the
+    forward, ``it`` a Python int and the model and optimizer the script's globals: the
+    lr leaves the first graph as a host tensor. Made in the device part, each new ``it``
+    lowered that graph again, stored one more cache entry and read the lr back."""
+    torch.manual_seed(0)
+    model, reference = twin(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                                 torch.nn.Linear(32, 4)), xla)
+
+    def make_step(net: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable:
+        def step(x, y, it):
+            lr = 1e-2 * min(1.0, (it + 1) / 100)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = workloads.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach()
+
+        return step
+
+    runs = {}
+    for net in (model, reference):
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+        runs[net] = make_step(net, opt), opt
+    compiled = torch.compile(runs[model][0], backend="syncfree_xla", options=JOIN)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g))
+               for _ in range(10)]
+    got = [compiled(*(t.to(xla) for t in batches[it]), it) for it in range(5)]
+    lowered = counters.counter(counters.GRAPHS_LOWERED)
+    with MetricWindow() as window:
+        got += [compiled(*(t.to(xla) for t in batches[it]), it) for it in range(5, 10)]
+    assert counters.counter(counters.GRAPHS_LOWERED) == lowered
+    want = [runs[reference][0](*batches[it], it) for it in range(10)]
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles, window.counts.dynamo_graphs) == (5, 0, 0, 0), window.counts
+    torch.testing.assert_close(torch.stack([t.cpu() for t in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
+    opt, ref_opt = runs[model][1], runs[reference][1]
+    assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] == 1e-2 * 10 / 100
+    for p, q in zip(model.parameters(), reference.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key].cpu(), ref_opt.state[q][key],
+                                       rtol=1e-4, atol=1e-7)
 
 def test_a_graph_that_reads_no_buffer_runs_alone(xla):
     """A computation with no parameter cannot be a lazy node: it runs as its own."""

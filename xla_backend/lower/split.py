@@ -229,9 +229,27 @@ def _extract_input_mutations(
     return mutations
 
 
+def _host_only_scalar_tensors(gm: torch.fx.GraphModule, kinds: dict[torch.fx.Node, str]) -> None:
+    """Moves to the host part each host tensor made from numbers that only the host reads.
+
+    A learning rate computed from the step index at the top of a step leaves the graph
+    as ``scalar_tensor(lr)`` on the CPU. Computed in the device part, the index was a
+    constant of the device computation: each new value traced and compiled it again
+    and read the result back. In the host part it costs a small eager op.
+    """
+    for node in reversed(gm.graph.nodes):
+        value = _val(node)
+        if (kinds.get(node) == SCALAR and node.op == "call_function"
+                and isinstance(value, torch.Tensor) and value.device.type == "cpu"
+                and all(user.op == "output" or kinds.get(user) == HOST
+                        for user in node.users)):
+            kinds[node] = HOST
+
+
 def split(gm: torch.fx.GraphModule) -> SplitGraph:
     """Splits ``gm`` (modified in place: input mutations are turned into outputs)."""
     kinds = classify(gm)
+    _host_only_scalar_tensors(gm, kinds)
     mutations = _extract_input_mutations(gm, kinds)
     _merge_duplicate_host_nodes(gm, kinds)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -288,7 +306,7 @@ def split(gm: torch.fx.GraphModule) -> SplitGraph:
         device_mutations=device_mutations,
         outputs=outputs,
         output_is_sequence=is_seq,
-        scalar_inputs=[index_of[n] for n in placeholders if kinds[n] == SCALAR],
+        scalar_inputs=[i for kind, i in device_inputs if kind == "scalar"],
     )
 
 
