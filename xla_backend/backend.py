@@ -24,7 +24,7 @@ from passes import pipeline as pass_pipeline
 from . import aot, counters, rewrites, warn_once
 from . import options as options_mod
 from .device import configure_pjrt, cpu_client
-from .dynamo import grad_scaler, interrupts
+from .dynamo import grad_scaler, interrupts, step_counters
 from .dynamo import scope as dynamo_scope
 from .errors import DeviceMismatchError, UnsupportedOnXla
 from .rewrites.lowering_gaps import gap_decompositions, restore_composite_autograd
@@ -289,3 +289,5 @@ syncfree_xla = SyncfreeXla()
 dynamo_scope.install(syncfree_xla)
 # The end of a compiled call is where a joined step runs (runtime.step, rule 1).
 dynamo_scope.RETURN_HOOKS.append(step.joiner.returned)
+# The user's capturable=False, which a frame writing into a param group puts back as traced.
+dynamo_scope.RETURN_HOOKS.append(step_counters.give_back_capturable)

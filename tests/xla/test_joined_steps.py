@@ -600,12 +600,9 @@ def test_a_warm_up_lr_set_from_the_step_index_at_the_top_of_the_step_costs_no_co
     torch.testing.assert_close(torch.stack([t.cpu() for t in got]), torch.stack(want),
                                rtol=1e-4, atol=1e-5)
     assert_same_state(model, reference, rtol=1e-4)
-    opt, ref_opt = runs[model][1], runs[reference][1]
-    assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] == 1e-2 * 10 / 100
-    for p, q in zip(model.parameters(), reference.parameters()):
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(opt.state[p][key].cpu(), ref_opt.state[q][key],
-                                       rtol=1e-4, atol=1e-7)
+    # the groups as the user made them: capturable=False came back set by the frame
+    # that writes the lr, and an eager CPU optimizer refused that state_dict
+    assert_same_optimizer_state(runs[model][1], runs[reference][1], rtol=1e-4)
 
 def test_a_graph_that_reads_no_buffer_runs_alone(xla):
     """A computation with no parameter cannot be a lazy node: it runs as its own."""

@@ -53,9 +53,14 @@ import torch._dynamo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["counters_on_device_when_traced", "device_step_counters", "restore_capturable"]
+__all__ = ["counters_on_device_when_traced", "device_step_counters", "give_back_capturable",
+           "restore_capturable"]
 
 _hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+#: per optimizer, the groups (by index) the user left ``capturable=False``, as seen when
+#: Dynamo first traced it (:func:`give_back_capturable`)
+_user_not_capturable: weakref.WeakKeyDictionary[torch.optim.Optimizer, set[int]] = (
+    weakref.WeakKeyDictionary())
 
 
 def _on_device(group: dict[str, Any]) -> bool:
@@ -138,6 +143,7 @@ def counters_on_device_when_traced() -> Iterator[None]:
 
     stock_args = OptimizerVariable.__dict__["get_python_args"]
     stock_bind = OptimizerVariable.__dict__["map_sources_and_install_guards"]
+    stock_capturable = OptimizerVariable.__dict__["_set_capturable"]
     # per optimizer being traced: the groups flipped, and the lists _init_group fills
     pending: dict[int, tuple[list[dict[str, Any]], list[Any]]] = {}
 
@@ -156,13 +162,21 @@ def counters_on_device_when_traced() -> Iterator[None]:
             filled[:] = [moved.get(id(t), t) for t in filled]
         return stock_bind(self, tx)
 
+    def note_user_capturable(self: Any, tx: Any) -> Any:
+        noted = _user_not_capturable.setdefault(self.value, set())
+        noted.update(k for k, group in enumerate(self.value.param_groups)
+                     if group.get("capturable") is False and _on_device(group))
+        return stock_capturable(self, tx)
+
     OptimizerVariable.get_python_args = args_then_flip
     OptimizerVariable.map_sources_and_install_guards = restore_then_bind
+    OptimizerVariable._set_capturable = note_user_capturable
     try:
         yield
     finally:
         OptimizerVariable.get_python_args = stock_args
         OptimizerVariable.map_sources_and_install_guards = stock_bind
+        OptimizerVariable._set_capturable = stock_capturable
         for flipped, _ in pending.values():
             restore_capturable(flipped)
 
@@ -193,3 +207,20 @@ def _host_step_counters(optimizer: torch.optim.Optimizer,
             if isinstance(step, torch.Tensor) and step.device.type != "cpu":
                 packed[index] = {**state, "step": step.detach().cpu()}
     return state_dict
+
+
+def give_back_capturable() -> None:
+    """Sets ``capturable=False`` again where the user left it so, at the end of our call.
+
+    Dynamo traces every group of an optimizer step as capturable
+    (``OptimizerVariable._set_capturable`` marks its own view of each group). A frame
+    that also writes into a group (``group["lr"] = lr`` before the forward) puts that
+    view back into the real dict, ``capturable=True`` included: ``state_dict()`` then
+    carried it, and an eager CPU optimizer refused to load it ("If capturable=True,
+    params and state_steps must be on supported devices").
+    """
+    for optimizer, indices in list(_user_not_capturable.items()):
+        groups = optimizer.param_groups
+        for index in indices:
+            if index < len(groups) and groups[index].get("capturable") is True:
+                groups[index]["capturable"] = False
