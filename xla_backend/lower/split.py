@@ -60,7 +60,7 @@ class SplitGraph:
     device_mutations: dict[int, int]  # arg index -> device output index
     outputs: list[OutputSlot]
     output_is_sequence: bool
-    scalar_inputs: list[int] = field(default_factory=list)
+    scalar_inputs: list[int] = field(default_factory=list)  # the numbers the device part reads
 
 
 def _val(node: Any) -> Any:
@@ -234,8 +234,8 @@ def _host_only_scalar_tensors(gm: torch.fx.GraphModule, kinds: dict[torch.fx.Nod
 
     A learning rate computed from the step index at the top of a step leaves the graph
     as ``scalar_tensor(lr)`` on the CPU. Computed in the device part, the index was a
-    constant of the device computation: each new value traced and compiled it again
-    and read the result back. In the host part it costs a small eager op.
+    constant of the device computation: each new value traced it again, stored one more
+    cache entry and read the result back. In the host part it costs a small eager op.
     """
     for node in reversed(gm.graph.nodes):
         value = _val(node)
