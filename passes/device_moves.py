@@ -59,8 +59,8 @@ def hoist_device_moves(gm: torch.fx.GraphModule,
         devices = set(targets.values())
         if len(devices) != 1 or None in devices:
             continue
+        node.meta["example_value"] = next(iter(targets)).meta["example_value"]
         for user in targets:
-            node.meta["example_value"] = user.meta["example_value"]
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
         hoisted[k] = devices.pop()

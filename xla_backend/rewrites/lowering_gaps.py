@@ -148,6 +148,11 @@ def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     return table
 
 
+def _has_out(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op`` is an out= variant, which autograd refuses."""
+    return any(arg.is_out for arg in op._schema.arguments)
+
+
 @functools.cache
 def ungraded_ops() -> tuple[torch._ops.OpOverload, ...]:
     """The ops torch differentiates through their composite kernel, which a torch_xla
@@ -163,7 +168,7 @@ def ungraded_ops() -> tuple[torch._ops.OpOverload, ...]:
         if packet.startswith("_"):  # torch_xla's own helpers (_to_cpu, _propagate_xla_data)
             continue
         op = getattr(getattr(_aten, packet), overload or "default")
-        if not any(arg.is_out for arg in op._schema.arguments):  # autograd refuses out=
+        if not _has_out(op):
             found.append(op)
     return tuple(found)
 
@@ -176,7 +181,7 @@ def restore_composite_autograd() -> None:
     for op in ungraded_ops():
         op.py_impl(torch._C.DispatchKey.AutogradXLA)(functools.partial(_composite, op))
     for op, decomposition in get_decompositions(list(DIFFERENTIATED_AS_DECOMPOSED)).items():
-        if not any(arg.is_out for arg in op._schema.arguments):
+        if not _has_out(op):
             op.py_impl(torch._C.DispatchKey.AutogradXLA)(decomposition)
 
 
@@ -185,5 +190,4 @@ def _composite(op: torch._ops.OpOverload, *args: object, **kwargs: object) -> ob
 
 
 __all__ = ["DECOMPOSED_FOR_LOWERING", "DECOMPOSED_FOR_VALUES", "DIFFERENTIATED_AS_DECOMPOSED",
-           "gap_decompositions",
-           "restore_composite_autograd", "ungraded_ops"]
+           "gap_decompositions", "restore_composite_autograd", "ungraded_ops"]
