@@ -124,6 +124,12 @@ _INPLACE_METHODS = frozenset({"add_", "sub_", "mul_", "div_"})
 # Only ``number ** tensor`` (Adam's ``beta1 ** step``): with the number as the
 # exponent, PyTorch picks special kernels by its value (square, sqrt, ...).
 _POW_BASE = frozenset({operator.pow, torch.pow})
+# ``grad.add(buf, alpha=momentum)`` (SGD's Nesterov step, with OneCycleLR or CyclicLR
+# cycling the momentum) and ``grad.add(param, alpha=weight_decay)`` (L2 decay in SGD,
+# Adam, RMSprop...): the keyword scalar has no tensor form, so ``a + b * alpha``, the
+# order torch_xla lowers the op in.
+_ALPHA_FUNCTIONS = frozenset({torch.add, torch.sub})
+_ALPHA_METHODS = frozenset({"add", "sub", "add_", "sub_"})
 _LERP = frozenset({torch.lerp, "lerp", "lerp_"})
 # ``torch._foreach_mul_(tensors, lr)`` and friends, as Adam's foreach path applies a
 # learning rate; these three have an overload taking a 0-d tensor for the scalar.
@@ -153,10 +159,11 @@ _FOREACH_POW_BASE = frozenset({torch._foreach_pow})
 #: a foreach ``mul``/``div``/``add``.
 TENSOR_CONSUMERS: frozenset[Any] = (
     _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _POW_BASE | _LERP | _FOREACH
-    | frozenset(_FOREACH_VALUE) | _FOREACH_LERP | _FOREACH_POW_BASE
+    | frozenset(_FOREACH_VALUE) | _FOREACH_LERP | _FOREACH_POW_BASE | _ALPHA_FUNCTIONS
+    | _ALPHA_METHODS
 )
 
-ARITH, INPLACE, LERP = "arith", "inplace", "lerp"
+ARITH, INPLACE, LERP, ALPHA = "arith", "inplace", "lerp", "alpha"
 FOREACH, FOREACH_ALPHA, FOREACH_VALUE = "foreach", "foreach_alpha", "foreach_value"
 FOREACH_LERP, FOREACH_POW_BASE = "foreach_lerp", "foreach_pow_base"
 
@@ -232,6 +239,13 @@ def _consumer_kind(user: Node, member: set[Node]) -> str | None:
         alpha_ok = (target in _FOREACH_ALPHA and user.kwargs.keys() == {"alpha"}
                     and user.kwargs["alpha"] in member and _tensor_list(user.args[1]))
         return FOREACH_ALPHA if alpha_ok else None
+    if ((user.op == "call_function" and target in _ALPHA_FUNCTIONS)
+            or (user.op == "call_method" and target in _ALPHA_METHODS)) \
+            and user.kwargs.get("alpha") in member:
+        ok = (user.kwargs.keys() == {"alpha"} and len(user.args) == 2 and is_tensor(user)
+              and all(is_tensor(a) and a not in member for a in user.args)
+              and value(user.args[1]).dtype == value(user).dtype)
+        return ALPHA if ok else None
     if target in _LERP:
         kind, positions, arity = LERP, (2,), 3
     elif user.op == "call_method" and target in _INPLACE_METHODS:
@@ -383,6 +397,9 @@ class _Emitter:
         elif kind == LERP:
             want = value(user.args[0]).dtype
             wrong = have != want
+        elif kind == ALPHA:
+            want = value(user).dtype
+            wrong = have != want
         else:
             other = next(a for a in user.args if a is not sym)
             want = value(user.args[0] if kind == INPLACE else user).dtype
@@ -395,6 +412,10 @@ class _Emitter:
                 t = self.cast(t, have, want)
             if kind == FOREACH_ALPHA:
                 scaled = self.node("call_function", torch._foreach_mul, (user.args[1], t))
+                user.args, user.kwargs = (user.args[0], scaled), {}
+                return
+            if kind == ALPHA:
+                scaled = self.node("call_function", torch.mul, (user.args[1], t))
                 user.args, user.kwargs = (user.args[0], scaled), {}
                 return
             if kind == FOREACH_LERP:
@@ -448,4 +469,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=5, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=6, run=_run)

@@ -393,13 +393,15 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     with contextlib.ExitStack() as stack:
         (functional_call, params_buffers_flat, _, _, fake_flat_args, args_descs, aot_config,
          fake_mode, shape_env, _, _) = _prepare(gm, example_inputs, recorded, backward)
+        guards_before = len(shape_env.guards) if shape_env is not None else 0
         stack.enter_context(compiled_autograd._disable())
         state = aot_mod.create_aot_state(stack, functional_call, fake_flat_args, args_descs,
                                          aot_config, fake_mode, shape_env)
         graph_capture = aot_stage1_graph_capture(state, functional_call)
         compiled_fn, _ = aot_stage2_compile(state, graph_capture)
     if on_captured is not None:
-        _finish_capture(captured, state, graph_capture)
+        new_guards = shape_env.guards[guards_before:] if shape_env is not None else []
+        _finish_capture(captured, state, graph_capture, new_guards)
         _complete(captured, on_captured)
     return _calling_convention(compiled_fn, params_buffers_flat)
 
@@ -413,9 +415,15 @@ def _graph_copy(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(g, copied)
 
 
-def _finish_capture(captured: Captured, state: Any, graph_capture: Any) -> None:
+def _finish_capture(captured: Captured, state: Any, graph_capture: Any,
+                    new_guards: Sequence[Any]) -> None:
     meta = state.fw_metadata
     try:
+        if new_guards:
+            # e.g. a float hyperparameter AOTAutograd could not keep symbolic: its graphs
+            # hold that value as a constant, and the key cannot tell the next value apart
+            raise NotCapturable("AOTAutograd specialized on an input's value ("
+                                + ", ".join(str(g.expr) for g in new_guards[:3]) + ")")
         if graph_capture.maybe_subclass_meta is not None:
             raise NotCapturable("a tensor subclass is an input or output")
         if any(getattr(w, "needs_post_compile", True) for w in graph_capture.wrappers):

@@ -319,8 +319,9 @@ def test_hoist_leaves_rounding_division_alone():
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
-    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, weight_decay=1e-2),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True),
+    "adam-l2": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
     # the foreach paths take beta1 as _foreach_lerp_'s Python weight
     "adam-foreach": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, foreach=True),
     "adamax-foreach": lambda p: torch.optim.Adamax(p, lr=1e-2, foreach=True),
@@ -332,8 +333,9 @@ def _opt_step(opt: torch.optim.Optimizer) -> None:
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_changing_lr_and_beta_stop_recompiling(name):
-    """lr (and AdamW's beta1, as OneCycleLR changes it) become inputs, not constants."""
+def test_scheduled_hyperparameters_stop_recompiling(name):
+    """lr, beta1 and momentum (as OneCycleLR and CyclicLR change them) and a scheduled
+    weight decay become inputs, not constants."""
     params = [torch.randn(4, 3), torch.randn(3)]
     ref = [p.clone() for p in params]
     opt, ref_opt = OPTIMIZERS[name](params), OPTIMIZERS[name](ref)
@@ -347,9 +349,14 @@ def test_changing_lr_and_beta_stop_recompiling(name):
             p.grad = torch.full_like(p, 0.1 * (i + 1))
             q.grad = p.grad.clone()
         for o in (opt, ref_opt):
-            o.param_groups[0]["lr"] = 0.05 / (i + 1)
+            group = o.param_groups[0]
+            group["lr"] = 0.05 / (i + 1)
             if name.startswith("adam"):
-                o.param_groups[0]["betas"] = (0.9 - 0.01 * i, 0.999)
+                group["betas"] = (0.9 - 0.01 * i, 0.999)
+            if group.get("momentum"):
+                group["momentum"] = 0.9 - 0.02 * i
+            if group.get("weight_decay"):
+                group["weight_decay"] = 1e-2 * (i + 1)
         step(opt)
         ref_opt.step()
         for p, q in zip(params, ref):  # compiled Adam keeps step in float32, eager in double

@@ -252,6 +252,36 @@ def test_a_job_resumed_with_other_weights_skips_aotautograd(xla, own_cache, monk
     assert resumed == _train({"cache_dir": str(tmp_path / "fresh")}, xla, seed=1)
 
 
+def test_a_result_aotautograd_specialized_on_a_float_is_not_served_for_another(
+        xla, own_cache):
+    """A float setting used both as a tensor operand (kept symbolic) and as a clamp bound
+    (which AOTAutograd fixes to its value, with a guard): the graphs hold one value as a
+    constant. Served from the cache to the next recompile, every later value was wrong."""
+    def run(device: torch.device | str, compiled: bool) -> list[list[float]]:
+        torch._dynamo.reset()
+        p = torch.zeros(6, device=device)
+        grad = torch.linspace(-3.0, 3.0, 6).to(device)
+        cfg = {"clip": 0.5}
+
+        def update() -> None:
+            g = grad.clamp(-cfg["clip"], cfg["clip"])
+            p.sub_(g * cfg["clip"])
+
+        fn = torch.compile(update, backend="syncfree_xla", options=own_cache) if compiled \
+            else update
+        out = []
+        for i in range(5):
+            cfg["clip"] = 0.5 + 0.5 * i
+            fn()
+            out.append(p.cpu().tolist())
+        return out
+
+    xla_backend.reset_stats()
+    torch.testing.assert_close(torch.tensor(run(xla, compiled=True)),
+                               torch.tensor(run("cpu", compiled=False)), rtol=1e-6, atol=0)
+    assert xla_backend.stats().get("cache_aot_hits", 0) == 0
+
+
 OPTIMIZERS = {
     "adam_amsgrad": lambda groups: torch.optim.Adam(groups, amsgrad=True, weight_decay=0.01),
     "rprop": lambda groups: torch.optim.Rprop(groups),

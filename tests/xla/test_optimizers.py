@@ -2,8 +2,10 @@
 
 Each case trains a whole compiled step and the same step eagerly on the CPU, with
 three param groups (decay, no decay, a group of its own lr), an lr that changes every
-step, and compares losses, parameters and ``optimizer.state_dict()``. After warm-up a
-step must cost no host sync and no XLA compile.
+step, momentum and beta1 cycled as OneCycleLR and CyclicLR cycle them, and a weight
+decay schedule (DINO-style), and compares losses, parameters and
+``optimizer.state_dict()``. After warm-up a step must cost no host sync and no XLA
+compile.
 """
 
 from __future__ import annotations
@@ -84,6 +86,27 @@ def _schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRSchedule
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.3 * s))
 
 
+def _initial(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: g[k] for k in ("momentum", "betas", "weight_decay") if k in g}
+            for g in opt.param_groups]
+
+
+def _cycle_the_others(opt: torch.optim.Optimizer, initial: list[dict[str, Any]],
+                      i: int) -> None:
+    """Changes each group's momentum, beta1 and weight decay, where set, for step ``i``.
+
+    A setting at zero stays zero: turning one on takes another branch of the optimizer,
+    a new graph by design.
+    """
+    for group, base in zip(opt.param_groups, initial):
+        if base.get("momentum"):
+            group["momentum"] = base["momentum"] * (1.0 - 0.03 * (i % 4))
+        if "betas" in base:
+            group["betas"] = (base["betas"][0] * (1.0 - 0.02 * (i % 3)), base["betas"][1])
+        if base.get("weight_decay"):
+            group["weight_decay"] = base["weight_decay"] * (1.0 + 0.5 * i)
+
+
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
           y: torch.Tensor) -> torch.Tensor:
     loss = torch.nn.functional.mse_loss(model(x), y)
@@ -104,15 +127,18 @@ TOLERANCE = {"RAdam": 1e-3, "RAdam-decoupled": 1e-3}
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_param_groups_and_scheduled_lr_match_eager(xla, name):
+def test_param_groups_and_scheduled_hyperparameters_match_eager(xla, name):
     rtol = TOLERANCE.get(name, RTOL)
     model, reference = twin(_mlp(), xla)
     opt, ref_opt = OPTIMIZERS[name](_groups(model)), OPTIMIZERS[name](_groups(reference))
+    initial = _initial(opt)
     sched, ref_sched = _schedule(opt), _schedule(ref_opt)
     step = torch.compile(_step, backend="syncfree_xla")
     got, want = [], []
 
     def one(i: int) -> None:
+        _cycle_the_others(opt, initial, i)
+        _cycle_the_others(ref_opt, initial, i)
         got.append(step(model, opt, *_batch(i, xla)))
         want.append(_step(reference, ref_opt, *_batch(i)))
         sched.step()
@@ -121,6 +147,7 @@ def test_param_groups_and_scheduled_lr_match_eager(xla, name):
     window = warm_then_measure(one, WARMUP, STEPS)
     assert window.counts.transfers_to_host == 0, window.counts
     assert window.counts.compiles == 0, window.counts
+    assert window.counts.dynamo_graphs == 0, window.counts
     torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
                                rtol=rtol, atol=rtol * 0.1)
     assert_same_state(model, reference, rtol=rtol)

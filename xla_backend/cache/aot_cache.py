@@ -51,7 +51,7 @@ from .store import PREAMBLE, Store
 log = logging.getLogger(__name__)
 
 #: Bump when what an entry holds, or how it is read, changes.
-ENTRY_FORMAT = 2
+ENTRY_FORMAT = 3
 _MAGIC = b"SFXAOTG\0"
 warn_once = WarnOnce(log)
 
