@@ -68,8 +68,18 @@ def check_input_devices(gm: torch.fx.GraphModule, example_inputs: Sequence[Any])
             continue
         if value.device.type == "cpu" and value.dim() == 0:
             continue
+        name = _source_name(node)
+        if name.startswith("___from_numpy("):  # Dynamo's name for a numpy array it lifted
+            raise DeviceMismatchError(
+                f"syncfree_xla: the compiled function reads a numpy array, "
+                f"{name[len('___from_numpy('):-1]}, of shape {tuple(value.shape)}; Dynamo "
+                f"passes it as a CPU tensor, and this backend runs on the XLA device. Read "
+                f"the number outside the compiled function and pass it in, as in "
+                f"step(x, y, lr=float(lr_schedule[it])), or keep the array as a tensor on "
+                f"the XLA device."
+            )
         raise DeviceMismatchError(
-            f"syncfree_xla: {_source_name(node)} is a {value.device.type} tensor of shape "
+            f"syncfree_xla: {name} is a {value.device.type} tensor of shape "
             f"{tuple(value.shape)}, but this backend runs on the XLA device. Move the model "
             f"and its inputs there first: model.to(torch_xla.device()), "
             f"x = x.to(torch_xla.device())."

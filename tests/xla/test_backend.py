@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -67,6 +68,21 @@ def test_cpu_inputs_get_a_clear_error_naming_the_argument(xla):
                        r"L\['m'\]._parameters\['weight'\] is a cpu tensor of shape \(2, 3\)"
                        r".*\.to\(torch_xla\.device\(\)\)"):
         step(model, torch.randn(4, 3))
+
+
+LR_SCHEDULE = np.linspace(1e-3, 1e-4, 10)  # as DINO and MAE build theirs
+
+
+def test_a_numpy_schedule_read_in_the_step_is_named_with_what_to_do_instead(xla):
+    """Dynamo lifts the array as a CPU tensor input: the error names the array and says
+    how to pass the number in, not "move the model and its inputs"."""
+    def step(x: torch.Tensor, it: int) -> torch.Tensor:
+        return x * float(LR_SCHEDULE[it])
+
+    with pytest.raises(Exception, match=r"DeviceMismatchError: syncfree_xla: the compiled "
+                       r"function reads a numpy array, G\['LR_SCHEDULE'\], of shape \(10,\).*"
+                       r"lr=float\(lr_schedule\[it\]\)"):
+        torch.compile(step, backend="syncfree_xla")(torch.ones(3, device=xla), 2)
 
 
 def test_mixed_devices_fail_before_reaching_torch_xla(xla):
