@@ -383,8 +383,9 @@ class _Emitter:
         """Hands ``user`` the tensor for ``sym``, cast where a Python number would differ.
 
         ``lerp`` wants its weight in the input's dtype. Elsewhere the 0-d tensor is cast
-        only when it would change the dtype the op computes in: next to another 0-d
-        tensor, where a Python number would not have promoted the result.
+        when it would change the dtype the op computes in (next to another 0-d tensor,
+        where a Python number would not have promoted the result), and a float64 one
+        for a float32 op.
         """
         kind = _consumer_kind(user, member)
         t, have = self.tensor[sym], self.dtype[sym]
@@ -406,7 +407,10 @@ class _Emitter:
             like = value(other)
             if user.args[0] is sym and user.target is operator.truediv:
                 like = torch.empty((1,) * like.dim(), dtype=want, device="meta")
-            wrong = _promoted(like, have) != want
+            # float32 takes a Python float as float32, so the cast is exact; torch_xla 2.9
+            # lowers some ops (add) of a float32 tensor and a 0-d float64 one in float64
+            wrong = _promoted(like, have) != want or (have, want) == (torch.float64,
+                                                                     torch.float32)
         with self.graph.inserting_before(user):
             if wrong:
                 t = self.cast(t, have, want)
@@ -469,4 +473,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=6, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=7, run=_run)

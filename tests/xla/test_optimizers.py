@@ -2,8 +2,8 @@
 
 Each case trains a whole compiled step and the same step eagerly on the CPU, with
 three param groups (decay, no decay, a group of its own lr), an lr that changes every
-step, momentum and beta1 cycled as OneCycleLR and CyclicLR cycle them, and a weight
-decay schedule (DINO-style), and compares losses, parameters and
+step, momentum and beta1 cycled as OneCycleLR and CyclicLR cycle them, a weight decay
+schedule (DINO-style) and a changing eps, and compares losses, parameters and
 ``optimizer.state_dict()``. After warm-up a step must cost no host sync and no XLA
 compile.
 """
@@ -87,13 +87,13 @@ def _schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRSchedule
 
 
 def _initial(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    return [{k: g[k] for k in ("momentum", "betas", "weight_decay") if k in g}
+    return [{k: g[k] for k in ("momentum", "betas", "weight_decay", "eps") if k in g}
             for g in opt.param_groups]
 
 
 def _cycle_the_others(opt: torch.optim.Optimizer, initial: list[dict[str, Any]],
                       i: int) -> None:
-    """Changes each group's momentum, beta1 and weight decay, where set, for step ``i``.
+    """Changes each group's momentum, beta1, weight decay and eps, where set, for step ``i``.
 
     A setting at zero stays zero: turning one on takes another branch of the optimizer,
     a new graph by design.
@@ -105,6 +105,8 @@ def _cycle_the_others(opt: torch.optim.Optimizer, initial: list[dict[str, Any]],
             group["betas"] = (base["betas"][0] * (1.0 - 0.02 * (i % 3)), base["betas"][1])
         if base.get("weight_decay"):
             group["weight_decay"] = base["weight_decay"] * (1.0 + 0.5 * i)
+        if isinstance(base.get("eps"), float):  # Adafactor's is a pair
+            group["eps"] = base["eps"] * (1.0 + i)
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
