@@ -131,6 +131,9 @@ _POW_BASE = frozenset({operator.pow, torch.pow})
 _ALPHA_FUNCTIONS = frozenset({torch.add, torch.sub})
 _ALPHA_METHODS = frozenset({"add", "sub", "add_", "sub_"})
 _LERP = frozenset({torch.lerp, "lerp", "lerp_"})
+# ``out.clamp(min=-c, max=c)`` with a bound computed from the step: the Tensor overload
+# takes 0-d bounds, all of them tensors, so a constant bound beside it becomes one too.
+_CLAMP = frozenset({torch.clamp, torch.clip, "clamp", "clip", "clamp_", "clip_"})
 # ``torch._foreach_mul_(tensors, lr)`` and friends, as Adam's foreach path applies a
 # learning rate; these three have an overload taking a 0-d tensor for the scalar.
 _FOREACH = frozenset({
@@ -160,12 +163,16 @@ _FOREACH_POW_BASE = frozenset({torch._foreach_pow})
 TENSOR_CONSUMERS: frozenset[Any] = (
     _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _POW_BASE | _LERP | _FOREACH
     | frozenset(_FOREACH_VALUE) | _FOREACH_LERP | _FOREACH_POW_BASE | _ALPHA_FUNCTIONS
-    | _ALPHA_METHODS
+    | _ALPHA_METHODS | _CLAMP
 )
 
-ARITH, INPLACE, LERP, ALPHA = "arith", "inplace", "lerp", "alpha"
+ARITH, INPLACE, LERP, ALPHA, CLAMP = "arith", "inplace", "lerp", "alpha", "clamp"
 FOREACH, FOREACH_ALPHA, FOREACH_VALUE = "foreach", "foreach_alpha", "foreach_value"
 FOREACH_LERP, FOREACH_POW_BASE = "foreach_lerp", "foreach_pow_base"
+
+
+def _number(arg: Any) -> bool:
+    return isinstance(arg, (int, float)) and not isinstance(arg, bool)
 
 
 def _tensor_list(arg: Any) -> bool:
@@ -246,6 +253,12 @@ def _consumer_kind(user: Node, member: set[Node]) -> str | None:
               and all(is_tensor(a) and a not in member for a in user.args)
               and value(user.args[1]).dtype == value(user).dtype)
         return ALPHA if ok else None
+    if target in _CLAMP:
+        bounds = [*user.args[1:], *user.kwargs.values()]
+        ok = (1 <= len(user.args) <= 3 and user.kwargs.keys() <= {"min", "max"}
+              and is_tensor(user.args[0]) and user.args[0] not in member and is_tensor(user)
+              and all(b is None or b in member or _number(b) for b in bounds))
+        return CLAMP if ok else None
     if target in _LERP:
         kind, positions, arity = LERP, (2,), 3
     elif user.op == "call_method" and target in _INPLACE_METHODS:
@@ -398,7 +411,7 @@ class _Emitter:
         elif kind == LERP:
             want = value(user.args[0]).dtype
             wrong = have != want
-        elif kind == ALPHA:
+        elif kind in (ALPHA, CLAMP):
             want = value(user).dtype
             wrong = have != want
         else:
@@ -422,6 +435,12 @@ class _Emitter:
                 scaled = self.node("call_function", torch.mul, (user.args[1], t))
                 user.args, user.kwargs = (user.args[0], scaled), {}
                 return
+            if kind == CLAMP:
+                def constant(b: Any) -> Any:
+                    return self.node("call_function", torch.scalar_tensor, (b,),
+                                     {"dtype": want}) if _number(b) else b
+                user.args = tuple(constant(b) for b in user.args)
+                user.kwargs = {k: constant(b) for k, b in user.kwargs.items()}
             if kind == FOREACH_LERP:
                 starts, ends, _ = user.args
                 user.args = (starts, ends, [t] * len(starts))
@@ -473,4 +492,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=7, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=8, run=_run)

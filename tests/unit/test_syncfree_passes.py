@@ -104,6 +104,11 @@ def inplace_update(step: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torc
     return y.add_(x)
 
 
+def clamp_bounds(step: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    c = 0.2 + float(step) / 10
+    return (w * x).clamp(min=-c, max=c) + torch.clamp(w, 0.0, c) + x.clip(max=c)
+
+
 CASES: dict[str, tuple[Callable, Callable[[int], torch.Tensor]]] = {
     "item-int-min": (warmup_item, lambda v: torch.tensor(v)),
     "float-int-max-pow": (warmup_float, lambda v: torch.tensor(v, dtype=torch.int32)),
@@ -111,6 +116,7 @@ CASES: dict[str, tuple[Callable, Callable[[int], torch.Tensor]]] = {
     "int-floordiv-mod": (int_math, lambda v: torch.tensor(v)),
     "lerp-weight": (lerp_weight, lambda v: torch.tensor(v)),
     "inplace": (inplace_update, lambda v: torch.tensor(v)),
+    "clamp-bounds": (clamp_bounds, lambda v: torch.tensor(v)),
 }
 
 

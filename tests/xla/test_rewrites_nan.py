@@ -121,6 +121,19 @@ def test_cases_eager_agrees_with_torch_xla_on_are_left_alone(fn):
     _assert_same(gm(x), fn(x))
 
 
+def test_a_bound_read_from_a_tensor_is_left_alone():
+    """A clamp bound that is a symbolic number (``s.item()``), not a tensor: the rewrite
+    has no dtype to build a bound of, so clamp keeps it (it raised, and the pass was
+    skipped with a "please report this" warning)."""
+    def fn(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return t.clamp(min=-s.item(), max=s.item())
+
+    x, s = _x(), torch.tensor(2.0)
+    gm = make_fx(fn, tracing_mode="symbolic")(x, s)
+    assert not NAN_SEMANTICS(gm).modified
+    _assert_same(gm(x, s), fn(x, s))
+
+
 def test_configure_pjrt_adds_the_cpu_flags_without_clobbering(monkeypatch):
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")

@@ -132,8 +132,11 @@ def _rewrite_clamp(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     bounds = _clamp_bounds(node)
     if any(isinstance(b, (int, float)) and math.isnan(b) for b in bounds):
         return False
-    if any(isinstance(b, torch.fx.Node) and meta_val(b).dtype != x_val.dtype for b in bounds):
-        return False  # mixed dtypes: leave type promotion to clamp itself
+    for bound in bounds:
+        if isinstance(bound, torch.fx.Node) and (
+                not isinstance(meta_val(bound), torch.Tensor)  # a symbolic number
+                or meta_val(bound).dtype != x_val.dtype):  # mixed: clamp promotes itself
+            return False
     b = _Builder(graph, node, node)
     out = x
     for bound, target in zip(bounds, (aten.maximum.default, aten.minimum.default)):
