@@ -235,6 +235,48 @@ def test_stats_report_hits_and_misses_per_tier(xla, tmp_path, fresh_cache_state,
     assert s["cache_graph_misses"] == 1 and s["cache_aot_misses"] == 1
 
 
+def _sgd_momentum_keeping_grads(device: torch.device | str, options: dict[str, Any] | None
+                                ) -> tuple[list[float], torch.Tensor, bool]:
+    """SGD with momentum and ``zero_grad(set_to_none=False)``: the first step's momentum
+    buffer is a clone of the gradient, which the next ``zero_grad`` zeroes in place."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss.detach()
+
+    run = step if options is None else torch.compile(step, backend="syncfree_xla",
+                                                     options=options)
+    losses = [float(run(torch.full((4, 6), 0.1 * (i + 1)).to(device)).cpu()) for i in range(4)]
+    aliased = any(opt.state[p]["momentum_buffer"] is p.grad for p in model.parameters())
+    return losses, model.weight.detach().cpu(), aliased
+
+
+def test_a_restarted_process_gives_a_cloned_input_a_tensor_of_its_own(xla, tmp_path,
+                                                                       monkeypatch):
+    """An output that is a copy of an input (SGD's first momentum buffer, ``grad.clone()``)
+    came back from a stored entry as the input itself: the buffer was the gradient, and
+    ``zero_grad(set_to_none=False)`` zeroed it at every step."""
+    import weakref
+
+    options = {"cache_dir": str(tmp_path / "c")}
+    want_losses, want_weight, _ = _sgd_momentum_keeping_grads("cpu", None)
+    for _ in ("first process", "restarted"):
+        monkeypatch.setattr(compile_cache, "_stores", {})
+        monkeypatch.setattr(compile_cache, "_live", weakref.WeakValueDictionary())
+        losses, weight, aliased = _sgd_momentum_keeping_grads(xla, options)
+        assert not aliased
+        assert losses == pytest.approx(want_losses, rel=1e-5)
+        torch.testing.assert_close(weight, want_weight, rtol=1e-5, atol=1e-6)
+    assert xla_backend.stats().get("cache_graph_hits", 0) > 0
+
+
 def test_cache_false_writes_nothing_to_disk(xla, tmp_path, fresh_cache_state):
     directory = tmp_path / "never"
     options = {"cache": False, "cache_dir": str(directory)}
@@ -352,7 +394,7 @@ def _entry() -> compile_cache.GraphEntry:
         params=[("input", 0), ("const", torch.tensor(1.5, dtype=torch.bfloat16))],
         computed=[((3,), torch.float32)],
         outputs=[("computed", 0), ("input", 1), ("value", 2.5), ("value", None),
-                 ("value", torch.arange(4, dtype=torch.int64))],
+                 ("input_copy", 0), ("value", torch.arange(4, dtype=torch.int64))],
     )
 
 
@@ -364,8 +406,8 @@ def test_entry_round_trips_without_pickle():
     assert decoded.params[0] == ("input", 0)
     assert decoded.params[1][1].dtype == torch.bfloat16
     assert torch.equal(decoded.params[1][1], want.params[1][1])
-    assert decoded.outputs[:4] == want.outputs[:4]
-    assert torch.equal(decoded.outputs[4][1], torch.arange(4))
+    assert decoded.outputs[:5] == want.outputs[:5]
+    assert torch.equal(decoded.outputs[5][1], torch.arange(4))
     assert devices == ["cpu"]
 
 

@@ -69,7 +69,9 @@ from .store import PREAMBLE, Store, default_cache_dir
 log = logging.getLogger(__name__)
 
 # Bump when what an entry holds, or how lowering reads it, changes.
-ENTRY_FORMAT = 2  # 2: traces during which an op fell back to the CPU are never stored
+# 2: traces during which an op fell back to the CPU are never stored; 3: an output that
+# is a copy of an input says so ("input_copy"), so the caller gets a tensor of its own
+ENTRY_FORMAT = 3
 # The FX passes that run before lowering, in order (Dynamo-level ones, the CPU client's
 # Dynamo-level rewrites, then the aten-level ones and the RNG rewrite); each one's name
 # and version is in the key. Their effect on a graph is in
@@ -288,7 +290,8 @@ class GraphEntry:
     hlo_params: list[tuple[tuple[int, ...], torch.dtype]]
     params: list[tuple[str, Any]]  # ("input", position) or ("const", tensor), HLO order
     computed: list[tuple[tuple[int, ...], torch.dtype]]  # shape/dtype per HLO output
-    outputs: list[tuple[str, Any]]  # ("computed", k), ("input", p), ("value", v)
+    # ("computed", k), ("input", p), ("input_copy", p): a clone of input p, ("value", v)
+    outputs: list[tuple[str, Any]]
 
 
 class _BlobWriter:
@@ -308,6 +311,10 @@ class _BlobWriter:
                 "device": t.device.type}
 
 
+#: Output kinds that name a position: a result of the HLO, or an input passed through.
+_INDEXED_OUTPUTS = ("computed", "input", "input_copy")
+
+
 def _scalar_json(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int)):
         return {"scalar": value}
@@ -323,7 +330,7 @@ def encode_entry(entry: GraphEntry) -> bytes:
               else {"kind": "const", "tensor": blobs.tensor(v)} for kind, v in entry.params]
     outputs: list[dict[str, Any]] = []
     for kind, v in entry.outputs:
-        if kind in ("computed", "input"):
+        if kind in _INDEXED_OUTPUTS:
             outputs.append({"kind": kind, "index": v})
         elif isinstance(v, torch.Tensor):
             outputs.append({"kind": "tensor", "tensor": blobs.tensor(v)})
@@ -430,10 +437,10 @@ def decode_entry(payload: bytes) -> tuple[GraphEntry, list[str]]:
     for o in _list(header, "outputs"):
         _expect(isinstance(o, dict), "an output is not an object")
         kind = o.get("kind")
-        if kind in ("computed", "input"):
+        if kind in _INDEXED_OUTPUTS:
             index = o.get("index")
             _expect(_is_int(index) and index >= 0, "bad output index")
-            _expect(kind == "input" or index < len(computed), "output names no result")
+            _expect(kind != "computed" or index < len(computed), "output names no result")
             outputs.append((kind, index))
         elif kind == "tensor":
             outputs.append(("value", _read_tensor(o.get("tensor"), blobs)))
@@ -547,7 +554,7 @@ class Lookup:
             if isinstance(v, Computed):
                 outputs.append(("computed", v.index))
             elif isinstance(v, Input):
-                outputs.append(("input", v.position))
+                outputs.append(("input_copy" if v.copy else "input", v.position))
             else:
                 outputs.append(("value", v.value))
         if exe.graph_hash is None:
@@ -638,7 +645,7 @@ def _check_against_inputs(entry: GraphEntry, inputs: Sequence[Any]) -> None:
             _expect(tuple(t.shape) == shape and t.dtype == dtype,
                     "an input does not match its HLO parameter")
     for kind, value in entry.outputs:
-        if kind == "input":
+        if kind in ("input", "input_copy"):
             _expect(value < len(inputs), "an output names no input")
 
 
@@ -658,8 +665,8 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
         for kind, v in entry.outputs:
             if kind == "computed":
                 outputs.append(Computed(v))
-            elif kind == "input":
-                outputs.append(Input(v))
+            elif kind in ("input", "input_copy"):
+                outputs.append(Input(v, copy=kind == "input_copy"))
             elif isinstance(v, torch.Tensor):
                 on = next(tensor_devices)
                 outputs.append(Value(v.to(device) if on == "xla" else v))
