@@ -134,6 +134,9 @@ _LERP = frozenset({torch.lerp, "lerp", "lerp_"})
 # ``out.clamp(min=-c, max=c)`` with a bound computed from the step: the Tensor overload
 # takes 0-d bounds, all of them tensors, so a constant bound beside it becomes one too.
 _CLAMP = frozenset({torch.clamp, torch.clip, "clamp", "clip", "clamp_", "clip_"})
+# ``torch.tensor(max_norm, dtype=..., device=...)`` (torch_xla's clip_grad_norm_): the
+# number made a tensor is the 0-d tensor converted, as a copy.
+_FACTORIES = frozenset({torch.tensor, torch._refs.tensor, torch.scalar_tensor, torch.as_tensor})
 # ``torch._foreach_mul_(tensors, lr)`` and friends, as Adam's foreach path applies a
 # learning rate; these three have an overload taking a 0-d tensor for the scalar.
 _FOREACH = frozenset({
@@ -163,10 +166,11 @@ _FOREACH_POW_BASE = frozenset({torch._foreach_pow})
 TENSOR_CONSUMERS: frozenset[Any] = (
     _ARITH_FUNCTIONS | _ARITH_METHODS | _INPLACE_METHODS | _POW_BASE | _LERP | _FOREACH
     | frozenset(_FOREACH_VALUE) | _FOREACH_LERP | _FOREACH_POW_BASE | _ALPHA_FUNCTIONS
-    | _ALPHA_METHODS | _CLAMP
+    | _ALPHA_METHODS | _CLAMP | _FACTORIES
 )
 
 ARITH, INPLACE, LERP, ALPHA, CLAMP = "arith", "inplace", "lerp", "alpha", "clamp"
+FACTORY = "factory"
 FOREACH, FOREACH_ALPHA, FOREACH_VALUE = "foreach", "foreach_alpha", "foreach_value"
 FOREACH_LERP, FOREACH_POW_BASE = "foreach_lerp", "foreach_pow_base"
 
@@ -253,6 +257,10 @@ def _consumer_kind(user: Node, member: set[Node]) -> str | None:
               and all(is_tensor(a) and a not in member for a in user.args)
               and value(user.args[1]).dtype == value(user).dtype)
         return ALPHA if ok else None
+    if user.op == "call_function" and target in _FACTORIES:
+        ok = (len(user.args) == 1 and user.args[0] in member and is_tensor(user)
+              and value(user).dim() == 0 and user.kwargs.keys() <= {"dtype", "device"})
+        return FACTORY if ok else None
     if target in _CLAMP:
         bounds = [*user.args[1:], *user.kwargs.values()]
         ok = (1 <= len(user.args) <= 3 and user.kwargs.keys() <= {"min", "max"}
@@ -402,6 +410,13 @@ class _Emitter:
         """
         kind = _consumer_kind(user, member)
         t, have = self.tensor[sym], self.dtype[sym]
+        if kind == FACTORY:
+            # torch.tensor(number, dtype) rounds the double once to dtype, as .to does
+            kwargs = {"dtype": value(user).dtype, "copy": True}
+            if "device" in user.kwargs:
+                kwargs["device"] = user.kwargs["device"]
+            user.op, user.target, user.args, user.kwargs = "call_method", "to", (t,), kwargs
+            return
         if kind in (FOREACH, FOREACH_ALPHA, FOREACH_VALUE, FOREACH_LERP, FOREACH_POW_BASE):
             # the Tensor overload casts the 0-d tensor to each tensor's dtype, as a
             # Python number is; cast first so no backend can promote instead
@@ -492,4 +507,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=8, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=9, run=_run)

@@ -129,6 +129,24 @@ def test_loop_a_scheduled_lr(xla, opt_name, sched_name, inside):
     assert scheds["compiled"].last_epoch == scheds["eager"].last_epoch == STEPS
 
 
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_loop_a_with_a_clipping_norm_that_changes_every_step(xla, opt_name):
+    """``max_norm`` from a schedule: torch_xla's ``clip_grad_norm_`` makes it a tensor
+    (``torch.tensor(max_norm, ...)``), which recompiled every step until Dynamo's limit."""
+    calls = {"compiled": 0, "eager": 0}
+
+    def args_for(key: str) -> Callable:
+        def make(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[], dict]:
+            def args() -> dict:
+                calls[key] += 1
+                return {"max_norm": 0.05 * (1 + calls[key] % 4)}
+            return args
+        return make
+
+    _check(*_run(xla, opt_name, workloads.train_step_clip, args_for("compiled"),
+                 args_for("eager")))
+
+
 def train_step_warmup_item(model: torch.nn.Module, opt: torch.optim.Optimizer,
                            x: torch.Tensor, y: torch.Tensor, step: torch.Tensor,
                            warmup: int = 10) -> torch.Tensor:

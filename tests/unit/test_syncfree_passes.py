@@ -109,6 +109,11 @@ def clamp_bounds(step: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.
     return (w * x).clamp(min=-c, max=c) + torch.clamp(w, 0.0, c) + x.clip(max=c)
 
 
+def tensor_of_a_number(step: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    c = torch.tensor(0.5 + float(step) / 7, dtype=torch.float32)  # as in clip_grad_norm_
+    return w / (c + 1e-6) + torch.scalar_tensor(float(step) * 0.25, dtype=torch.float64) * x
+
+
 CASES: dict[str, tuple[Callable, Callable[[int], torch.Tensor]]] = {
     "item-int-min": (warmup_item, lambda v: torch.tensor(v)),
     "float-int-max-pow": (warmup_float, lambda v: torch.tensor(v, dtype=torch.int32)),
@@ -117,6 +122,7 @@ CASES: dict[str, tuple[Callable, Callable[[int], torch.Tensor]]] = {
     "lerp-weight": (lerp_weight, lambda v: torch.tensor(v)),
     "inplace": (inplace_update, lambda v: torch.tensor(v)),
     "clamp-bounds": (clamp_bounds, lambda v: torch.tensor(v)),
+    "tensor-of-a-number": (tensor_of_a_number, lambda v: torch.tensor(v)),
 }
 
 
