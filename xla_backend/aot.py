@@ -51,7 +51,7 @@ from .dynamo import grad_scaler
 log = logging.getLogger(__name__)
 
 #: Bump when what ``Captured.meta`` holds, or how it is read back, changes.
-META_FORMAT = 1
+META_FORMAT = 2  # 2: bw_donated_idxs as the first backward left it
 
 Compiler = Callable[[torch.fx.GraphModule, Sequence[Any]], Callable]
 
@@ -455,6 +455,11 @@ def _complete(captured: Captured, on_captured: Callable[[Captured], None]) -> No
             if captured.backward is None:
                 return  # the backward compiles at the first backward()
             captured.detach = _detach_indices(captured.runtime_meta, captured.backward)
+            # as that first backward left it: AOTAutograd empties the list when it retains
+            # the graph, and a rebuilt result, whose backward is compiled already, would
+            # otherwise refuse backward(retain_graph=True) where the first process did not
+            donated = captured.runtime_meta.bw_donated_idxs
+            captured.meta["bw_donated_idxs"] = None if donated is None else list(donated)
     captured.handed_over = True
     on_captured(captured)
     # the compiled function keeps this object alive: keep no graph copies in it

@@ -282,6 +282,46 @@ def test_a_result_aotautograd_specialized_on_a_float_is_not_served_for_another(
     assert xla_backend.stats().get("cache_aot_hits", 0) == 0
 
 
+def _two_backwards(options: dict[str, Any] | None, device: torch.device | str) -> list[float]:
+    """Two losses through one graph, the first backward retaining it (as in a multi-task
+    step): AOTAutograd allows that only where the first backward retained the graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 2)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        first, second = out[:, 0].square().mean(), out[:, 1].abs().mean()
+        first.backward(retain_graph=True)
+        second.backward()
+        opt.step()
+        opt.zero_grad()
+        return (first + second).detach()
+
+    run = step if options is None else torch.compile(step, backend="syncfree_xla",
+                                                     options=options)
+    out = [run(torch.full((4, 6), 0.1 * (i + 1)).to(device)) for i in range(3)]
+    return [float(v.cpu()) for v in out]
+
+
+def test_a_restarted_process_keeps_backward_with_retain_graph_working(xla, own_cache,
+                                                                       monkeypatch):
+    """The stored metadata listed the saved tensors the backward may donate; the first
+    process emptied that list at its first backward(retain_graph=True), a restarted one
+    refused that backward ("compiled with non-empty donated buffers")."""
+    import weakref
+
+    want = _two_backwards(None, "cpu")
+    assert _two_backwards(own_cache, xla) == pytest.approx(want, rel=1e-5)
+    monkeypatch.setattr(compile_cache, "_stores", {})
+    monkeypatch.setattr(compile_cache, "_live", weakref.WeakValueDictionary())
+    xla_backend.reset_stats()
+    assert _two_backwards(own_cache, xla) == pytest.approx(want, rel=1e-5)
+    assert xla_backend.stats().get("cache_aot_hits", 0) > 0
+
+
 OPTIMIZERS = {
     "adam_amsgrad": lambda groups: torch.optim.Adam(groups, amsgrad=True, weight_decay=0.01),
     "rprop": lambda groups: torch.optim.Rprop(groups),
