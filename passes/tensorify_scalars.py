@@ -70,12 +70,12 @@ order of Dynamo's own polyfill for one tensor's ``addcmul_``. ``_foreach_lerp_(a
 lerp with a 0-d weight computes exactly what lerp with a Python weight does, and
 ``_foreach_pow(s, steps)`` (its capturable bias correction) ``_foreach_pow([s] * n, steps)``.
 
-Anything else (a Sym value returned from the graph, passed as a keyword, compared,
-used as a size, mixed with a Sym value from elsewhere such as a shape, an op not
-listed in ``SYM_OPS`` / ``TENSOR_CONSUMERS``) leaves the whole connected group of
-scalar ops untouched, as Dynamo and AOTAutograd would have it, and the pass says so at
-debug level. A value that must cross a graph break (used after ``loss.backward()``)
-is a graph output, so it stays a Python number, read on the host.
+Anything else (a Sym value returned from the graph, passed as a keyword other than
+those above, compared, used as a size, mixed with a Sym value from elsewhere such as a
+shape, an op not listed in ``SYM_OPS`` / ``TENSOR_CONSUMERS``) leaves the whole
+connected group of scalar ops untouched, as Dynamo and AOTAutograd would have it, and
+the pass says so at debug level. A value that must cross a graph break (used after
+``loss.backward()``) is a graph output, so it stays a Python number, read on the host.
 """
 
 from __future__ import annotations
