@@ -258,8 +258,11 @@ def _consumer_kind(user: Node, member: set[Node]) -> str | None:
               and value(user.args[1]).dtype == value(user).dtype)
         return ALPHA if ok else None
     if user.op == "call_function" and target in _FACTORIES:
+        # not a graph output: that is how Dynamo returns a number (``scalar_tensor``),
+        # and one that crosses a graph break is read on the host once, as a number
         ok = (len(user.args) == 1 and user.args[0] in member and is_tensor(user)
-              and value(user).dim() == 0 and user.kwargs.keys() <= {"dtype", "device"})
+              and value(user).dim() == 0 and user.kwargs.keys() <= {"dtype", "device"}
+              and all(u.op != "output" for u in user.users))
         return FACTORY if ok else None
     if target in _CLAMP:
         bounds = [*user.args[1:], *user.kwargs.values()]
