@@ -217,7 +217,7 @@ def _sym_op_ok(node: Node, member: set[Node]) -> bool:
         if isinstance(arg, Node):
             if arg not in member:
                 return False
-        elif not isinstance(arg, (int, float)) or isinstance(arg, bool):
+        elif not _number(arg):
             return False
     return True
 

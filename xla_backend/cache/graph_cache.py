@@ -311,8 +311,10 @@ class _BlobWriter:
                 "device": t.device.type}
 
 
+#: Output kinds that are an input passed through, as it is or as a copy.
+_INPUT_OUTPUTS = ("input", "input_copy")
 #: Output kinds that name a position: a result of the HLO, or an input passed through.
-_INDEXED_OUTPUTS = ("computed", "input", "input_copy")
+_INDEXED_OUTPUTS = ("computed", *_INPUT_OUTPUTS)
 
 
 def _scalar_json(value: Any) -> Any:
@@ -645,7 +647,7 @@ def _check_against_inputs(entry: GraphEntry, inputs: Sequence[Any]) -> None:
             _expect(tuple(t.shape) == shape and t.dtype == dtype,
                     "an input does not match its HLO parameter")
     for kind, value in entry.outputs:
-        if kind in ("input", "input_copy"):
+        if kind in _INPUT_OUTPUTS:
             _expect(value < len(inputs), "an output names no input")
 
 
@@ -665,7 +667,7 @@ def _rebuild(entry: GraphEntry, devices: list[str], device: torch.device,
         for kind, v in entry.outputs:
             if kind == "computed":
                 outputs.append(Computed(v))
-            elif kind in ("input", "input_copy"):
+            elif kind in _INPUT_OUTPUTS:
                 outputs.append(Input(v, copy=kind == "input_copy"))
             elif isinstance(v, torch.Tensor):
                 on = next(tensor_devices)
