@@ -264,6 +264,83 @@ def test_a_momentum_teacher_trains_like_eager_in_one_execution_per_step(xla, ind
             window.counts.compiles, lookups() - built) == (STEPS - WARMUP, 0, 0, 0)
 
 
+_AVERAGES = {
+    # SWA's running mean; the counter on the device, the buffers copied
+    "swa": lambda model, device: torch.optim.swa_utils.AveragedModel(model, device),
+    # EMA over parameters and buffers, BatchNorm's integer counter included
+    "ema-multi": lambda model, device: torch.optim.swa_utils.AveragedModel(
+        model, device, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.8),
+        use_buffers=True),
+    # a per-tensor avg_fn with the counter left on the host (no device given)
+    "avg-fn-host-counter": lambda model, device: torch.optim.swa_utils.AveragedModel(
+        model, avg_fn=lambda avg, p, n: 0.7 * avg + 0.3 * p, use_buffers=True),
+}
+
+
+def _averaged_step(device: torch.device, make_average: Callable):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False), torch.nn.BatchNorm1d(32),
+                                torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    averaged = make_average(model, device)
+
+    def step(x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        averaged.update_parameters(model)
+        return loss.detach()
+
+    return (model, averaged), step
+
+
+def _train_averaged(xla: torch.device, make_average: Callable) -> MetricWindow:
+    """Trains compiled and eagerly, resetting the counter after the first update as
+    the reference scripts do during warm-up; checks the numbers, returns the window."""
+    got_models, got_step = _averaged_step(xla, make_average)
+    want_models, want_step = _averaged_step(torch.device("cpu"), make_average)
+    compiled = torch.compile(got_step, backend="syncfree_xla", options=JOIN)
+    batches = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),
+                torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)))
+               for i in range(STEPS)]
+    got, want = [], []
+    for i, (x, y) in enumerate(batches[:WARMUP]):
+        got.append(compiled(x.to(xla), y.to(xla)))
+        want.append(want_step(x, y))
+        if i == 0:
+            got_models[1].n_averaged.fill_(0)
+            want_models[1].n_averaged.fill_(0)
+    with MetricWindow() as window:
+        got += [compiled(x.to(xla), y.to(xla)) for x, y in batches[WARMUP:]]
+    want += [want_step(x, y) for x, y in batches[WARMUP:]]
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    for model, reference in zip(got_models, want_models):
+        assert_same_state(model, reference, rtol=1e-4)
+    assert int(got_models[1].n_averaged) == STEPS - 1
+    return window
+
+
+@pytest.mark.parametrize("average", list(_AVERAGES))
+def test_an_averaged_model_updated_in_the_step_costs_no_sync(xla, average):
+    """``AveragedModel.update_parameters`` reads ``n_averaged`` on the host twice to
+    choose between copying and averaging: two graph breaks, and with the counter on the
+    device (torchvision's reference EMA) two syncs, 3-7 executions a step. Branch-free
+    (``dynamo.averaged_model``), the step stays one execution with eager's numbers."""
+    window = _train_averaged(xla, _AVERAGES[average])
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles) == (STEPS - WARMUP, 0, 0)
+
+
+def test_an_average_kept_on_the_host_is_updated_like_eager(xla):
+    """An EMA kept in host memory reads the device's weights each update, whatever
+    runs it; inside our step it was refused as a CPU graph input. It now runs eagerly."""
+    window = _train_averaged(xla, lambda model, device: torch.optim.swa_utils.AveragedModel(
+        model, torch.device("cpu"), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.8)))
+    assert window.counts.compiles == 0
+
+
 def test_a_schedule_written_with_math_cos_compiles_and_trains_like_eager(xla):
     """A step index through ``math.cos`` stays float math AOTAutograd keeps symbolic,
     as ``scalar_tensor`` ops without the ``tensor_meta`` its default partitioner

@@ -25,6 +25,8 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
 * a ``_BatchNorm.forward`` whose cumulative average (``momentum=None``) Dynamo traces
   (``batch_norm.traceable_forward``); the stock one breaks the graph and runs the layer
   in lazy mode, with a biased running variance;
+* an ``AveragedModel.update_parameters`` (SWA and EMA) that never reads its
+  ``n_averaged`` counter on the host (``averaged_model.traceable_update_parameters``);
 * ``p -= x`` on a tensor traced as ``p`` itself
   (``augmented_assignment.augmented_assignment_keeps_tensor``): Dynamo binds the name to
   a stand-in, and a hand-written SGD loop's ``p.grad = None`` after it is lost;
@@ -74,7 +76,7 @@ from torch._dynamo.repro.after_dynamo import WrapBackendDebug
 from torch.optim import _adafactor as torch_adafactor
 
 from .. import options as options_mod
-from . import augmented_assignment, batch_norm, grad_scaler, step_counters
+from . import augmented_assignment, averaged_model, batch_norm, grad_scaler, step_counters
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,7 @@ def _scope() -> Iterator[None]:
                 stack.enter_context(_norms_for_symbolic_sizes())
             stack.enter_context(grad_scaler.masked_step())
             stack.enter_context(batch_norm.cumulative_average_traced())
+            stack.enter_context(averaged_model.update_traced())
             stack.enter_context(augmented_assignment.augmented_assignment_keeps_tensor())
             stack.enter_context(step_counters.counters_on_device_when_traced())
             stack.enter_context(_adafactor_groups_by_dtype())
