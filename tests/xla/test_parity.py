@@ -408,3 +408,54 @@ def test_hand_written_sgd_that_drops_each_gradient_trains_like_eager(xla):
     torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-5)
     assert_same_state(model, reference, rtol=1e-4)
     assert all(p.grad is None for p in model.parameters())
+
+
+class _CharGru(torch.nn.Module):
+    """A character model around a GRU of the given class."""
+
+    def __init__(self, gru: type[torch.nn.GRU]) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(40, 16)
+        self.gru = gru(16, 24, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(24, 40)
+
+    def forward(self, tokens):
+        hidden, _ = self.gru(self.embed(tokens[:, :-1]))
+        return torch.nn.functional.cross_entropy(self.head(hidden).flatten(0, 1),
+                                                 tokens[:, 1:].flatten())
+
+
+def test_the_gru_torch_xla_installs_trains_like_torchs_own(xla):
+    """``import torch_xla`` makes ``torch.nn.GRU`` a scan-based subclass whose forward
+    runs AOTAutograd itself; compiled, it called our result under that tracer and the
+    process died (SIGSEGV). Inside our frames it runs torch's forward, as one aten.gru.
+    The reference is torch's own GRU class: torch_xla's fails on the CPU."""
+    assert torch.nn.GRU is not torch.nn.modules.rnn.GRU  # what torch_xla 2.9 does
+    torch.manual_seed(0)
+    reference = _CharGru(torch.nn.modules.rnn.GRU)
+    model = _CharGru(torch.nn.GRU)
+    model.load_state_dict(reference.state_dict())
+    model.to(xla)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=3e-3)
+
+    def step(m, o, tokens):
+        loss = m(tokens)
+        loss.backward()
+        o.step()
+        o.zero_grad()
+        return loss.detach()
+
+    compiled = torch.compile(step, backend="syncfree_xla")
+    batches = [torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(i))
+               for i in range(8)]
+    got = [compiled(model, opt, t.to(xla)) for t in batches[:3]]
+    with MetricWindow() as window:
+        got += [compiled(model, opt, t.to(xla)) for t in batches[3:]]
+    want = [step(reference, ref_opt, t) for t in batches]
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
+    assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles) == (5, 0, 0)

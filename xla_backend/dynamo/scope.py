@@ -30,6 +30,8 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
 * ``p -= x`` on a tensor traced as ``p`` itself
   (``augmented_assignment.augmented_assignment_keeps_tensor``): Dynamo binds the name to
   a stand-in, and a hand-written SGD loop's ``p.grad = None`` after it is lost;
+* torch's own ``GRU.forward`` on the scan-based GRU that ``import torch_xla`` installs
+  as ``torch.nn.GRU`` (:func:`_torch_gru_forward`);
 * under ``torch.compile(dynamic=True)`` only, PyTorch's reference layer and group norm
   as their ``AutogradXLA`` kernels (:func:`_norms_for_symbolic_sizes`).
 
@@ -142,6 +144,7 @@ def _scope() -> Iterator[None]:
             stack.enter_context(augmented_assignment.augmented_assignment_keeps_tensor())
             stack.enter_context(step_counters.counters_on_device_when_traced())
             stack.enter_context(_adafactor_groups_by_dtype())
+            stack.enter_context(_torch_gru_forward())
             _scope_stack = stack
         _scope_depth += 1
     try:
@@ -275,6 +278,30 @@ def _adafactor_groups_by_dtype() -> Iterator[None]:
         yield
     finally:
         torch_adafactor._group_tensors_by_device_dtype_and_is_multidim = _STOCK_ADAFACTOR_GROUPS
+
+
+@contextlib.contextmanager
+def _torch_gru_forward() -> Iterator[None]:
+    """torch's own ``GRU.forward`` on the GRU class ``import torch_xla`` puts in its place.
+
+    torch_xla replaces ``torch.nn.GRU`` with a subclass whose forward runs AOTAutograd
+    over the cell and lowers a scan of it itself (``torch_xla/_patched_functions.py``).
+    Traced by Dynamo, that forward compiles the cell with this backend and calls the
+    result under AOTAutograd's tracer, with tensors torch_xla's runtime cannot read: the
+    process crashed. torch's forward computes the same function of the same parameters
+    and traces as one ``aten.gru``. The class is found as ``torch.nn.GRU``, not imported.
+    """
+    stock = torch.nn.modules.rnn.GRU
+    installed = torch.nn.GRU
+    replaced = vars(installed).get("forward") if installed is not stock else None
+    if replaced is None or not issubclass(installed, stock):
+        yield
+        return
+    installed.forward = stock.forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        installed.forward = replaced  # type: ignore[method-assign]
 
 
 def backend_ctx(options: Mapping[str, Any] | None = None,
