@@ -135,6 +135,26 @@ def test_spectral_norm_trains_like_eager_without_host_round_trips(xla):
     _check(xla, model)
 
 
+class _MaxNormEmbedding(torch.nn.Module):
+    """Rows picked by the input's magnitudes, some twice in a batch, renormalized to
+    ``max_norm`` in place as they are looked up (``embedding_renorm``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4, max_norm=1.0)
+        self.outer = torch.nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = (x.abs() * 4).long().clamp(max=9)
+        return self.outer(self.embed(index).flatten(1))
+
+
+def test_an_embedding_with_max_norm_trains_like_eager_without_host_round_trips(xla):
+    """``embedding_renorm`` has no lowering and torch no decomposition of it: the
+    lookup table went to the host and back each step (two transfers)."""
+    _check(xla, _MaxNormEmbedding())
+
+
 def test_the_ops_that_lost_their_gradient_are_found_on_the_dispatcher():
     """torch_xla 2.9 registers XLA kernels with no autograd kernel for these composite
     ops; should a torch_xla release add one, the op leaves the list."""

@@ -29,7 +29,9 @@ Four gaps, each found against eager PyTorch on CPU (``tests/xla/test_lowering_ga
   graph holding it would run it on the host: a round trip per step (GLU's backward,
   Huber loss's backward, ``logaddexp``, ``vdot`` in ``spectral_norm``'s power
   iteration, ``Tensor.unfold``). torch's decompositions of them lower to ordinary XLA
-  ops; ``Tensor.unfold``'s backward gets one of its own (:func:`unfold_backward`).
+  ops; ``Tensor.unfold``'s backward gets one of its own (:func:`unfold_backward`), and
+  ``Embedding(max_norm=...)``'s ``embedding_renorm``, which torch does not decompose,
+  one of ours (:func:`embedding_renorm`).
 * **A backward that cannot be traced or lowered.** ``affine_grid``'s backward is a C++
   composite that reshapes a tensor in place (``unsqueeze_``); on the functional tensors
   of AOTAutograd's trace that reaches torch_xla's kernel, which stops the compile with
@@ -122,6 +124,19 @@ def avg_pool_with_divisor(dims: int) -> Callable[..., torch.Tensor]:
 _AVG_POOL = {2: _aten.avg_pool2d.default, 3: _aten.avg_pool3d.default}
 
 
+def embedding_renorm(weight: torch.Tensor, indices: torch.Tensor, max_norm: float,
+                     norm_type: float) -> torch.Tensor:
+    """``Embedding(max_norm=...)``'s renormalization, which has no lowering: each looked-up
+    row whose ``norm_type`` norm exceeds ``max_norm`` scaled by ``max_norm / (norm +
+    1e-7)``, as eager's kernel does. A row looked up twice is written twice with the
+    same value."""
+    index = indices.flatten()
+    rows = weight[index]
+    norms = torch.linalg.vector_norm(rows, norm_type, dim=-1, keepdim=True)
+    scale = torch.where(norms > max_norm, max_norm / (norms + 1e-7), 1.0)
+    return weight.index_put((index,), rows * scale)
+
+
 def infinite_norm(reference: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """An overload of ``aten.norm`` through torch's reference where ``p`` is infinite,
     and left as it is otherwise (the other norms lower as eager computes them)."""
@@ -137,14 +152,16 @@ def infinite_norm(reference: Callable[..., torch.Tensor]) -> Callable[..., torch
 
 def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """The decompositions of :data:`DECOMPOSED_FOR_VALUES` and
-    :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward`, :func:`infinite_norm`
-    and :func:`avg_pool_with_divisor`, for AOTAutograd's ``decompositions=``."""
+    :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward`, :func:`infinite_norm`,
+    :func:`avg_pool_with_divisor` and :func:`embedding_renorm`, for AOTAutograd's
+    ``decompositions=``."""
     table = get_decompositions([*DECOMPOSED_FOR_VALUES, *DECOMPOSED_FOR_LOWERING])
     table[_aten.unfold_backward.default] = unfold_backward
     for op, reference in get_decompositions([_aten.norm]).items():
         table[op] = infinite_norm(reference)
     for dims, op in _AVG_POOL.items():
         table[op] = avg_pool_with_divisor(dims)
+    table[_aten.embedding_renorm.default] = embedding_renorm
     return table
 
 
