@@ -341,6 +341,70 @@ def test_an_average_kept_on_the_host_is_updated_like_eager(xla):
     assert window.counts.compiles == 0
 
 
+class _IntStepAdam(torch.optim.Optimizer):
+    """Adam as older repositories write it: ``state["step"]`` a Python int, bias
+    corrections ``1 - beta ** step`` computed from it in Python."""
+
+    def __init__(self, params, lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-6):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = state["m"] / (1 - beta1 ** state["step"])
+                v_hat = state["v"] / (1 - beta2 ** state["step"])
+                p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
+
+
+def test_an_optimizer_counting_steps_in_a_python_int_lowers_its_graph_once(xla):
+    """The int ``step`` is an input of the optimizer graph, which returns ``step + 1``.
+    The bias corrections made from it were computed in the device part, so each new
+    value was a constant of the computation: every step traced the graph again (90-102
+    reads from the device), stored one more cache entry and counted as a lowering. They
+    are now host values crossing as 0-d inputs (``lower.split``)."""
+    def make(device):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 4)).to(device)
+        opt = _IntStepAdam(model.parameters())
+
+        def step(x, y):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach()
+
+        return model, opt, step
+
+    model, opt, step = make(xla)
+    reference, ref_opt, ref_step = make(torch.device("cpu"))
+    compiled = torch.compile(step, backend="syncfree_xla", options=JOIN)
+    batches = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),
+                torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)))
+               for i in range(STEPS)]
+    got = [compiled(x.to(xla), y.to(xla)) for x, y in batches[:WARMUP + 1]]
+    lowered = counters.counter(counters.GRAPHS_LOWERED)
+    with MetricWindow() as window:
+        got += [compiled(x.to(xla), y.to(xla)) for x, y in batches[WARMUP + 1:]]
+    want = [ref_step(x, y) for x, y in batches]
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
+    assert [s["step"] for s in opt.state.values()] == [STEPS] * 4
+    assert (window.counts.executions, window.counts.transfers_to_host, window.counts.compiles,
+            counters.counter(counters.GRAPHS_LOWERED) - lowered) == (STEPS - WARMUP - 1, 0, 0, 0)
+
+
 def test_a_schedule_written_with_math_cos_compiles_and_trains_like_eager(xla):
     """A step index through ``math.cos`` stays float math AOTAutograd keeps symbolic,
     as ``scalar_tensor`` ops without the ``tensor_meta`` its default partitioner

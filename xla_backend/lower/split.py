@@ -236,14 +236,29 @@ def _host_only_scalar_tensors(gm: torch.fx.GraphModule, kinds: dict[torch.fx.Nod
     as ``scalar_tensor(lr)`` on the CPU. Computed in the device part, the index was a
     constant of the device computation: each new value traced it again, stored one more
     cache entry and read the result back. In the host part it costs a small eager op.
+
+    The same holds for a host tensor made from an input number that the device part
+    does read (a hand-written optimizer's ``1 - beta ** step`` from its int ``step``):
+    computed on the host, it crosses as a 0-d input, one small upload a call, instead of
+    making the number a constant of the device computation. A number computed from
+    such an input that the graph only returns is computed on the host too.
     """
+    varying = set()  # scalar nodes computed from a number the graph takes as input
+    for node in gm.graph.nodes:
+        if kinds.get(node) == SCALAR and (node.op == "placeholder" or any(
+                a in varying for a in node.all_input_nodes)):
+            varying.add(node)
     for node in reversed(gm.graph.nodes):
+        if kinds.get(node) != SCALAR or node.op != "call_function":
+            continue
         value = _val(node)
-        if (kinds.get(node) == SCALAR and node.op == "call_function"
-                and isinstance(value, torch.Tensor) and value.device.type == "cpu"
-                and all(user.op == "output" or kinds.get(user) == HOST
-                        for user in node.users)):
-            kinds[node] = HOST
+        host_users = all(user.op == "output" or kinds.get(user) == HOST for user in node.users)
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cpu" and (host_users or node in varying and all(
+                    kinds.get(user) != SCALAR for user in node.users)):
+                kinds[node] = HOST
+        elif node in varying and host_users:
+            kinds[node] = HOST  # a number the graph returns (the optimizer's next step)
 
 
 def split(gm: torch.fx.GraphModule) -> SplitGraph:
