@@ -107,12 +107,15 @@ _BINARY: dict[Any, Callable[[Any, Any], Any]] = {
     operator.mod: operator.mod,  # integer results only
 }
 _INT_ONLY = frozenset({operator.floordiv, operator.mod})
+#: ``torch._sym_sqrt`` is what Dynamo records for ``math.sqrt`` of a Sym value (the
+#: bias correction of Adam as torch wrote it before 1.12).
+_UNARY = frozenset({operator.neg, torch.sym_float, torch._sym_sqrt})
 _MIN = frozenset({torch.sym_min, builtins.min})
 _MAX = frozenset({torch.sym_max, builtins.max})
 
 #: The Python-scalar ops on Sym values this pass turns into tensor ops.
 SYM_OPS: frozenset[Any] = frozenset(
-    {*_BINARY, operator.neg, torch.sym_float, *_MIN, *_MAX}
+    {*_BINARY, operator.neg, torch.sym_float, torch._sym_sqrt, *_MIN, *_MAX}
 )
 
 _ARITH_FUNCTIONS = frozenset({
@@ -210,7 +213,7 @@ def _sym_op_ok(node: Node, member: set[Node]) -> bool:
     out = _dtype_of(value(node))
     if out is None or (node.target in _INT_ONLY and out is not torch.int64):
         return False
-    unary = node.target in (operator.neg, torch.sym_float)
+    unary = node.target in _UNARY
     if len(node.args) != (1 if unary else 2):
         return False
     for arg in node.args:
@@ -386,6 +389,9 @@ class _Emitter:
                 result = self.operand(node.args[0], want)
             elif node.target is operator.neg:
                 result = self.node("call_function", operator.neg,
+                                   (self.operand(node.args[0], want),))
+            elif node.target is torch._sym_sqrt:
+                result = self.node("call_function", torch.sqrt,
                                    (self.operand(node.args[0], want),))
             elif node.target in _BINARY:
                 a, b = (self.operand(x, want) for x in node.args)

@@ -7,6 +7,7 @@ AOTAutograd's ``aot_eager``), so no XLA is needed.
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -244,6 +245,33 @@ class IntInputs:
                                 for k, a in enumerate(args)])
 
         return call
+
+
+def _adam_style_correction(w: torch.Tensor, group: dict) -> torch.Tensor:
+    """Adam's step as torch wrote it before 1.12: an int step counted in Python."""
+    group["step"] += 1
+    return w * (math.sqrt(1 - 0.999 ** group["step"]) / (1 - 0.9 ** group["step"]))
+
+
+def test_an_int_input_the_graph_returns_is_tensor_math_everywhere_else():
+    """The graph returns ``step + 1`` (the counter's new value), so the int stays a
+    SymInt input; the bias corrections, ``math.sqrt`` included, become tensor math on
+    ``scalar_tensor(step)``, which only the host part reads once lowered."""
+    backend = IntInputs()
+    compiled = _compile(_adam_style_correction, backend)
+    w = torch.randn(6)
+    got, want = {"step": 0}, {"step": 0}
+    for _ in range(6):
+        torch.testing.assert_close(compiled(w, got), _adam_style_correction(w, want),
+                                   rtol=1e-6, atol=0)
+    assert got == want == {"step": 6}
+    gm, positions = backend.graphs[-1]
+    assert positions == []
+    syms = set(_sym_nodes(gm))
+    assert syms, "the returned count is still computed from the symbol"
+    users = {user for n in syms for user in n.users if user not in syms}
+    assert {u.op for u in users} <= {"output", "call_function"}, gm.code
+    assert {u.target for u in users if u.op == "call_function"} == {torch.scalar_tensor}, gm.code
 
 
 def test_an_int_input_used_as_a_number_becomes_a_tensor_input():

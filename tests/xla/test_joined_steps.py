@@ -365,23 +365,52 @@ class _IntStepAdam(torch.optim.Optimizer):
                 p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
 
 
-def test_an_optimizer_counting_steps_in_a_python_int_lowers_its_graph_once(xla):
+class _GroupStepAdam(torch.optim.Optimizer):
+    """Adam as torch wrote it before 1.12, the step counted per group (as timm's
+    optimizers do): ``step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)``."""
+
+    def __init__(self, params, lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            beta1, beta2 = group["betas"]
+            step_size = (group["lr"] * math.sqrt(1 - beta2 ** group["step"])
+                         / (1 - beta1 ** group["step"]))
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                p.addcdiv_(state["m"], state["v"].sqrt().add_(group["eps"]), value=-step_size)
+
+
+@pytest.mark.parametrize("optimizer", [_IntStepAdam, _GroupStepAdam],
+                         ids=["state-step", "group-step-math-sqrt-scheduled-lr"])
+def test_an_optimizer_counting_steps_in_a_python_int_lowers_its_graph_once(xla, optimizer):
     """The int ``step`` is an input of the optimizer graph, which returns ``step + 1``.
     The bias corrections made from it were computed in the device part, so each new
     value was a constant of the computation: every step traced the graph again (90-102
     reads from the device), stored one more cache entry and counted as a lowering. They
-    are now host values crossing as 0-d inputs (``lower.split``)."""
+    are now host values crossing as 0-d inputs (``lower.split``). And left symbolic,
+    ``lr * math.sqrt(bias correction)`` made AOTAutograd specialize a scheduled lr: a
+    recompile per step; it is tensor math now (``passes.tensorify_int_inputs``)."""
     def make(device):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
                                     torch.nn.Linear(32, 4)).to(device)
-        opt = _IntStepAdam(model.parameters())
+        opt = optimizer(model.parameters())
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
 
         def step(x, y):
             loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad()
+            sched.step()
             return loss.detach()
 
         return model, opt, step
@@ -400,9 +429,12 @@ def test_an_optimizer_counting_steps_in_a_python_int_lowers_its_graph_once(xla):
     torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
                                rtol=1e-4, atol=1e-5)
     assert_same_state(model, reference, rtol=1e-4)
-    assert [s["step"] for s in opt.state.values()] == [STEPS] * 4
+    counts = [s.get("step") for s in [*opt.state.values(), *opt.param_groups]]
+    assert [c for c in counts if c is not None] == [STEPS] * len(
+        opt.state if optimizer is _IntStepAdam else opt.param_groups)
     assert (window.counts.executions, window.counts.transfers_to_host, window.counts.compiles,
-            counters.counter(counters.GRAPHS_LOWERED) - lowered) == (STEPS - WARMUP - 1, 0, 0, 0)
+            counters.counter(counters.GRAPHS_LOWERED) - lowered,
+            window.counts.dynamo_graphs) == (STEPS - WARMUP - 1, 0, 0, 0, 0)
 
 
 def test_a_schedule_written_with_math_cos_compiles_and_trains_like_eager(xla):
