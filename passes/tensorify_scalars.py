@@ -114,9 +114,7 @@ _MIN = frozenset({torch.sym_min, builtins.min})
 _MAX = frozenset({torch.sym_max, builtins.max})
 
 #: The Python-scalar ops on Sym values this pass turns into tensor ops.
-SYM_OPS: frozenset[Any] = frozenset(
-    {*_BINARY, operator.neg, torch.sym_float, torch._sym_sqrt, *_MIN, *_MAX}
-)
+SYM_OPS: frozenset[Any] = frozenset({*_BINARY, *_UNARY, *_MIN, *_MAX})
 
 _ARITH_FUNCTIONS = frozenset({
     operator.add, operator.sub, operator.mul, operator.truediv,
@@ -516,4 +514,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=9, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=10, run=_run)

@@ -254,8 +254,8 @@ def _host_only_scalar_tensors(gm: torch.fx.GraphModule, kinds: dict[torch.fx.Nod
         value = _val(node)
         host_users = all(user.op == "output" or kinds.get(user) == HOST for user in node.users)
         if isinstance(value, torch.Tensor):
-            if value.device.type == "cpu" and (host_users or node in varying and all(
-                    kinds.get(user) != SCALAR for user in node.users)):
+            if value.device.type == "cpu" and (host_users or (node in varying and all(
+                    kinds.get(user) != SCALAR for user in node.users))):
                 kinds[node] = HOST
         elif node in varying and host_users:
             kinds[node] = HOST  # a number the graph returns (the optimizer's next step)
