@@ -6,6 +6,7 @@ the same way.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -119,3 +120,41 @@ def test_a_host_tensor_made_from_an_int_input_is_computed_on_the_host():
     assert s.host_inputs == [0]
     (lr,) = s.host(7)
     assert lr.dtype == torch.float64 and lr.item() == 0.01 * (8 / 100)
+
+
+def test_the_device_part_reads_a_host_input_as_it_was_before_the_host_part_wrote_it():
+    """SWA's host counter: divided by on the device, incremented on the host in the same
+    graph. The host part runs first; the device part read the incremented counter."""
+
+    def fn(count, avg, p):
+        new = avg + (p - avg) / (count.to("meta") + 1)
+        count.add_(1)
+        return new
+
+    count = torch.tensor(1)
+    s = _split(fn, count, torch.empty(2, device="meta"), torch.empty(2, device="meta"))
+    assert ("cpu_arg", 0) not in s.device_inputs and _device_inputs_from_host(s) == 1
+    (seen,) = s.host(count)
+    assert (seen.item(), count.item()) == (1, 2)
+
+
+def test_an_input_assigned_through_data_is_an_update_and_a_reshape_is_refused():
+    """``teacher.data = teacher.data * m + student.data * (1 - m)`` (MoCo) reaches the
+    split as ``set_(input, value)``: an update of that input, like ``copy_``. A ``set_``
+    to another shape cannot be a rebinding of the caller's tensor and stays refused."""
+    from xla_backend.lower.split import UnsplittableGraph
+
+    def ema(teacher, student):
+        teacher.set_(teacher * 0.9 + student * 0.1)
+        return student.sum()
+
+    def shrink(teacher, student):
+        teacher.set_(student[:2] * 2)
+        return student.sum()
+
+    meta = [torch.empty(4, device="meta"), torch.empty(4, device="meta")]
+    s = _split(ema, *meta)
+    assert list(s.device_mutations) == [0]
+    assert not any(n.target is aten.set_.source_Tensor for n in s.device.graph.nodes)
+    with pytest.raises(UnsplittableGraph, match="set_"):
+        _split(shrink, *meta)

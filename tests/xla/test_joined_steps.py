@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -193,11 +194,12 @@ def test_an_optimizer_steps_first_on_its_own_buffers_and_in_place(xla):
     assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
 
 
-def _momentum_teacher(device):
+def _momentum_teacher(device, assign_data: bool = False):
     """A student, a teacher made from it with ``copy_`` (MoCo, BYOL, a mean teacher) and a
     copy kept aside with ``load_state_dict`` (the best weights so far). The step takes
     the step index, from which the teacher's momentum rises as in BYOL (given None, the
-    momentum is fixed)."""
+    momentum is fixed). ``assign_data``: the teacher is updated as MoCo's code does it,
+    ``t.data = t.data * m + s.data * (1 - m)``."""
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
                                   torch.nn.Linear(32, 4)).to(device)
@@ -223,14 +225,19 @@ def _momentum_teacher(device):
         momentum = 0.9 if i is None else 1 - 0.1 * (1 - i / STEPS)
         with torch.no_grad():
             for t, s in zip(teacher.parameters(), student.parameters()):
-                t.mul_(momentum).add_(s, alpha=1 - momentum)
+                if assign_data:
+                    t.data = t.data * momentum + s.data * (1 - momentum)
+                else:
+                    t.mul_(momentum).add_(s, alpha=1 - momentum)
         return loss.detach()
 
     return (student, teacher, best), step
 
 
-@pytest.mark.parametrize("indexed", [False, True], ids=["fixed-momentum", "step-index"])
-def test_a_momentum_teacher_trains_like_eager_in_one_execution_per_step(xla, indexed):
+@pytest.mark.parametrize("indexed, assign_data", [(False, False), (True, False), (False, True)],
+                         ids=["fixed-momentum", "step-index", "data-assignment"])
+def test_a_momentum_teacher_trains_like_eager_in_one_execution_per_step(
+        xla, indexed, assign_data, caplog):
     """Two things this loop broke. torch_xla's ``copy_`` shares the source's buffer
     instead of copying it: the first step's optimizer graph, synced on its own, donated
     that buffer and deleted it under the teacher ("buffer ... is deleted" inside the
@@ -238,9 +245,11 @@ def test_a_momentum_teacher_trains_like_eager_in_one_execution_per_step(xla, ind
     donating a buffer another tensor holds. And Dynamo makes the int step index
     symbolic at its second value: traced in as a constant, each new index retraced the
     graph, read values back to the host (12 transfers a step) and stored one more
-    graph-cache entry. It is now a 0-d tensor input (``passes.tensorify_int_inputs``)."""
-    got_models, got_step = _momentum_teacher(xla)
-    want_models, want_step = _momentum_teacher(torch.device("cpu"))
+    graph-cache entry. It is now a 0-d tensor input (``passes.tensorify_int_inputs``).
+    Assigned through ``.data``, the teacher's update is an ``aten.set_`` of a graph input,
+    which made the graph run op by op (logged); it is now an update like ``copy_``."""
+    got_models, got_step = _momentum_teacher(xla, assign_data)
+    want_models, want_step = _momentum_teacher(torch.device("cpu"), assign_data)
     compiled = torch.compile(got_step, backend="syncfree_xla", options=JOIN)
     batches = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),
                 torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)),
@@ -262,6 +271,7 @@ def test_a_momentum_teacher_trains_like_eager_in_one_execution_per_step(xla, ind
         assert_same_state(model, reference, rtol=1e-4)
     assert (window.counts.executions, window.counts.transfers_to_host,
             window.counts.compiles, lookups() - built) == (STEPS - WARMUP, 0, 0, 0)
+    assert "op by op" not in caplog.text
 
 
 _AVERAGES = {
@@ -274,6 +284,9 @@ _AVERAGES = {
     # a per-tensor avg_fn with the counter left on the host (no device given)
     "avg-fn-host-counter": lambda model, device: torch.optim.swa_utils.AveragedModel(
         model, avg_fn=lambda avg, p, n: 0.7 * avg + 0.3 * p, use_buffers=True),
+    # SWA as its docs write it (no device): the host counter divides on the device and
+    # is incremented on the host in the same graph; the device must read the old value
+    "swa-host-counter": lambda model, device: torch.optim.swa_utils.AveragedModel(model),
 }
 
 
@@ -635,6 +648,76 @@ def test_a_host_read_inside_the_step_is_reported_as_a_cut(xla):
     report = session.report()
     assert report.steps_cut >= 1, str(report)
     assert "cut into more executions by a host read" in str(report)
+
+
+class _QueuedContrast(torch.nn.Module):
+    """MoCo's shape: the forward scores a query against a key and a queue of past keys,
+    then writes the key into the queue at a pointer it reads with ``int()``, as the
+    reference code does, and advances the pointer."""
+
+    def __init__(self, size: int = 32):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                           torch.nn.Linear(32, 8))
+        self.register_buffer("queue", torch.nn.functional.normalize(torch.randn(8, size), dim=0))
+        self.register_buffer("pointer", torch.zeros(1, dtype=torch.long))
+
+    def forward(self, x):
+        query = torch.nn.functional.normalize(self.encoder(x), dim=1)
+        with torch.no_grad():
+            key = torch.nn.functional.normalize(self.encoder(x * 1.1), dim=1)
+        logits = torch.cat([(query * key).sum(1, keepdim=True),
+                            query @ self.queue.clone().detach()], 1)
+        with torch.no_grad():
+            at = int(self.pointer)
+            self.queue[:, at:at + len(x)] = key.T
+            self.pointer[0] = (at + len(x)) % self.queue.shape[1]
+        return logits / 0.2
+
+
+def _queue_step(device: torch.device):
+    torch.manual_seed(0)
+    model = _QueuedContrast().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def step(x):
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(
+            logits, torch.zeros(len(x), dtype=torch.long, device=x.device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return model, step
+
+
+def test_a_queue_written_at_a_pointer_read_on_the_host_trains_like_eager(xla):
+    """The pointer read is one host read a step, by the loop's design, and the write
+    after it runs outside the graph (Dynamo cannot slice at a value it has not seen), so
+    each new pointer value compiles once, as in torch_xla's lazy mode. Before, the first
+    step's scan for other holders of its buffers crashed on an undefined tensor the
+    garbage collector returned ("tensor does not have a device"), after printing
+    torch's "Deallocating Tensor that still has live PyObject references" for the
+    queue, which the scan had asked torch_xla about."""
+    model, got_step = _queue_step(xla)
+    reference, want_step = _queue_step(torch.device("cpu"))
+    compiled = torch.compile(got_step, backend="syncfree_xla", options=JOIN)
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i))
+               for i in range(STEPS)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [compiled(x.to(xla)) for x in batches[:WARMUP]]
+    assert not [w for w in caught if "PyObject" in str(w.message)]
+    with MetricWindow() as window:
+        got += [compiled(x.to(xla)) for x in batches[WARMUP:]]
+    want = [want_step(x) for x in batches]
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
+    assert int(model.pointer) == STEPS * 8 % 32
+    assert (window.counts.executions, window.counts.transfers_to_host) == (
+        STEPS - WARMUP, STEPS - WARMUP)
 
 
 @pytest.mark.parametrize("kind", ["plain", "B"])

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import hashlib
 import threading
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -211,7 +212,11 @@ def held_elsewhere(tensors: Sequence[Any]) -> bool:
     if not mine:
         return False
     skip = {id(t) for t in tensors}
-    others = [o for o in gc.get_objects() if id(o) not in skip and _holds_buffer(o)]
+    alike = {(t.dtype, t.shape) for t in mine}  # a buffer shared by copy_ has both
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SCAN_NOISE)
+        others = [o for o in gc.get_objects()
+                  if id(o) not in skip and _holds_buffer(o, alike)]
     if not others:
         return False
     # a Python tensor on the same lazy tensor (a detach(), an argument list's alias)
@@ -256,11 +261,30 @@ def sharing_intact(stand: Sequence[Any], shared: Sequence[int]) -> bool:
     return {xla_internals.tensor_id(t) for t in tensors} <= set(ids)
 
 
-def _holds_buffer(x: Any) -> bool:
-    """A whole tensor of one or more dimensions on a device buffer, not pending IR."""
-    return (type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "xla"
-            and x.dim() > 0 and not x._is_view()
-            and not xla_internals.needs_materialization([x])[0])
+# What torch prints when the scan asks torch_xla about a tensor torch keeps for its
+# C++ side (a module buffer written outside the graph, as a MoCo queue is): the tensor
+# stays usable and its Python references are intact (measured), and the user did
+# nothing to cause it.
+_SCAN_NOISE = "Deallocating Tensor that still has live PyObject references"
+
+
+def _holds_buffer(x: Any, alike: set[tuple[torch.dtype, torch.Size]] | None = None) -> bool:
+    """A whole tensor of one or more dimensions on a device buffer, not pending IR; of a
+    (dtype, shape) in ``alike`` when given, checked before torch_xla is asked anything.
+
+    The garbage collector also hands back undefined tensors, Python objects torch kept
+    after their tensor was freed, which have no device to ask about.
+    """
+    if type(x) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    try:
+        if x.device.type != "xla" or x.dim() == 0 or x._is_view():
+            return False
+    except RuntimeError:
+        return False  # undefined: freed under its Python object before this scan
+    if alike is not None and (x.dtype, x.shape) not in alike:
+        return False
+    return not xla_internals.needs_materialization([x])[0]
 
 
 def run_hlo(hlo: bytes, operands: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:

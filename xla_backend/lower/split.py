@@ -25,6 +25,9 @@ DEVICE = "device"
 SCALAR = "scalar"
 
 _COPY_TARGETS = (torch.ops.aten.copy_.default,)
+#: ``param.data = value`` (a momentum encoder's update in MoCo, BYOL, DINO): AOTAutograd
+#: keeps it as ``set_``, which rebinds the input to ``value`` as an update does.
+_SET_TARGETS = (torch.ops.aten.set_.source_Tensor,)
 #: aten ops whose result needs a value on the host: a device-to-host transfer.
 SYNC_TARGETS = {
     torch.ops.aten._local_scalar_dense.default,
@@ -200,10 +203,12 @@ def _extract_input_mutations(
     """
     mutations: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _COPY_TARGETS:
+        if node.op != "call_function" or node.target not in _COPY_TARGETS + _SET_TARGETS:
             continue
         dst, src = node.args[0], node.args[1]
         if dst.op != "placeholder" or kinds.get(dst) != DEVICE:
+            continue
+        if node.target in _SET_TARGETS and not _replaces_in_kind(dst, src):
             continue
         if _val(src) is not None and (_val(src).shape != _val(dst).shape
                                       or _val(src).dtype != _val(dst).dtype):
@@ -227,6 +232,17 @@ def _extract_input_mutations(
                for value in _written(node) or ()):
             raise UnsplittableGraph(f"mutates an input in an unsupported way: {_describe(node)}")
     return mutations
+
+
+def _replaces_in_kind(dst: torch.fx.Node, src: torch.fx.Node) -> bool:
+    """Whether ``set_(dst, src)`` is an update of ``dst``: ``src`` a value the graph made
+    of ``dst``'s shape, dtype and strides, which nothing else sees. Otherwise the input
+    would alias another tensor or change its metadata, which a rebinding cannot do."""
+    new, old = _val(src), _val(dst)
+    return (src.op != "placeholder" and isinstance(new, torch.Tensor)
+            and isinstance(old, torch.Tensor) and new.shape == old.shape
+            and new.dtype == old.dtype and new.stride() == old.stride()
+            and all(user.op != "output" for user in src.users))
 
 
 def _host_only_scalar_tensors(gm: torch.fx.GraphModule, kinds: dict[torch.fx.Node, str]) -> None:
@@ -261,10 +277,37 @@ def _host_only_scalar_tensors(gm: torch.fx.GraphModule, kinds: dict[torch.fx.Nod
             kinds[node] = HOST  # a number the graph returns (the optimizer's next step)
 
 
+def _snapshot_written_host_inputs(gm: torch.fx.GraphModule,
+                                  kinds: dict[torch.fx.Node, str]) -> None:
+    """Gives the device part a copy of each host input that the host part writes into.
+
+    The host part runs first, with its in-place updates of host inputs (an
+    ``AveragedModel``'s host ``n_averaged.add_(1)``), and the device part then uploads
+    the host inputs it reads: it would see the updated value where the graph reads the
+    old one (an SWA average divided by ``n + 2``). A clone taken before any write is the
+    old value, one small host op a call.
+    """
+    written = {w for node in gm.graph.nodes for w in _written(node) or ()}
+    first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    for node in list(gm.graph.nodes):
+        if node.op != "placeholder" or kinds.get(node) != HOST or node not in written:
+            continue
+        readers = [u for u in node.users if kinds.get(u) == DEVICE]
+        if not readers:
+            continue
+        with gm.graph.inserting_before(first_op):
+            snapshot = gm.graph.call_function(torch.ops.aten.clone.default, (node,))
+        snapshot.meta = {"val": _val(node)}
+        kinds[snapshot] = HOST
+        for user in readers:
+            user.replace_input_with(node, snapshot)
+
+
 def split(gm: torch.fx.GraphModule) -> SplitGraph:
     """Splits ``gm`` (modified in place: input mutations are turned into outputs)."""
     kinds = classify(gm)
     _host_only_scalar_tensors(gm, kinds)
+    _snapshot_written_host_inputs(gm, kinds)
     mutations = _extract_input_mutations(gm, kinds)
     _merge_duplicate_host_nodes(gm, kinds)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
