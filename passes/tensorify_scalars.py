@@ -107,9 +107,16 @@ _BINARY: dict[Any, Callable[[Any, Any], Any]] = {
     operator.mod: operator.mod,  # integer results only
 }
 _INT_ONLY = frozenset({operator.floordiv, operator.mod})
-#: ``torch._sym_sqrt`` is what Dynamo records for ``math.sqrt`` of a Sym value (the
-#: bias correction of Adam as torch wrote it before 1.12).
-_UNARY = frozenset({operator.neg, torch.sym_float, torch._sym_sqrt})
+#: What Dynamo records for ``math.sqrt``, ``math.cos`` and the other ``math`` functions
+#: torch has a symbolic form of, applied to a Sym value (the bias correction of Adam as
+#: torch wrote it before 1.12; a cosine schedule of a float progress), and their tensor
+#: ops.
+_MATH: dict[Any, Callable[[Any], Any]] = {
+    getattr(torch, f"_sym_{name}"): getattr(torch, name)
+    for name in ("sqrt", "cos", "cosh", "sin", "sinh", "tan", "tanh", "asin", "acos",
+                 "atan", "log2")
+}
+_UNARY = frozenset({operator.neg, torch.sym_float, *_MATH})
 _MIN = frozenset({torch.sym_min, builtins.min})
 _MAX = frozenset({torch.sym_max, builtins.max})
 
@@ -388,8 +395,8 @@ class _Emitter:
             elif node.target is operator.neg:
                 result = self.node("call_function", operator.neg,
                                    (self.operand(node.args[0], want),))
-            elif node.target is torch._sym_sqrt:
-                result = self.node("call_function", torch.sqrt,
+            elif node.target in _MATH:
+                result = self.node("call_function", _MATH[node.target],
                                    (self.operand(node.args[0], want),))
             elif node.target in _BINARY:
                 a, b = (self.operand(x, want) for x in node.args)
@@ -514,4 +521,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=10, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=11, run=_run)

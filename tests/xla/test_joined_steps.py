@@ -484,6 +484,56 @@ def test_a_schedule_written_with_math_cos_compiles_and_trains_like_eager(xla):
     assert_same_state(model, reference, rtol=1e-4)
 
 
+_FLOAT_RAMPS = {
+    # a cosine weight of the training progress, passed as a float
+    "math-cos": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+    # a gradient reversal ramp (DANN); torch has no symbolic exp
+    "math-exp": lambda progress: 2.0 / (1.0 + math.exp(-10 * progress)) - 1,
+}
+
+
+@pytest.mark.parametrize("ramp", list(_FLOAT_RAMPS))
+def test_a_ramp_of_a_float_argument_through_math_compiles_once(xla, ramp):
+    """Dynamo passes a float argument as a tensor it reads with ``.item()``. Through
+    ``math.cos`` the read became ``torch._sym_cos``, which ``tensorify_scalar_reads``
+    did not rewrite, and through ``math.exp`` Dynamo evaluated it: either way the step
+    was guarded on the value and recompiled every step until Dynamo's limit (then ran
+    lazily, with host syncs). ``math.cos`` (and torch's other symbolic math) now becomes
+    tensor math; ``math.exp`` is traced as a power of 2 (``dynamo.scope``)."""
+    weight = _FLOAT_RAMPS[ramp]
+
+    def make(device):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 4)).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+        def step(x, y, progress):
+            loss = torch.nn.functional.cross_entropy(model(x), y) * weight(progress)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach()
+
+        return model, step
+
+    model, step = make(xla)
+    reference, ref_step = make(torch.device("cpu"))
+    compiled = torch.compile(step, backend="syncfree_xla", options=JOIN)
+    batches = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),
+                torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)),
+                (i + 1) / STEPS) for i in range(STEPS)]
+    got = [compiled(x.to(xla), y.to(xla), p) for x, y, p in batches[:WARMUP]]
+    with MetricWindow() as window:
+        got += [compiled(x.to(xla), y.to(xla), p) for x, y, p in batches[WARMUP:]]
+    want = [ref_step(*batch) for batch in batches]
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-5)
+    assert_same_state(model, reference, rtol=1e-4)
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles) == (STEPS - WARMUP, 0, 0)
+
+
 @pytest.mark.parametrize("kind", ["plain", "B"])
 def test_steady_joined_steps_update_each_buffer_in_place(xla, kind):
     """A joined step donates each buffer it updates to that same tensor's new value, so

@@ -32,6 +32,7 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
   a stand-in, and a hand-written SGD loop's ``p.grad = None`` after it is lost;
 * torch's own ``GRU.forward`` on the scan-based GRU that ``import torch_xla`` installs
   as ``torch.nn.GRU`` (:func:`_torch_gru_forward`);
+* a ``math.exp`` that Dynamo keeps symbolic (:func:`_traceable_exp`);
 * under ``torch.compile(dynamic=True)`` only, PyTorch's reference layer and group norm
   as their ``AutogradXLA`` kernels (:func:`_norms_for_symbolic_sizes`).
 
@@ -68,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -145,6 +147,7 @@ def _scope() -> Iterator[None]:
             stack.enter_context(step_counters.counters_on_device_when_traced())
             stack.enter_context(_adafactor_groups_by_dtype())
             stack.enter_context(_torch_gru_forward())
+            stack.enter_context(_exp_traced())
             _scope_stack = stack
         _scope_depth += 1
     try:
@@ -302,6 +305,35 @@ def _torch_gru_forward() -> Iterator[None]:
         yield
     finally:
         installed.forward = replaced  # type: ignore[method-assign]
+
+
+_STOCK_EXP = math.exp
+_LOG2_E = 1.0 / math.log(2.0)
+
+
+def _traceable_exp(x: float) -> float:
+    """``math.exp`` as Dynamo can keep symbolic: ``2 ** (x * log2(e))``.
+
+    torch has no symbolic ``exp`` (it has ``cos``, ``sqrt`` and a few more), so Dynamo
+    evaluates ``math.exp`` of a float the step takes as input and guards on its value: a
+    ramp such as ``2 / (1 + math.exp(-10 * p)) - 1`` (a gradient reversal schedule) or
+    ``1 - math.exp(-updates / 2000)`` (an EMA warm-up) recompiled the step at every
+    value. A power of a number is symbolic, and ``tensorify_scalar_reads`` turns it into
+    tensor math. Run eagerly (not being traced), this is ``math.exp`` itself.
+    """
+    if torch.compiler.is_compiling():
+        return 2.0 ** (x * _LOG2_E)
+    return _STOCK_EXP(x)
+
+
+@contextlib.contextmanager
+def _exp_traced() -> Iterator[None]:
+    """Puts :func:`_traceable_exp` in ``math.exp`` for the duration."""
+    math.exp = _traceable_exp
+    try:
+        yield
+    finally:
+        math.exp = _STOCK_EXP
 
 
 def backend_ctx(options: Mapping[str, Any] | None = None,
