@@ -230,6 +230,11 @@ def _sym_op_ok(node: Node, member: set[Node]) -> bool:
     return True
 
 
+def _lerp_weight(user: Node) -> Any:
+    """The weight of a foreach ``lerp``: positional, or ``weight=`` as timm's EMA passes it."""
+    return user.args[2] if len(user.args) == 3 else user.kwargs["weight"]
+
+
 def _consumer_kind(user: Node, member: set[Node]) -> str | None:
     """How a tensor op takes a Sym value (ARITH, INPLACE, LERP, FOREACH...), or None."""
     target = user.target if user.op in ("call_function", "call_method") else None
@@ -240,7 +245,9 @@ def _consumer_kind(user: Node, member: set[Node]) -> str | None:
               and len({value(a).dtype for a in user.args[0]}) == 1)
         return FOREACH_VALUE if ok else None
     if user.op == "call_function" and target in _FOREACH_LERP:
-        ok = (len(user.args) == 3 and not user.kwargs and user.args[2] in member
+        ok = (len(user.args) == 2 and user.kwargs.keys() == {"weight"}
+              or len(user.args) == 3 and not user.kwargs)
+        ok = (ok and _lerp_weight(user) in member
               and _tensor_list(user.args[0]) and _tensor_list(user.args[1])
               and len({value(a).dtype for a in user.args[0]}) == 1)
         return FOREACH_LERP if ok else None
@@ -471,8 +478,8 @@ class _Emitter:
                 user.args = tuple(constant(b) for b in user.args)
                 user.kwargs = {k: constant(b) for k, b in user.kwargs.items()}
             if kind == FOREACH_LERP:
-                starts, ends, _ = user.args
-                user.args = (starts, ends, [t] * len(starts))
+                starts, ends = user.args[:2]
+                user.args, user.kwargs = (starts, ends, [t] * len(starts)), {}
                 return
             if kind == FOREACH_POW_BASE:
                 # number ** tensor is pow(tensor(number, dtype=exponent's), exponent)
@@ -521,4 +528,4 @@ def _run(gm: torch.fx.GraphModule) -> PassResult:
     return PassResult(gm, True)
 
 
-tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=11, run=_run)
+tensorify_scalar_reads = GraphPass(name="tensorify_scalar_reads", version=12, run=_run)

@@ -194,12 +194,13 @@ def test_an_optimizer_steps_first_on_its_own_buffers_and_in_place(xla):
     assert_same_optimizer_state(opt, ref_opt, rtol=1e-4)
 
 
-def _momentum_teacher(device, assign_data: bool = False):
+def _momentum_teacher(device, update: str = "in-place"):
     """A student, a teacher made from it with ``copy_`` (MoCo, BYOL, a mean teacher) and a
     copy kept aside with ``load_state_dict`` (the best weights so far). The step takes
     the step index, from which the teacher's momentum rises as in BYOL (given None, the
-    momentum is fixed). ``assign_data``: the teacher is updated as MoCo's code does it,
-    ``t.data = t.data * m + s.data * (1 - m)``."""
+    momentum is fixed). ``update``: ``t.mul_(m).add_(s, alpha=1 - m)``, or as MoCo's
+    code does it, ``t.data = t.data * m + s.data * (1 - m)`` ("data"), or as timm's
+    ``ModelEmaV3`` does, ``torch._foreach_lerp_(ts, ss, weight=1 - m)`` ("foreach-lerp")."""
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
                                   torch.nn.Linear(32, 4)).to(device)
@@ -224,20 +225,24 @@ def _momentum_teacher(device, assign_data: bool = False):
         opt.zero_grad()
         momentum = 0.9 if i is None else 1 - 0.1 * (1 - i / STEPS)
         with torch.no_grad():
+            if update == "foreach-lerp":
+                torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()),
+                                     weight=1 - momentum)
             for t, s in zip(teacher.parameters(), student.parameters()):
-                if assign_data:
+                if update == "data":
                     t.data = t.data * momentum + s.data * (1 - momentum)
-                else:
+                elif update == "in-place":
                     t.mul_(momentum).add_(s, alpha=1 - momentum)
         return loss.detach()
 
     return (student, teacher, best), step
 
 
-@pytest.mark.parametrize("indexed, assign_data", [(False, False), (True, False), (False, True)],
-                         ids=["fixed-momentum", "step-index", "data-assignment"])
+@pytest.mark.parametrize("indexed, update", [
+    (False, "in-place"), (True, "in-place"), (False, "data"), (True, "foreach-lerp")],
+    ids=["fixed-momentum", "step-index", "data-assignment", "step-index-foreach-lerp"])
 def test_a_momentum_teacher_trains_like_eager_in_one_execution_per_step(
-        xla, indexed, assign_data, caplog):
+        xla, indexed, update, caplog):
     """Two things this loop broke. torch_xla's ``copy_`` shares the source's buffer
     instead of copying it: the first step's optimizer graph, synced on its own, donated
     that buffer and deleted it under the teacher ("buffer ... is deleted" inside the
@@ -247,9 +252,12 @@ def test_a_momentum_teacher_trains_like_eager_in_one_execution_per_step(
     graph, read values back to the host (12 transfers a step) and stored one more
     graph-cache entry. It is now a 0-d tensor input (``passes.tensorify_int_inputs``).
     Assigned through ``.data``, the teacher's update is an ``aten.set_`` of a graph input,
-    which made the graph run op by op (logged); it is now an update like ``copy_``."""
-    got_models, got_step = _momentum_teacher(xla, assign_data)
-    want_models, want_step = _momentum_teacher(torch.device("cpu"), assign_data)
+    which made the graph run op by op (logged); it is now an update like ``copy_``.
+    Given to ``torch._foreach_lerp_`` as ``weight=``, a momentum from the step index
+    stayed a constant of the graph (``tensorify_scalar_reads`` took it positionally
+    only): each step traced the graph again and read 6 values back."""
+    got_models, got_step = _momentum_teacher(xla, update)
+    want_models, want_step = _momentum_teacher(torch.device("cpu"), update)
     compiled = torch.compile(got_step, backend="syncfree_xla", options=JOIN)
     batches = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),
                 torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)),
