@@ -458,57 +458,30 @@ def test_an_optimizer_counting_steps_in_a_python_int_lowers_its_graph_once(xla, 
             window.counts.dynamo_graphs) == (STEPS - WARMUP - 1, 0, 0, 0, 0)
 
 
-def test_a_schedule_written_with_math_cos_compiles_and_trains_like_eager(xla):
-    """A step index through ``math.cos`` stays float math AOTAutograd keeps symbolic,
-    as ``scalar_tensor`` ops without the ``tensor_meta`` its default partitioner
-    expects: compiling failed with a bare AssertionError (``xla_backend.aot``)."""
-    def make(device):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
-                                    torch.nn.Linear(32, 4)).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-        def step(x, y, i):
-            scale = 0.5 * (1 + math.cos(math.pi * i / STEPS))
-            loss = torch.nn.functional.cross_entropy(model(x), y) * scale
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            return loss.detach()
-
-        return model, step
-
-    model, step = make(xla)
-    reference, ref_step = make(torch.device("cpu"))
-    compiled = torch.compile(step, backend="syncfree_xla", options=JOIN)
-    got, want = [], []
-    for i in range(STEPS):
-        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(i))
-        y = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i))
-        got.append(compiled(x.to(xla), y.to(xla), i))
-        want.append(ref_step(x, y, i))
-    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
-                               rtol=1e-4, atol=1e-5)
-    assert_same_state(model, reference, rtol=1e-4)
-
-
-_FLOAT_RAMPS = {
+_RAMPS = {
+    # a cosine schedule of the step index, an int
+    "int-math-cos": (lambda i: 0.5 * (1 + math.cos(math.pi * i / STEPS)), lambda i: i),
     # a cosine weight of the training progress, passed as a float
-    "math-cos": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+    "float-math-cos": (lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+                       lambda i: (i + 1) / STEPS),
     # a gradient reversal ramp (DANN); torch has no symbolic exp
-    "math-exp": lambda progress: 2.0 / (1.0 + math.exp(-10 * progress)) - 1,
+    "float-math-exp": (lambda progress: 2.0 / (1.0 + math.exp(-10 * progress)) - 1,
+                       lambda i: (i + 1) / STEPS),
 }
 
 
-@pytest.mark.parametrize("ramp", list(_FLOAT_RAMPS))
-def test_a_ramp_of_a_float_argument_through_math_compiles_once(xla, ramp):
-    """Dynamo passes a float argument as a tensor it reads with ``.item()``. Through
-    ``math.cos`` the read became ``torch._sym_cos``, which ``tensorify_scalar_reads``
-    did not rewrite, and through ``math.exp`` Dynamo evaluated it: either way the step
-    was guarded on the value and recompiled every step until Dynamo's limit (then ran
-    lazily, with host syncs). ``math.cos`` (and torch's other symbolic math) now becomes
-    tensor math; ``math.exp`` is traced as a power of 2 (``dynamo.scope``)."""
-    weight = _FLOAT_RAMPS[ramp]
+@pytest.mark.parametrize("ramp", list(_RAMPS))
+def test_a_ramp_through_math_compiles_once_and_trains_like_eager(xla, ramp):
+    """An int index through ``math.cos`` stays float math AOTAutograd keeps symbolic, as
+    ``scalar_tensor`` ops without the ``tensor_meta`` its default partitioner expects:
+    compiling failed with a bare AssertionError (``xla_backend.aot``). Dynamo passes a
+    float argument as a tensor it reads with ``.item()``. Through ``math.cos`` the read
+    became ``torch._sym_cos``, which ``tensorify_scalar_reads`` did not rewrite, and
+    through ``math.exp`` Dynamo evaluated it: either way the step was guarded on the
+    value and recompiled every step until Dynamo's limit (then ran lazily, with host
+    syncs). ``math.cos`` (and torch's other symbolic math) now becomes tensor math;
+    ``math.exp`` is traced as a power of 2 (``dynamo.scope``)."""
+    weight, argument = _RAMPS[ramp]
 
     def make(device):
         torch.manual_seed(0)
@@ -530,7 +503,7 @@ def test_a_ramp_of_a_float_argument_through_math_compiles_once(xla, ramp):
     compiled = torch.compile(step, backend="syncfree_xla", options=JOIN)
     batches = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),
                 torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)),
-                (i + 1) / STEPS) for i in range(STEPS)]
+                argument(i)) for i in range(STEPS)]
     got = [compiled(x.to(xla), y.to(xla), p) for x, y, p in batches[:WARMUP]]
     with MetricWindow() as window:
         got += [compiled(x.to(xla), y.to(xla), p) for x, y, p in batches[WARMUP:]]
