@@ -51,11 +51,12 @@ before that call) none of this is in force.
 
 Limits (said out loud):
 
-* ``torch._dynamo.config`` and the ``GradScaler`` class are process-wide. While one of
-  our compiled functions runs (and only then) the settings and the GradScaler stand-ins
-  are in effect for the whole process: another ``torch.compile``'d function called from
-  inside our step (nested compile), or one traced on another thread at the same moment,
-  sees them too. Anything not overlapping our calls sees the unpatched state.
+* ``torch._dynamo.config``, the ``GradScaler`` class and ``math.exp`` are process-wide.
+  While one of our compiled functions runs (and only then) the settings and the
+  stand-ins are in effect for the whole process: another ``torch.compile``'d function
+  called from inside our step (nested compile), or one traced on another thread at the
+  same moment, sees them too (code that is not being traced gets ``math.exp`` itself).
+  Anything not overlapping our calls sees the unpatched state.
 * ``automatic_dynamic_shapes=True`` is narrowed to Python scalars
   (:func:`_static_tensor_shapes`): a tensor whose shape changes between calls is
   retraced with the new static shape, as torch_xla's own setting does. XLA compiles one
