@@ -320,9 +320,10 @@ def _traceable_exp(x: float) -> float:
     ramp such as ``2 / (1 + math.exp(-10 * p)) - 1`` (a gradient reversal schedule) or
     ``1 - math.exp(-updates / 2000)`` (an EMA warm-up) recompiled the step at every
     value. A power of a number is symbolic, and ``tensorify_scalar_reads`` turns it into
-    tensor math. Run eagerly (not being traced), this is ``math.exp`` itself.
+    tensor math. Run eagerly (not being traced), or given a tensor (whose ``math.exp``
+    is a Python float), this is ``math.exp`` itself.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not isinstance(x, torch.Tensor):
         return 2.0 ** (x * _LOG2_E)
     return _STOCK_EXP(x)
 
