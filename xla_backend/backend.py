@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -77,6 +78,14 @@ def check_input_devices(gm: torch.fx.GraphModule, example_inputs: Sequence[Any])
                 f"the number outside the compiled function and pass it in, as in "
                 f"step(x, y, lr=float(lr_schedule[it])), or keep the array as a tensor on "
                 f"the XLA device."
+            )
+        if re.fullmatch(r"L\[[^]]+\](\.\w+)+", name):  # L['m'].w: not a parameter or buffer
+            raise DeviceMismatchError(
+                f"syncfree_xla: {name} is a {value.device.type} tensor of shape "
+                f"{tuple(value.shape)} kept as a plain attribute, which model.to() does not "
+                f"move, and this backend runs on the XLA device. Register it with "
+                f"register_buffer() so that model.to(torch_xla.device()) moves it, or make "
+                f"it on torch_xla.device()."
             )
         raise DeviceMismatchError(
             f"syncfree_xla: {name} is a {value.device.type} tensor of shape "

@@ -70,6 +70,29 @@ def test_cpu_inputs_get_a_clear_error_naming_the_argument(xla):
         step(model, torch.randn(4, 3))
 
 
+class _PlainAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.weights = torch.tensor([1.0, 0.5])  # not a buffer: model.to() leaves it
+
+    def forward(self, x):
+        out = self.linear(x) * self.weights.to(x.device)
+        self.weights.mul_(0.9)  # used on the host too, so it is no batch to move ahead
+        return out
+
+
+def test_a_plain_tensor_attribute_gets_an_error_saying_register_buffer(xla):
+    """``model.to(xla)`` moved the model, but not a tensor kept as a plain attribute:
+    "move the model first" would send the user in a circle."""
+    model = _PlainAttribute().to(xla)
+    step = torch.compile(lambda m, batch: m(batch), backend="syncfree_xla")
+    with pytest.raises(Exception, match=r"DeviceMismatchError: syncfree_xla: "
+                       r"L\['m'\].weights is a cpu tensor of shape \(2,\) kept as a plain "
+                       r"attribute.*register_buffer\(\)"):
+        step(model, torch.randn(4, 3, device=xla))
+
+
 LR_SCHEDULE = np.linspace(1e-3, 1e-4, 10)  # as DINO and MAE build theirs
 
 
