@@ -88,6 +88,48 @@ def test_torchvision_resnet18(xla):
     assert_state_close(model, reference, rtol=5e-3)
 
 
+@pytest.mark.parametrize("loss_name", ["generalized_box_iou_loss", "distance_box_iou_loss",
+                                       "complete_box_iou_loss"])
+def test_torchvision_box_iou_losses_train_like_eager_without_host_reads(xla, loss_name):
+    """torchvision's IoU losses assign the intersection through a boolean mask, a shape
+    that depends on the values: 10 host reads, 11 executions and a recompile a step
+    before. Inside our frames it is a ``torch.where`` (``dynamo.box_losses``)."""
+    box_loss = getattr(torchvision.ops, loss_name)
+
+    def step(model, opt, x, boxes, labels):
+        out = model(x)
+        corner = out[:, :2]
+        pred = torch.cat([corner, corner + out[:, 2:4].exp()], 1)
+        targets = torch.nn.functional.one_hot(labels, 3).float()
+        loss = (box_loss(pred, boxes, reduction="mean")
+                + torchvision.ops.sigmoid_focal_loss(out[:, 4:], targets, reduction="mean"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    def batch(g: torch.Generator):
+        corner = torch.rand(16, 2, generator=g)
+        boxes = torch.cat([corner, corner + 0.1 + torch.rand(16, 2, generator=g)], 1)
+        return torch.randn(16, 12, generator=g), boxes, torch.randint(0, 3, (16,), generator=g)
+
+    model, reference = twin(workloads.seeded(lambda: torch.nn.Sequential(
+        torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 7))), xla)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    batches = _batches(8, batch)
+    compiled = torch.compile(step, backend="syncfree_xla")
+    got = [compiled(model, opt, *(t.to(xla) for t in b)) for b in batches[:3]]
+    with MetricWindow() as window:
+        got += [compiled(model, opt, *(t.to(xla) for t in b)) for b in batches[3:]]
+    want = [step(reference, ref_opt, *b) for b in batches]
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-6)
+    assert_state_close(model, reference, rtol=1e-4)
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles) == (5, 0, 0)
+
+
 def _hf_step(model, opt, input_ids, labels):
     loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                  labels=labels).loss

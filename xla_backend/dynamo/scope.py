@@ -33,6 +33,8 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
 * torch's own ``GRU.forward`` on the scan-based GRU that ``import torch_xla`` installs
   as ``torch.nn.GRU`` (:func:`_torch_gru_forward`);
 * a ``math.exp`` that Dynamo keeps symbolic (:func:`_traceable_exp`);
+* torchvision's IoU losses without a boolean-mask assignment
+  (``box_losses.traceable_loss_inter_union``), where torchvision is imported;
 * under ``torch.compile(dynamic=True)`` only, PyTorch's reference layer and group norm
   as their ``AutogradXLA`` kernels (:func:`_norms_for_symbolic_sizes`).
 
@@ -81,7 +83,14 @@ from torch._dynamo.repro.after_dynamo import WrapBackendDebug
 from torch.optim import _adafactor as torch_adafactor
 
 from .. import options as options_mod
-from . import augmented_assignment, averaged_model, batch_norm, grad_scaler, step_counters
+from . import (
+    augmented_assignment,
+    averaged_model,
+    batch_norm,
+    box_losses,
+    grad_scaler,
+    step_counters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +158,7 @@ def _scope() -> Iterator[None]:
             stack.enter_context(_adafactor_groups_by_dtype())
             stack.enter_context(_torch_gru_forward())
             stack.enter_context(_exp_traced())
+            stack.enter_context(box_losses.box_losses_traced())
             _scope_stack = stack
         _scope_depth += 1
     try:
