@@ -30,17 +30,15 @@ _MODULES = ("torchvision.ops._utils", "torchvision.ops.giou_loss",
 
 def traceable_loss_inter_union(boxes1: torch.Tensor,
                                boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intersection and union areas of ``(x1, y1, x2, y2)`` boxes, elementwise."""
-    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
-    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
-    xkis1 = torch.max(x1, x1g)
-    ykis1 = torch.max(y1, y1g)
-    xkis2 = torch.min(x2, x2g)
-    ykis2 = torch.min(y2, y2g)
-    overlap = (ykis2 > ykis1) & (xkis2 > xkis1)
-    intsctk = torch.where(overlap, (xkis2 - xkis1) * (ykis2 - ykis1), torch.zeros_like(x1))
-    unionk = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intsctk
-    return intsctk, unionk
+    """Intersection and union areas of ``(x1, y1, x2, y2)`` boxes, pair by pair."""
+    a_x1, a_y1, a_x2, a_y2 = boxes1.unbind(dim=-1)
+    b_x1, b_y1, b_x2, b_y2 = boxes2.unbind(dim=-1)
+    left, top = torch.max(a_x1, b_x1), torch.max(a_y1, b_y1)
+    right, bottom = torch.min(a_x2, b_x2), torch.min(a_y2, b_y2)
+    overlapping = (bottom > top) & (right > left)
+    area = torch.where(overlapping, (right - left) * (bottom - top), torch.zeros_like(a_x1))
+    union = (a_x2 - a_x1) * (a_y2 - a_y1) + (b_x2 - b_x1) * (b_y2 - b_y1) - area
+    return area, union
 
 
 @contextlib.contextmanager
