@@ -130,6 +130,40 @@ def test_torchvision_box_iou_losses_train_like_eager_without_host_reads(xla, los
             window.counts.compiles) == (5, 0, 0)
 
 
+@pytest.mark.parametrize("settings", [
+    {"scale_parameter": True, "relative_step": True, "warmup_init": True, "lr": None},
+    {"scale_parameter": False, "relative_step": False, "warmup_init": False, "lr": 1e-3},
+], ids=["relative-step", "fixed-lr"])
+def test_transformers_adafactor_trains_like_eager_without_recompiling(xla, settings):
+    """Hugging Face's Adafactor (T5's usual optimizer) computes its decay as
+    ``1.0 - math.pow(state["step"], decay_rate)``: Dynamo evaluated ``math.pow`` and
+    guarded on the step, so each step recompiled until Dynamo's limit, then ran lazily
+    with 25 host reads a step. Inside our frames ``math.pow`` is ``float(x) ** y``."""
+    def step(model, opt, x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    model, reference = twin(workloads.seeded(lambda: torch.nn.Sequential(
+        torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))), xla)
+    opt = transformers.optimization.Adafactor(model.parameters(), **settings)
+    ref_opt = transformers.optimization.Adafactor(reference.parameters(), **settings)
+    batches = _batches(10, lambda g: (torch.randn(16, 12, generator=g),
+                                      torch.randint(0, 5, (16,), generator=g)))
+    compiled = torch.compile(step, backend="syncfree_xla")
+    got = [compiled(model, opt, *(t.to(xla) for t in b)) for b in batches[:5]]
+    with MetricWindow() as window:
+        got += [compiled(model, opt, *(t.to(xla) for t in b)) for b in batches[5:]]
+    want = [step(reference, ref_opt, *b) for b in batches]
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-6)
+    assert_state_close(model, reference, rtol=1e-4)
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles) == (5, 0, 0)
+
+
 def _hf_step(model, opt, input_ids, labels):
     loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                  labels=labels).loss

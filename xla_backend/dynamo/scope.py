@@ -32,7 +32,8 @@ While a function compiled by ``syncfree_xla`` runs, this module puts in force:
   a stand-in, and a hand-written SGD loop's ``p.grad = None`` after it is lost;
 * torch's own ``GRU.forward`` on the scan-based GRU that ``import torch_xla`` installs
   as ``torch.nn.GRU`` (:func:`_torch_gru_forward`);
-* a ``math.exp`` that Dynamo keeps symbolic (:func:`_traceable_exp`);
+* a ``math.exp`` and a ``math.pow`` that Dynamo keeps symbolic (:func:`_traceable_exp`,
+  :func:`_traceable_pow`);
 * torchvision's IoU losses without a boolean-mask assignment
   (``box_losses.traceable_loss_inter_union``), where torchvision is imported;
 * under ``torch.compile(dynamic=True)`` only, PyTorch's reference layer and group norm
@@ -53,12 +54,12 @@ before that call) none of this is in force.
 
 Limits (said out loud):
 
-* ``torch._dynamo.config``, the ``GradScaler`` class and ``math.exp`` are process-wide.
-  While one of our compiled functions runs (and only then) the settings and the
-  stand-ins are in effect for the whole process: another ``torch.compile``'d function
-  called from inside our step (nested compile), or one traced on another thread at the
-  same moment, sees them too (code that is not being traced gets ``math.exp`` itself).
-  Anything not overlapping our calls sees the unpatched state.
+* ``torch._dynamo.config``, the ``GradScaler`` class, ``math.exp`` and ``math.pow`` are
+  process-wide. While one of our compiled functions runs (and only then) the settings
+  and the stand-ins are in effect for the whole process: another ``torch.compile``'d
+  function called from inside our step (nested compile), or one traced on another
+  thread at the same moment, sees them too (code that is not being traced gets
+  ``math``'s own functions). Anything not overlapping our calls sees the unpatched state.
 * ``automatic_dynamic_shapes=True`` is narrowed to Python scalars
   (:func:`_static_tensor_shapes`): a tensor whose shape changes between calls is
   retraced with the new static shape, as torch_xla's own setting does. XLA compiles one
@@ -338,14 +339,33 @@ def _traceable_exp(x: float) -> float:
     return _STOCK_EXP(x)
 
 
+_STOCK_POW = math.pow
+
+
+def _traceable_pow(x: float, y: float) -> float:
+    """``math.pow`` as Dynamo can keep symbolic: ``float(x) ** y``.
+
+    Dynamo evaluates ``math.pow`` of a step count and guards on it: Hugging Face's
+    Adafactor (``1.0 - math.pow(state["step"], decay_rate)``) recompiled every step until
+    Dynamo's limit, then ran lazily with 25 host reads a step. ``**`` of a float is
+    symbolic. Run eagerly, or given a tensor, this is ``math.pow`` itself. One difference,
+    in a program eager rejects: a negative number to a fractional power raises in
+    ``math.pow`` and is complex (or NaN, once tensor math) here.
+    """
+    if torch.compiler.is_compiling() and not isinstance(x, torch.Tensor) \
+            and not isinstance(y, torch.Tensor):
+        return torch.sym_float(x) ** y
+    return _STOCK_POW(x, y)
+
+
 @contextlib.contextmanager
 def _exp_traced() -> Iterator[None]:
-    """Puts :func:`_traceable_exp` in ``math.exp`` for the duration."""
-    math.exp = _traceable_exp
+    """Puts :func:`_traceable_exp` and :func:`_traceable_pow` in ``math`` for the duration."""
+    math.exp, math.pow = _traceable_exp, _traceable_pow
     try:
         yield
     finally:
-        math.exp = _STOCK_EXP
+        math.exp, math.pow = _STOCK_EXP, _STOCK_POW
 
 
 def backend_ctx(options: Mapping[str, Any] | None = None,
