@@ -88,6 +88,23 @@ def test_torchvision_resnet18(xla):
     assert_state_close(model, reference, rtol=5e-3)
 
 
+def _assert_steady_steps_match_eager(step, model, opt, reference, ref_opt,
+                                     batches: list, device: torch.device) -> None:
+    """Eager's losses and parameters, and the last 5 compiled steps each one execution
+    with no host read and no compile."""
+    compiled = torch.compile(step, backend="syncfree_xla")
+    warmup = len(batches) - 5
+    got = [compiled(model, opt, *(t.to(device) for t in b)) for b in batches[:warmup]]
+    with MetricWindow() as window:
+        got += [compiled(model, opt, *(t.to(device) for t in b)) for b in batches[warmup:]]
+    want = [step(reference, ref_opt, *b) for b in batches]
+    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
+                               rtol=1e-4, atol=1e-6)
+    assert_state_close(model, reference, rtol=1e-4)
+    assert (window.counts.executions, window.counts.transfers_to_host,
+            window.counts.compiles) == (5, 0, 0)
+
+
 @pytest.mark.parametrize("loss_name", ["generalized_box_iou_loss", "distance_box_iou_loss",
                                        "complete_box_iou_loss"])
 def test_torchvision_box_iou_losses_train_like_eager_without_host_reads(xla, loss_name):
@@ -117,17 +134,8 @@ def test_torchvision_box_iou_losses_train_like_eager_without_host_reads(xla, los
         torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 7))), xla)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
-    batches = _batches(8, batch)
-    compiled = torch.compile(step, backend="syncfree_xla")
-    got = [compiled(model, opt, *(t.to(xla) for t in b)) for b in batches[:3]]
-    with MetricWindow() as window:
-        got += [compiled(model, opt, *(t.to(xla) for t in b)) for b in batches[3:]]
-    want = [step(reference, ref_opt, *b) for b in batches]
-    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
-                               rtol=1e-4, atol=1e-6)
-    assert_state_close(model, reference, rtol=1e-4)
-    assert (window.counts.executions, window.counts.transfers_to_host,
-            window.counts.compiles) == (5, 0, 0)
+    _assert_steady_steps_match_eager(step, model, opt, reference, ref_opt,
+                                     _batches(8, batch), xla)
 
 
 @pytest.mark.parametrize("settings", [
@@ -152,16 +160,7 @@ def test_transformers_adafactor_trains_like_eager_without_recompiling(xla, setti
     ref_opt = transformers.optimization.Adafactor(reference.parameters(), **settings)
     batches = _batches(10, lambda g: (torch.randn(16, 12, generator=g),
                                       torch.randint(0, 5, (16,), generator=g)))
-    compiled = torch.compile(step, backend="syncfree_xla")
-    got = [compiled(model, opt, *(t.to(xla) for t in b)) for b in batches[:5]]
-    with MetricWindow() as window:
-        got += [compiled(model, opt, *(t.to(xla) for t in b)) for b in batches[5:]]
-    want = [step(reference, ref_opt, *b) for b in batches]
-    torch.testing.assert_close(torch.stack([g.cpu() for g in got]), torch.stack(want),
-                               rtol=1e-4, atol=1e-6)
-    assert_state_close(model, reference, rtol=1e-4)
-    assert (window.counts.executions, window.counts.transfers_to_host,
-            window.counts.compiles) == (5, 0, 0)
+    _assert_steady_steps_match_eager(step, model, opt, reference, ref_opt, batches, xla)
 
 
 def _hf_step(model, opt, input_ids, labels):

@@ -158,7 +158,7 @@ def _scope() -> Iterator[None]:
             stack.enter_context(step_counters.counters_on_device_when_traced())
             stack.enter_context(_adafactor_groups_by_dtype())
             stack.enter_context(_torch_gru_forward())
-            stack.enter_context(_exp_traced())
+            stack.enter_context(_math_traced())
             stack.enter_context(box_losses.box_losses_traced())
             _scope_stack = stack
         _scope_depth += 1
@@ -359,7 +359,7 @@ def _traceable_pow(x: float, y: float) -> float:
 
 
 @contextlib.contextmanager
-def _exp_traced() -> Iterator[None]:
+def _math_traced() -> Iterator[None]:
     """Puts :func:`_traceable_exp` and :func:`_traceable_pow` in ``math`` for the duration."""
     math.exp, math.pow = _traceable_exp, _traceable_pow
     try:
