@@ -3,8 +3,9 @@
 Each case traces a function to an aten graph with ``make_fx`` (fake tensors, as
 AOTAutograd hands the backend), rewrites it, and checks that the rewritten graph gives
 eager's result on real inputs, that it has the expected shape (casts in front of the
-op, no ``dim=0`` op of a 0-d tensor, no gather from an empty tensor), and that every
-node's ``meta["val"]`` still agrees with what the node computes.
+op, no ``dim=0`` op of a 0-d tensor, no gather from an empty tensor, a chain of 0-d
+float32 ops in float64), and that every node's ``meta["val"]`` still agrees with what
+the node computes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from xla_backend.rewrites import ATEN_REWRITES
 from xla_backend.rewrites.nan_semantics import NAN_SEMANTICS
+from xla_backend.rewrites.scalar_doubles import SCALAR_DOUBLES
 from xla_backend.rewrites.type_promotion import promote_dtypes
 from xla_backend.rewrites.zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 
@@ -201,3 +203,76 @@ def test_gather_from_a_nonempty_tensor_is_left_alone():
     gm = _graph(lambda t: torch.gather(t, 1, torch.zeros((2, 0), dtype=torch.long)),
                 torch.ones(2, 3))
     assert not zeros_for_empty_inputs(gm).modified
+
+
+# --- chains of 0-d float32 ops in float64 (scalar_doubles) -------------------------------
+
+BETA2 = 0.9999
+RHO_INF = 2 / (1 - BETA2) - 1
+
+
+def _rho(step):
+    """RAdam's length of the approximated SMA at ``step``: cancels near 5."""
+    return RHO_INF - 2 * step * BETA2 ** step / (1 - BETA2 ** step)
+
+
+def _rectified(step, x):
+    """RAdam's capturable rectification, and the counter's update, as torch writes them."""
+    rho = _rho(step)
+    rect = ((rho - 4) * (rho - 2) * RHO_INF / ((RHO_INF - 4) * (RHO_INF - 2) * rho)) ** 0.5
+    return torch.where(rho > 5, x * rect, x), step + 1
+
+
+def _scalar_doubles(gm: torch.fx.GraphModule) -> bool:
+    modified = SCALAR_DOUBLES(gm).modified
+    for node in gm.graph.nodes:  # no float64 leaves a chain
+        if node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor):
+            if node.meta["val"].dtype == torch.float64:
+                assert all(u.op != "output" for u in node.users), gm.code
+    return modified
+
+
+@pytest.mark.parametrize("counter", [torch.tensor(6.0), torch.tensor(6)], ids=["float", "int"])
+def test_a_cancelling_scalar_chain_is_computed_as_eager_computes_python_floats(counter):
+    x = torch.tensor([1.0, -2.0, 3.0])
+    rho = _rho(6.0)  # Python doubles, as eager's non-capturable RAdam at step 6
+    rect = ((rho - 4) * (rho - 2) * RHO_INF / ((RHO_INF - 4) * (RHO_INF - 2) * rho)) ** 0.5
+    want = x * torch.tensor(rect, dtype=torch.float32)
+
+    def fn(step, x):
+        return _rectified(step.float(), x)
+
+    gm = _graph(fn, counter, x)
+    float32, _ = gm(counter, x)
+    assert not torch.allclose(float32, want, rtol=0.1), "float32 should cancel"
+    assert _scalar_doubles(gm)
+    got, new_counter = _run_checked(gm, counter, x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert new_counter.dtype == torch.float32 and float(new_counter) == 7.0
+    (gt,) = _calls(gm, aten.gt.Scalar)
+    assert gt.args[0].meta["val"].dtype == torch.float64  # compared as a double
+
+
+def test_foreach_chains_over_step_counters_are_widened_too():
+    def fn(s1, s2, x):
+        corrections = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(BETA2, [s1, s2])), 1)
+        return [x / c.sqrt() for c in corrections]
+
+    s1, s2, x = torch.tensor(1.0), torch.tensor(3.0), torch.tensor([1.0, 2.0])
+    gm = _graph(fn, s1, s2, x)
+    assert _scalar_doubles(gm)
+    got = _run_checked(gm, s1, s2, x)
+    for value, step in zip(got, (1, 3)):
+        want = x / torch.tensor((1 - BETA2 ** step) ** 0.5, dtype=torch.float32)
+        torch.testing.assert_close(value, want, rtol=1e-6, atol=0)
+    assert _calls(gm, aten._foreach_pow.ScalarAndTensor)[0].meta["val"][0].dtype == torch.float64
+
+
+def test_single_scalar_ops_and_scalars_of_tensors_are_left_alone():
+    def fn(s, x):
+        return x * (s + 1), x.sum() * 2 + 1, s * x.mean()
+
+    s, x = torch.tensor(2.0), torch.tensor([1.0, 2.0])
+    gm = _graph(fn, s, x)
+    assert not SCALAR_DOUBLES(gm).modified
+    assert not _calls(gm, aten._to_copy.default)

@@ -130,9 +130,6 @@ FLAGS: dict[str, dict[str, st.SearchStrategy]] = {
     "Adadelta": {"foreach": _FOREACH, "capturable": st.booleans(), "maximize": st.booleans()},
     "Adafactor": {"foreach": _FOREACH, "maximize": st.booleans()},
 }
-# RAdam's rectification: Python doubles eagerly, float32 tensors in the traced
-# capturable code (tests/xla/test_optimizers.py).
-TOLERANCE = {"RAdam": 1e-3}
 # Rprop (boolean-mask indexing) and Adafactor (``.item()``) read values on the host in
 # the middle of their step. Run eagerly after a compiled model, each read executes part
 # of torch_xla's pending lazy graph, and torch_xla's lazy mode confuses partial graphs
@@ -360,14 +357,13 @@ def run_program(p: Program, strict: bool = False) -> None:
         eager.after_step(i, want[-1])
 
     window = warm_then_measure(one, WARMUP, STEPS)
-    rtol = TOLERANCE.get(p.optimizer, RTOL)
     finite = [i for i in range(STEPS) if i not in p.bad_steps]
     torch.testing.assert_close(torch.stack([got[i].cpu() for i in finite]),
-                               torch.stack([want[i] for i in finite]), rtol=rtol,
-                               atol=rtol * 0.1)
-    assert_same_state(compiled.model, eager.model, rtol=rtol)
+                               torch.stack([want[i] for i in finite]), rtol=RTOL,
+                               atol=RTOL * 0.1)
+    assert_same_state(compiled.model, eager.model, rtol=RTOL)
     capturable = bool(p.flags.get("capturable"))
-    assert_same_optimizer_state(compiled.opt, eager.opt, rtol=rtol,
+    assert_same_optimizer_state(compiled.opt, eager.opt, rtol=RTOL,
                                 host_steps=not capturable and (p.whole_step
                                                                or p.optimizer != "ASGD"),
                                 group_overrides={"capturable": True} if capturable else None)

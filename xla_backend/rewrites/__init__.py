@@ -15,6 +15,7 @@ from passes.base import GraphPass
 from .batch_norm_stats import UNBIASED_RUNNING_VAR
 from .low_precision_norms import LOW_PRECISION_NORMS
 from .nan_semantics import NAN_SEMANTICS
+from .scalar_doubles import SCALAR_DOUBLES
 from .scaled_addmm import SCALED_ADDMM
 from .small_conv import SMALL_CONV_AS_MATMUL
 from .type_promotion import promote_dtypes
@@ -32,6 +33,7 @@ ATEN_REWRITES: tuple[GraphPass, ...] = (
     NAN_SEMANTICS,
     LOW_PRECISION_NORMS,
     UNBIASED_RUNNING_VAR,
+    SCALAR_DOUBLES,
 )
 
 #: Rewrites of Dynamo graphs (before AOTAutograd, so the backward follows them) that pay
