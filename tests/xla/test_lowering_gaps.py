@@ -1,6 +1,7 @@
-"""Ops whose torch_xla registration loses or bends a gradient, that have no lowering, or
-whose backward AOTAutograd could not trace (``xla_backend.rewrites.lowering_gaps``),
-trained as a whole compiled step against eager PyTorch on CPU.
+"""Ops whose torch_xla registration loses or bends a gradient, that have no lowering,
+whose backward AOTAutograd could not trace, or whose torch decomposition is wrong
+(``xla_backend.rewrites.lowering_gaps``), trained as a whole compiled step against eager
+PyTorch on CPU.
 
 Each op sits between a parameter and the loss, so a gradient that does not reach the
 parameter leaves it untrained, and the comparison fails.
@@ -155,6 +156,22 @@ def test_an_embedding_with_max_norm_trains_like_eager_without_host_round_trips(x
     _check(xla, _MaxNormEmbedding())
 
 
+def _padded_labels(y: torch.Tensor) -> torch.Tensor:
+    """Up to three class labels per sample, with -1 ending them where ``y > 0.6``."""
+    return torch.where(y > 0.6, -1, (y.abs() * 2).long().clamp(max=2))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_multilabel_margin_loss_with_padded_targets_trains_like_eager(xla, reduction):
+    """torch 2.9's decomposition counts the slots after the first -1 as class 0: the loss
+    and the gradient were wrong for every padded target (pytorch/pytorch#141017)."""
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.multilabel_margin_loss(out, _padded_labels(y), reduction=reduction)
+        return loss.mean() + F.multilabel_margin_loss(out[0], _padded_labels(y[0]))
+
+    _check(xla, _Between(torch.tanh), loss_fn)
+
+
 def test_the_ops_that_lost_their_gradient_are_found_on_the_dispatcher():
     """torch_xla 2.9 registers XLA kernels with no autograd kernel for these composite
     ops; should a torch_xla release add one, the op leaves the list."""
@@ -173,7 +190,8 @@ def test_ops_decomposed_for_want_of_a_lowering_have_no_xla_kernel():
             assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "XLA"), op
 
 
-@pytest.mark.parametrize("repair", ["ungraded_ops", "DIFFERENTIATED_AS_DECOMPOSED"])
+@pytest.mark.parametrize("repair", ["ungraded_ops", "DIFFERENTIATED_AS_DECOMPOSED",
+                                    "REDEFINED_AUTOGRAD"])
 def test_the_aot_cache_key_names_the_ops_given_their_composite_autograd(xla, monkeypatch,
                                                                         repair):
     """A cache written before the repair holds graphs without those gradients."""

@@ -34,7 +34,11 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .. import aot, counters
 from .. import options as options_mod
-from ..rewrites.lowering_gaps import DIFFERENTIATED_AS_DECOMPOSED, ungraded_ops
+from ..rewrites.lowering_gaps import (
+    DIFFERENTIATED_AS_DECOMPOSED,
+    REDEFINED_AUTOGRAD,
+    ungraded_ops,
+)
 from ..warn_once import WarnOnce
 from . import fx_codec
 from . import key as key_mod
@@ -128,6 +132,7 @@ def aot_key(gm: torch.fx.GraphModule, inputs: Sequence[Any],
                                 "composite_autograd": [str(op) for op in ungraded_ops()],
                                 "decomposed_autograd": [str(op) for op in
                                                         DIFFERENTIATED_AS_DECOMPOSED],
+                                "redefined_autograd": [str(op) for op in REDEFINED_AUTOGRAD],
                                 "keep_inference_input_mutations": True}),
     })
     return key_mod.backend_key(components)

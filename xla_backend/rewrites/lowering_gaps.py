@@ -40,6 +40,14 @@ Four gaps, each found against eager PyTorch on CPU (``tests/xla/test_lowering_ga
   in :data:`DIFFERENTIATED_AS_DECOMPOSED` gets, for AutogradXLA under the Python
   dispatcher (as above), torch's decomposition as its kernel: autograd differentiates
   the ordinary ops it is made of, which lower.
+
+And one gap of torch 2.9's own: its decomposition of ``multilabel_margin_loss_forward``,
+which AOTAutograd traces for every device, keeps the target slots after the first
+``-1`` as class 0 (pytorch/pytorch#141017, fixed after 2.9): with a padded target,
+which is how the loss is used, the compiled loss and gradient were wrong (2.32
+against eager's 0.98 on a 4-class batch). :func:`multilabel_margin_loss` replaces it
+for AutogradXLA in the same way, so the loss also runs on the device, where torch_xla
+would send the op to its CPU fallback.
 """
 
 from __future__ import annotations
@@ -165,6 +173,38 @@ def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     return table
 
 
+def multilabel_margin_loss(x: torch.Tensor, target: torch.Tensor, reduction: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``aten.multilabel_margin_loss_forward`` as eager's kernel computes it: each
+    sample's targets are its target entries up to the first -1; the loss is
+    the sum over targets ``j`` and non-targets ``c`` of ``relu(1 - x[j] + x[c])``,
+    divided by the number of classes. Returns the loss and the 0/1 target mask."""
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    labels = target.reshape(rows.shape)
+    classes = rows.shape[1]
+    position = torch.arange(classes, device=labels.device)
+    first_stop = torch.where(labels == -1, position, classes).amin(dim=1, keepdim=True)
+    counted = position < first_stop  # [N, slot]
+    label = torch.where(counted, labels, 0)
+    is_target = ((label.unsqueeze(2) == position) & counted.unsqueeze(2)).any(dim=1)
+    margins = torch.relu(1 - rows.gather(1, label).unsqueeze(2) + rows.unsqueeze(1))
+    kept = counted.unsqueeze(2) & ~is_target.unsqueeze(1)  # [N, slot, class]
+    per_sample = torch.where(kept, margins, 0).sum(dim=(1, 2)) / classes
+    if reduction == 1:  # mean
+        loss = per_sample.mean()
+    elif reduction == 2:  # sum
+        loss = per_sample.sum()
+    else:
+        loss = per_sample if x.dim() == 2 else per_sample.reshape(())
+    return loss, is_target.to(x.dtype).reshape(target.shape)
+
+
+#: Given a kernel of ours for AutogradXLA: torch's own decomposition gives wrong values.
+REDEFINED_AUTOGRAD: dict[torch._ops.OpOverload, Callable[..., object]] = {
+    _aten.multilabel_margin_loss_forward.default: multilabel_margin_loss,
+}
+
+
 def _has_out(op: torch._ops.OpOverload) -> bool:
     """Whether ``op`` is an out= variant, which autograd refuses."""
     return any(arg.is_out for arg in op._schema.arguments)
@@ -194,12 +234,15 @@ def ungraded_ops() -> tuple[torch._ops.OpOverload, ...]:
 def restore_composite_autograd() -> None:
     """Registers torch's composite kernel for AutogradXLA on each of :func:`ungraded_ops`,
     and torch's decomposition on each of :data:`DIFFERENTIATED_AS_DECOMPOSED`, for
-    traces under the Python dispatcher (AOTAutograd's); once per process."""
+    traces under the Python dispatcher (AOTAutograd's), and :data:`REDEFINED_AUTOGRAD`'s
+    kernels; once per process."""
     for op in ungraded_ops():
         op.py_impl(torch._C.DispatchKey.AutogradXLA)(functools.partial(_composite, op))
     for op, decomposition in get_decompositions(list(DIFFERENTIATED_AS_DECOMPOSED)).items():
         if not _has_out(op):
             op.py_impl(torch._C.DispatchKey.AutogradXLA)(decomposition)
+    for op, kernel in REDEFINED_AUTOGRAD.items():
+        op.py_impl(torch._C.DispatchKey.AutogradXLA)(kernel)
 
 
 def _composite(op: torch._ops.OpOverload, *args: object, **kwargs: object) -> object:
@@ -207,4 +250,5 @@ def _composite(op: torch._ops.OpOverload, *args: object, **kwargs: object) -> ob
 
 
 __all__ = ["DECOMPOSED_FOR_LOWERING", "DECOMPOSED_FOR_VALUES", "DIFFERENTIATED_AS_DECOMPOSED",
-           "gap_decompositions", "restore_composite_autograd", "ungraded_ops"]
+           "REDEFINED_AUTOGRAD", "gap_decompositions", "multilabel_margin_loss",
+           "restore_composite_autograd", "ungraded_ops"]
