@@ -237,6 +237,7 @@ class SyncfreeXla:
                 example_inputs = [_int_tensor(x.node.hint) if k in int_inputs else x
                                   for k, x in enumerate(example_inputs)]
             passes.run_pipeline(gm, passes.DYNAMO_PASSES)
+        passes.run_pipeline(gm, rewrites.DYNAMO_REWRITES)
         if opts.cpu_rewrites and cpu_client():  # above AOTAutograd: rewrites the backward too
             passes.run_pipeline(gm, rewrites.CPU_DYNAMO_REWRITES)
         compilers = aot.Compilers(

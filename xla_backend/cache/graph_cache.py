@@ -61,7 +61,7 @@ from ..lower.executable import (
     trace_lock,
 )
 from ..lower.trace import Trace
-from ..rewrites import ATEN_REWRITES, CPU_DYNAMO_REWRITES
+from ..rewrites import ATEN_REWRITES, CPU_DYNAMO_REWRITES, DYNAMO_REWRITES
 from ..warn_once import WarnOnce
 from . import key as key_mod
 from .store import PREAMBLE, Store, default_cache_dir
@@ -72,11 +72,12 @@ log = logging.getLogger(__name__)
 # 2: traces during which an op fell back to the CPU are never stored; 3: an output that
 # is a copy of an input says so ("input_copy"), so the caller gets a tensor of its own
 ENTRY_FORMAT = 3
-# The FX passes that run before lowering, in order (Dynamo-level ones, the CPU client's
-# Dynamo-level rewrites, then the aten-level ones and the RNG rewrite); each one's name
+# The FX passes that run before lowering, in order (Dynamo-level ones, the Dynamo-level
+# rewrites, the CPU client's, then the aten-level ones and the RNG rewrite); each one's name
 # and version is in the key. Their effect on a graph is in
 # the GRAPH component already; the versions make a changed pass an explained miss.
-PIPELINE = (*passes.DYNAMO_PASSES, *CPU_DYNAMO_REWRITES, *ATEN_REWRITES, functionalize_rng)
+PIPELINE = (*passes.DYNAMO_PASSES, *DYNAMO_REWRITES, *CPU_DYNAMO_REWRITES, *ATEN_REWRITES,
+            functionalize_rng)
 PIPELINE_VERSION = ";".join(
     [f"{p.name}={p.version}" for p in PIPELINE] + [f"graph_entry={ENTRY_FORMAT}"]
 )

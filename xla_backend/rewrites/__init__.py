@@ -13,6 +13,7 @@ from __future__ import annotations
 from passes.base import GraphPass
 
 from .batch_norm_stats import UNBIASED_RUNNING_VAR
+from .complex_abs import COMPLEX_ABS
 from .low_precision_norms import LOW_PRECISION_NORMS
 from .nan_semantics import NAN_SEMANTICS
 from .scalar_doubles import SCALAR_DOUBLES
@@ -36,9 +37,13 @@ ATEN_REWRITES: tuple[GraphPass, ...] = (
     SCALAR_DOUBLES,
 )
 
+#: Rewrites of Dynamo graphs (before AOTAutograd, so the backward follows them) around a
+#: torch_xla op that fails for a whole dtype; on every client.
+DYNAMO_REWRITES: tuple[GraphPass, ...] = (COMPLEX_ABS,)
+
 #: Rewrites of Dynamo graphs (before AOTAutograd, so the backward follows them) that pay
 #: on torch_xla's CPU client only: patterns XLA:CPU runs far slower than eager does.
 #: TPU graphs keep torch_xla's lowering. The device kind is in the cache key.
 CPU_DYNAMO_REWRITES: tuple[GraphPass, ...] = (SMALL_CONV_AS_MATMUL,)
 
-__all__ = ["ATEN_REWRITES", "CPU_DYNAMO_REWRITES"]
+__all__ = ["ATEN_REWRITES", "CPU_DYNAMO_REWRITES", "DYNAMO_REWRITES"]
