@@ -62,3 +62,28 @@ def node_rewrite_pass(name: str, version: int, targets: Collection[Any],
         return PassResult(gm, modified)
 
     return GraphPass(name, version, run)
+
+
+def replacing_pass(name: str, version: int, arguments: Callable[[torch.fx.Node], tuple | None],
+                   replacement: Callable, logger: logging.Logger, done: str) -> GraphPass:
+    """A pass over a Dynamo graph that replaces each node for which ``arguments(node)``
+    gives a tuple by a call of ``replacement`` on it, with the node's meta (its
+    ``example_value`` and source location); logs ``done`` with the count when one did."""
+
+    def run(gm: torch.fx.GraphModule) -> PassResult:
+        rewritten = 0
+        for node in list(gm.graph.nodes):
+            args = arguments(node)
+            if args is None:
+                continue
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(replacement, args)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            rewritten += 1
+        if rewritten:
+            logger.debug(done, rewritten)
+        return PassResult(gm, bool(rewritten))
+
+    return GraphPass(name, version, run)

@@ -22,7 +22,7 @@ import logging
 import torch
 import torch.fx
 
-from passes.base import GraphPass, PassResult
+from ._fx import replacing_pass
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def complex_magnitude(z: torch.Tensor) -> torch.Tensor:
     return torch.where(nonzero, torch.where(nonzero, squared, 1).sqrt(), 0)
 
 
-def _complex_abs_operand(node: torch.fx.Node) -> torch.fx.Node | None:
+def _complex_abs_operand(node: torch.fx.Node) -> tuple[torch.fx.Node] | None:
     if node.op == "call_function" and node.target in _ABS_FUNCTIONS:
         pass
     elif not (node.op == "call_method" and node.target in _ABS_METHODS):
@@ -46,28 +46,12 @@ def _complex_abs_operand(node: torch.fx.Node) -> torch.fx.Node | None:
         return None  # out= or a bad call: torch reports it
     value = node.args[0].meta.get("example_value")
     if isinstance(value, torch.Tensor) and value.is_complex():
-        return node.args[0]
+        return (node.args[0],)
     return None
 
 
-def _run(gm: torch.fx.GraphModule) -> PassResult:
-    rewritten = 0
-    for node in list(gm.graph.nodes):
-        z = _complex_abs_operand(node)
-        if z is None:
-            continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(complex_magnitude, (z,))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        rewritten += 1
-    if rewritten:
-        log.debug("rewrote %d abs of a complex tensor as a real magnitude", rewritten)
-    return PassResult(gm, bool(rewritten))
-
-
 #: The pass, run on Dynamo graphs (``backend.py``).
-COMPLEX_ABS = GraphPass("complex_abs", 1, _run)
+COMPLEX_ABS = replacing_pass("complex_abs", 1, _complex_abs_operand, complex_magnitude, log,
+                             "rewrote %d abs of a complex tensor as a real magnitude")
 
 __all__ = ["COMPLEX_ABS", "complex_magnitude"]

@@ -34,7 +34,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from passes.base import GraphPass, PassResult
+from ._fx import replacing_pass
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ def _pair(value: Any) -> tuple[int, int] | None:
 
 def _arguments(node: torch.fx.Node) -> tuple[Any, ...] | None:
     """(x, weight, bias, stride, padding, dilation) of a conv2d call worth rewriting."""
+    if node.op != "call_function" or node.target not in _CONV2D:
+        return None
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     defaults = (None, None, None, 1, 0, 1, 1)
     values = list(node.args) + [node.kwargs.get(n, d) for n, d in
@@ -100,26 +102,9 @@ def _arguments(node: torch.fx.Node) -> tuple[Any, ...] | None:
     return x, weight, bias, stride, padding, dilation
 
 
-def _run(gm: torch.fx.GraphModule) -> PassResult:
-    rewritten = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _CONV2D:
-            continue
-        arguments = _arguments(node)
-        if arguments is None:
-            continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(conv2d_as_matmul, arguments)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        rewritten += 1
-    if rewritten:
-        log.debug("rewrote %d small-output convolution(s) as a gather and a matmul", rewritten)
-    return PassResult(gm, bool(rewritten))
-
-
 #: The pass, run on Dynamo graphs for the CPU client only (``backend.py``).
-SMALL_CONV_AS_MATMUL = GraphPass("small_conv_as_matmul", 1, _run)
+SMALL_CONV_AS_MATMUL = replacing_pass(
+    "small_conv_as_matmul", 1, _arguments, conv2d_as_matmul, log,
+    "rewrote %d small-output convolution(s) as a gather and a matmul")
 
 __all__ = ["SMALL_CONV_AS_MATMUL", "conv2d_as_matmul"]
