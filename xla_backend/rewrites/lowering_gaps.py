@@ -179,7 +179,13 @@ def multilabel_margin_loss(x: torch.Tensor, target: torch.Tensor, reduction: int
     sample's targets are its target entries up to the first -1; the loss is
     the sum over targets ``j`` and non-targets ``c`` of ``relu(1 - x[j] + x[c])``,
     divided by the number of classes. Returns the loss and the 0/1 target mask."""
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    torch._check(x.dim() <= 2 and (x.dim() == 0 or x.shape[-1] > 0), lambda: (
+        f"multilabel_margin_loss: expected a non-empty vector or matrix, got shape "
+        f"{tuple(x.shape)}"))
+    torch._check(target.shape == x.shape, lambda: (
+        f"multilabel_margin_loss: target shape {tuple(target.shape)} differs from the "
+        f"input's {tuple(x.shape)}"))
+    rows = x.reshape(-1, x.shape[-1] if x.dim() else 1)
     labels = target.reshape(rows.shape)
     classes = rows.shape[1]
     position = torch.arange(classes, device=labels.device)
