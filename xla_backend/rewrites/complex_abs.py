@@ -6,9 +6,9 @@ with complex dtype"); in a compiled step the reduction that follows fails to low
 ("Invalid type for NanValue (C64)"). ``torch.fft.rfft(x).abs()``, a spectrum's
 magnitude, is the usual case (``torch.stft`` itself does not trace on XLA: its C++
 composite stops AOTAutograd with "Expected XLA tensor"). The rewrite runs on the Dynamo
-graph, before
-AOTAutograd, so the backward is derived from the replacement: the square root of the
-sum of squares of ``torch.view_as_real``'s two components, in the input's real dtype.
+graph, before AOTAutograd, so the backward is derived from the replacement: the square
+root of the sum of squares of ``torch.view_as_real``'s two components, in the input's
+real dtype.
 At zero, where that square root has no derivative, the value and the gradient are 0,
 as eager's (its gradient there is ``sgn(0) = 0``). It agrees with eager's magnitude to
 float rounding; eager's avoids overflow for components near the dtype's maximum, and
@@ -38,11 +38,11 @@ def complex_magnitude(z: torch.Tensor) -> torch.Tensor:
 
 
 def _complex_abs_operand(node: torch.fx.Node) -> tuple[torch.fx.Node] | None:
-    if node.op == "call_function" and node.target in _ABS_FUNCTIONS:
-        pass
-    elif not (node.op == "call_method" and node.target in _ABS_METHODS):
-        return None
-    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
+    """``(z,)`` for ``torch.abs(z)`` or ``z.abs()`` of a complex ``z``, else None."""
+    is_abs = ((node.op == "call_function" and node.target in _ABS_FUNCTIONS)
+              or (node.op == "call_method" and node.target in _ABS_METHODS))
+    if not is_abs or len(node.args) != 1 or node.kwargs or \
+            not isinstance(node.args[0], torch.fx.Node):
         return None  # out= or a bad call: torch reports it
     value = node.args[0].meta.get("example_value")
     if isinstance(value, torch.Tensor) and value.is_complex():
