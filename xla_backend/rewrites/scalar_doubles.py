@@ -166,16 +166,10 @@ def _redirect(graph: torch.fx.Graph, node: Node, users: list[Node],
 def _widen(graph: torch.fx.Graph, chain: list[Node]) -> None:
     members = set(chain)
     for node in chain:
-        inside = [u for u in node.users if u in members]
-        if node.op == "placeholder" or (node.target is aten._to_copy.default
-                                        and not _floating(node.args[0])):
-            if node.op == "call_function":  # an integer converted: convert it to float64
-                node.kwargs = {**node.kwargs, "dtype": torch.float64}
-                node.meta["val"] = meta_val(node).to(torch.float64)
-            else:
-                _redirect(graph, node, inside, torch.float64)
+        if node.op == "placeholder":
+            _redirect(graph, node, [u for u in node.users if u in members], torch.float64)
             continue
-        if "dtype" in node.kwargs:
+        if "dtype" in node.kwargs:  # a constant, or an integer converted to float
             node.kwargs = {**node.kwargs, "dtype": torch.float64}
         vals_args, vals_kwargs = pytree.tree_map_only(Node, meta_val, (node.args, node.kwargs))
         if node.target is operator.getitem:
