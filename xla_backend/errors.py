@@ -19,4 +19,10 @@ class LoweredDtypeMismatch(TypeError):
     """torch_xla lowered an op to another dtype than eager gives (``xla_backend.rewrites``)."""
 
 
-__all__ = ["DeviceMismatchError", "LoweredDtypeMismatch", "UnsupportedOnXla"]
+class LoweredShapeMismatch(ValueError):
+    """torch_xla lowered an op to another shape than eager gives: its later uses would
+    compute on the wrong elements."""
+
+
+__all__ = ["DeviceMismatchError", "LoweredDtypeMismatch", "LoweredShapeMismatch",
+           "UnsupportedOnXla"]

@@ -553,6 +553,30 @@ def test_wrong_dtype_from_a_lowering_is_refused(xla, monkeypatch):
     assert isinstance(e.value.inner_exception, LoweredDtypeMismatch)
 
 
+def test_wrong_shape_from_a_lowering_is_refused(xla, monkeypatch):
+    """Without the rewrites torch_xla declares a batch's singular values with the batch
+    dims dropped, and the sum below would add across the batch: an error naming the
+    op and both shapes, not a wrong value."""
+    from xla_backend import rewrites
+    from xla_backend.errors import LoweredShapeMismatch
+
+    monkeypatch.setattr(rewrites, "ATEN_REWRITES", ())
+    fn = torch.compile(lambda t: torch.linalg.svdvals(t).sum(-1), backend="syncfree_xla")
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
+                       match=r"_linalg_svd.* output 1 .*\(3,\).*\(4, 3\)") as e:
+        fn(torch.randn(4, 3, 5, device=xla))
+    assert isinstance(e.value.inner_exception, LoweredShapeMismatch)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5), (2, 3, 5, 4)], ids=["batch", "batch-of-batches"])
+def test_singular_values_of_a_batch_without_grad(xla, shape):
+    """``svdvals`` outside autograd asks for no singular vectors (``compute_uv=False``)."""
+    def fn(t):
+        return torch.linalg.svdvals(t), torch.linalg.matrix_norm(t, ord="nuc")
+
+    assert_compiles_like_eager(fn, torch.randn(shape), device=xla)
+
+
 def test_gather_of_an_empty_tensor(xla):
     def fn(t):
         return torch.gather(t, 1, torch.zeros(t.shape, dtype=torch.long, device=t.device))

@@ -156,6 +156,63 @@ def test_an_embedding_with_max_norm_trains_like_eager_without_host_round_trips(x
     _check(xla, _MaxNormEmbedding())
 
 
+def _batch(h: torch.Tensor, rows: int, cols: int, shift: float = 0.0) -> torch.Tensor:
+    """``h``'s rows as a batch of ``rows x cols`` matrices, ``shift`` added on the diagonal
+    (kept away from singular, where these ops' gradients blow up in eager too)."""
+    a = h.reshape(h.shape[0], -1, rows, cols)[:, 0]
+    return a + shift * torch.eye(rows, cols, device=h.device)
+
+
+def _spd(h: torch.Tensor) -> torch.Tensor:
+    a = _batch(h, 3, 4)
+    return a @ a.mT + torch.eye(3, device=h.device)
+
+
+def _svd_invariants(a: torch.Tensor, full_matrices: bool) -> torch.Tensor:
+    """What does not depend on the singular vectors' signs: the projections onto the
+    column and row spaces, the singular values and the reconstruction."""
+    u, s, vh = torch.linalg.svd(a, full_matrices=full_matrices)
+    k = s.shape[-1]
+    rows = u[..., :k] @ u[..., :k].mT
+    cols = vh[..., :k, :].mT @ vh[..., :k, :]
+    rebuilt = (u[..., :k] * s.unsqueeze(-2)) @ vh[..., :k, :]
+    return (rows.flatten(1).sum(1) + cols.flatten(1).sin().sum(1) + s.flatten(1).sum(1)
+            + rebuilt.flatten(1).sum(1))
+
+
+#: op name -> the layer's factor per sample, from a matrix (or a batch of them) made
+#: from the first layer's output
+LINEAR_ALGEBRA: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    # torch_xla returns no LU factors, which torch's backward of slogdet solves with:
+    # the compile stopped with a bare AssertionError in AOTAutograd
+    "slogdet_of_one_matrix": lambda h: torch.linalg.slogdet(_batch(h, 4, 3, 3.0)[0, :3])[1]
+    .expand(h.shape[0]),
+    "slogdet_sign_times_log": lambda h: torch.mul(*torch.linalg.slogdet(_batch(h, 2, 2, 2.0))),
+    "logdet_of_a_batch": lambda h: torch.logdet(_spd(h)),
+    # torch_xla declares a batch's singular values without the batch dims, and swaps
+    # the wrong dims of V: a wrong shape (so wrong elements) for every later op
+    "svdvals_of_a_batch": lambda h: torch.linalg.svdvals(_batch(h, 3, 4)).sum(-1),
+    "nuclear_norm_of_a_batch": lambda h: torch.linalg.matrix_norm(_batch(h, 4, 3), ord="nuc"),
+    "svd_of_a_batch": lambda h: _svd_invariants(_batch(h, 3, 4), full_matrices=False),
+    "full_svd_of_a_batch": lambda h: _svd_invariants(_batch(h, 4, 3), full_matrices=True),
+    "svd_of_a_batch_of_batches": lambda h: _svd_invariants(h.reshape(-1, 2, 2, 3), False),
+    # torch_xla's own pinv kernel failed to lower a batch
+    "pinv_of_a_batch": lambda h: torch.linalg.pinv(_batch(h, 3, 4, 2.0)).flatten(1).sum(1),
+    "pinv_of_one_matrix": lambda h: torch.linalg.pinv(_batch(h, 3, 4, 2.0)[0]).sum()
+    .expand(h.shape[0]),
+    "hermitian_pinv_of_a_batch": lambda h: torch.linalg.pinv(_spd(h), hermitian=True)
+    .flatten(1).sum(1),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR_ALGEBRA))
+def test_linear_algebra_trains_like_eager(xla, name):
+    """Each op scales the first layer's output per sample, so its gradient reaches the
+    first layer through the op and through the scale."""
+    op = LINEAR_ALGEBRA[name]
+    _check(xla, _Between(lambda h: h * torch.tanh(op(h)).unsqueeze(1)))
+
+
 def _padded_labels(y: torch.Tensor) -> torch.Tensor:
     """Up to three class labels per sample, with -1 ending them where ``y > 0.6``."""
     return torch.where(y > 0.6, -1, (y.abs() * 2).long().clamp(max=2))

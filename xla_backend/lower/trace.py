@@ -10,6 +10,7 @@ returns. CPU-side pieces (optimizer step counters) were split off before (``spli
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch.fx
 
 from .. import counters, spmd, xla_internals, xla_metrics
 from ..device import NO_SPECIAL_SCALARS
-from ..errors import LoweredDtypeMismatch
+from ..errors import LoweredDtypeMismatch, LoweredShapeMismatch
 from .executable import (
     Computed,
     Executable,
@@ -120,7 +121,7 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
         if isinstance(t, torch.Tensor)
     }
     fallbacks_before = xla_metrics.fallback_counts()
-    results = device_gm(*stand)
+    results = _ShapeCheckedRun(device_gm).run(*stand)
     fell_back = xla_metrics.fell_back_since(fallbacks_before)
     if fell_back:
         raise OpsFellBackInTrace(fell_back)
@@ -192,6 +193,31 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
                      output_values, dtypes=tuple(t.dtype for t in tensors),
                      hlo=hlo, hlo_params=kinds)
     return Trace(exe, computed, hlo, kinds, [(tuple(t.shape), t.dtype) for t in tensors])
+
+
+class _ShapeCheckedRun(torch.fx.Interpreter):
+    """Runs the graph node by node and refuses a result whose shape differs from the one
+    the node's metadata (torch's own shape rules) gives.
+
+    torch_xla's IR carries a shape per node that its later nodes build on; where a
+    lowering declares another shape than eager's (batched ``_linalg_svd``'s singular
+    values), later ops compute on the wrong elements and a loss may keep the right
+    shape with wrong values. Checked once per trace, not per step. A tuple result is
+    checked where a ``getitem`` takes its parts, so an unused part is not.
+    """
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        want = n.meta.get("val")
+        if isinstance(result, torch.Tensor) and isinstance(want, torch.Tensor) and \
+                all(type(d) is int for d in want.shape) and result.shape != want.shape:
+            op = f"{n.args[0].target} output {n.args[1]}" if n.target is operator.getitem \
+                and isinstance(n.args[0], torch.fx.Node) else str(n.target)
+            raise LoweredShapeMismatch(
+                f"syncfree_xla: torch_xla lowered {op} ({n.name}) to shape "
+                f"{tuple(result.shape)}, but eager PyTorch gives {tuple(want.shape)}; "
+                f"please report this op")
+        return result
 
 
 def _check_dtypes(results: Sequence[Any], output_nodes: Sequence[Any]) -> None:

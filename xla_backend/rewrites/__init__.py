@@ -13,6 +13,7 @@ from __future__ import annotations
 from passes.base import GraphPass
 
 from .batch_norm_stats import UNBIASED_RUNNING_VAR
+from .batched_svd import BATCHED_SVD
 from .complex_abs import COMPLEX_ABS
 from .low_precision_norms import LOW_PRECISION_NORMS
 from .nan_semantics import NAN_SEMANTICS
@@ -28,6 +29,7 @@ from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 #: to float32 before its running variance is recomputed, so that runs in float32 too.
 ATEN_REWRITES: tuple[GraphPass, ...] = (
     SCALED_ADDMM,
+    BATCHED_SVD,
     zeros_for_empty_inputs,
     unsqueeze_0d_dims,
     promote_dtypes,

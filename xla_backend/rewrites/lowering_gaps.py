@@ -48,6 +48,12 @@ which is how the loss is used, the compiled loss and gradient were wrong (2.32
 against eager's 0.98 on a 4-class batch). :func:`multilabel_margin_loss` replaces it
 for AutogradXLA in the same way, so the loss also runs on the device, where torch_xla
 would send the op to its CPU fallback.
+
+Two linear-algebra kernels of torch_xla's return what torch's autograd cannot use:
+``_linalg_slogdet`` returns no LU factors, which torch's backward solves with
+(:func:`linalg_slogdet` gives it a gradient through the inverse), and
+``linalg_pinv`` fails to lower for a batch (:func:`pseudo_inverse` computes it from the
+SVD, as eager does).
 """
 
 from __future__ import annotations
@@ -158,11 +164,38 @@ def infinite_norm(reference: Callable[..., torch.Tensor]) -> Callable[..., torch
     return decomposition
 
 
+def pseudo_inverse(a: torch.Tensor, *, atol: torch.Tensor | None = None,
+                   rtol: torch.Tensor | None = None, hermitian: bool = False) -> torch.Tensor:
+    """``linalg_pinv.atol_rtol_tensor`` from ``_linalg_svd`` (``_linalg_eigh`` when
+    ``hermitian``), as eager computes it: singular values at or below
+    ``max(atol, rtol * the largest)`` count as zero. torch_xla's own kernel fails to
+    lower for a batch ("Shapes are not compatible for broadcasting") and differs from
+    eager by 2e-5 for one matrix; the SVD it is built from here is right for both
+    (``rewrites.batched_svd``)."""
+    m, n = a.shape[-2:]
+    if atol is None:
+        atol = torch.zeros((), dtype=torch.float64, device=a.device)
+    if rtol is None:
+        default = torch.finfo(a.dtype).eps * max(m, n)
+        rtol = torch.where(atol > 0, 0.0, default)
+    if a.numel() == 0:
+        return a.new_zeros((*a.shape[:-2], n, m))
+    if hermitian:
+        s, u = torch.linalg.eigh(a)
+        largest = s.abs().amax(dim=-1, keepdim=True)
+        kept = s.abs() > torch.maximum(atol.unsqueeze(-1), rtol.unsqueeze(-1) * largest)
+        return (u * torch.where(kept, s.reciprocal(), 0.0).unsqueeze(-2)) @ u.mH
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    largest = s[..., :1]  # sorted in descending order
+    kept = s > torch.maximum(atol.unsqueeze(-1), rtol.unsqueeze(-1) * largest)
+    return (vh.mH * torch.where(kept, s.reciprocal(), 0.0).unsqueeze(-2)) @ u.mH
+
+
 def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """The decompositions of :data:`DECOMPOSED_FOR_VALUES` and
     :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward`, :func:`infinite_norm`,
-    :func:`avg_pool_with_divisor` and :func:`embedding_renorm`, for AOTAutograd's
-    ``decompositions=``."""
+    :func:`avg_pool_with_divisor`, :func:`embedding_renorm` and :func:`pseudo_inverse`,
+    for AOTAutograd's ``decompositions=``."""
     table = get_decompositions([*DECOMPOSED_FOR_VALUES, *DECOMPOSED_FOR_LOWERING])
     table[_aten.unfold_backward.default] = unfold_backward
     for op, reference in get_decompositions([_aten.norm]).items():
@@ -170,6 +203,7 @@ def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     for dims, op in _AVG_POOL.items():
         table[op] = avg_pool_with_divisor(dims)
     table[_aten.embedding_renorm.default] = embedding_renorm
+    table[_aten.linalg_pinv.atol_rtol_tensor] = pseudo_inverse
     return table
 
 
@@ -205,9 +239,48 @@ def multilabel_margin_loss(x: torch.Tensor, target: torch.Tensor, reduction: int
     return loss, is_target.to(x.dtype).reshape(target.shape)
 
 
-#: Given a kernel of ours for AutogradXLA: torch's own decomposition gives wrong values.
+class _LogAbsDet(torch.autograd.Function):
+    """torch_xla's ``_linalg_slogdet`` with the gradient of ``log|det A|``, ``A^{-T}``,
+    from ``linalg_inv_ex`` (which lowers) instead of torch's, which solves with the LU
+    factors torch_xla does not return."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        with torch._C._AutoDispatchBelowAutograd():
+            sign, logabsdet, lu, pivots = _aten._linalg_slogdet.default(a)
+        ctx.save_for_backward(a)
+        # torch_xla's LU and pivots are undefined tensors (None) on the device
+        ctx.mark_non_differentiable(*(t for t in (sign, lu, pivots) if t is not None))
+        return sign, logabsdet, lu, pivots
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, _sign: torch.Tensor,
+                 grad: torch.Tensor, _lu: torch.Tensor, _pivots: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        return grad[..., None, None] * torch.linalg.inv_ex(a)[0].mT
+
+
+def linalg_slogdet(a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``aten._linalg_slogdet`` for real matrices, its gradient through the inverse.
+
+    torch_xla's kernel returns no LU factors and pivots (undefined tensors), which
+    torch's backward solves with: the backward of ``slogdet`` or ``logdet`` failed in
+    lazy mode ("Expected a proper Tensor but got None ... 'LU'") and stopped a compiled
+    step with a bare AssertionError in AOTAutograd, for one matrix as for a batch (the
+    log-determinant of a flow's invertible 1x1 convolution). The sign has no gradient,
+    as in eager for real matrices.
+    """
+    torch._check(not a.is_complex(), lambda: (
+        f"syncfree_xla: slogdet of a complex matrix ({a.dtype}) is not supported on XLA"))
+    return _LogAbsDet.apply(a)
+
+
+#: Given a kernel of ours for AutogradXLA: torch's own decomposition gives wrong values,
+#: or torch's gradient cannot run on what torch_xla's kernel returns.
 REDEFINED_AUTOGRAD: dict[torch._ops.OpOverload, Callable[..., object]] = {
     _aten.multilabel_margin_loss_forward.default: multilabel_margin_loss,
+    _aten._linalg_slogdet.default: linalg_slogdet,
 }
 
 
@@ -256,5 +329,5 @@ def _composite(op: torch._ops.OpOverload, *args: object, **kwargs: object) -> ob
 
 
 __all__ = ["DECOMPOSED_FOR_LOWERING", "DECOMPOSED_FOR_VALUES", "DIFFERENTIATED_AS_DECOMPOSED",
-           "REDEFINED_AUTOGRAD", "gap_decompositions", "multilabel_margin_loss",
-           "restore_composite_autograd", "ungraded_ops"]
+           "REDEFINED_AUTOGRAD", "gap_decompositions", "linalg_slogdet", "multilabel_margin_loss",
+           "pseudo_inverse", "restore_composite_autograd", "ungraded_ops"]
