@@ -65,6 +65,8 @@ from typing import Callable
 import torch
 from torch._decomp import get_decompositions
 
+from .special_functions import special_function_decompositions
+
 _aten = torch.ops.aten
 
 #: Decomposed because torch_xla's lowering gives another value than eager.
@@ -194,8 +196,8 @@ def pseudo_inverse(a: torch.Tensor, *, atol: torch.Tensor | None = None,
 def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """The decompositions of :data:`DECOMPOSED_FOR_VALUES` and
     :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward`, :func:`infinite_norm`,
-    :func:`avg_pool_with_divisor`, :func:`embedding_renorm` and :func:`pseudo_inverse`,
-    for AOTAutograd's ``decompositions=``."""
+    :func:`avg_pool_with_divisor`, :func:`embedding_renorm`, :func:`pseudo_inverse` and
+    ``special_functions``' ``lgamma`` family, for AOTAutograd's ``decompositions=``."""
     table = get_decompositions([*DECOMPOSED_FOR_VALUES, *DECOMPOSED_FOR_LOWERING])
     table[_aten.unfold_backward.default] = unfold_backward
     for op, reference in get_decompositions([_aten.norm]).items():
@@ -204,6 +206,7 @@ def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
         table[op] = avg_pool_with_divisor(dims)
     table[_aten.embedding_renorm.default] = embedding_renorm
     table[_aten.linalg_pinv.atol_rtol_tensor] = pseudo_inverse
+    table.update(special_function_decompositions())
     return table
 
 
