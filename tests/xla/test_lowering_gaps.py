@@ -246,6 +246,32 @@ def test_distribution_log_probs_train_like_eager_without_host_round_trips(xla, l
     _check(xla, _Between(torch.tanh), loss_fn)
 
 
+class _Bags(torch.nn.Module):
+    """An ``EmbeddingBag`` over rows picked by the input's magnitudes, in five bags of
+    uneven sizes (one empty), then a Linear; a sum weighted per sample by the input."""
+
+    def __init__(self, mode: str, padding_idx: int | None) -> None:
+        super().__init__()
+        self.mode = mode
+        self.bag = torch.nn.EmbeddingBag(10, 4, mode=mode, padding_idx=padding_idx)
+        self.outer = torch.nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = (x.abs() * 4).long().clamp(max=9).flatten()
+        n = index.numel()
+        offsets = torch.tensor([0, n // 6, n // 6, n // 3, 3 * n // 4], device=x.device)
+        weights = torch.sigmoid(x).flatten() if self.mode == "sum" else None
+        pooled = self.bag(index, offsets, per_sample_weights=weights)
+        return self.outer(torch.tanh(pooled).flatten()).expand(x.shape[0], 3)
+
+
+@pytest.mark.parametrize(("mode", "padding_idx"), [("sum", None), ("mean", 0), ("max", None)])
+def test_an_embedding_bag_trains_like_eager_without_host_round_trips(xla, mode, padding_idx):
+    """torch_xla has no lowering for ``_embedding_bag`` nor its backward: 3-4 host round
+    trips a step for a fastText-style classifier before."""
+    _check(xla, _Bags(mode, padding_idx))
+
+
 def _padded_labels(y: torch.Tensor) -> torch.Tensor:
     """Up to three class labels per sample, with -1 ending them where ``y > 0.6``."""
     return torch.where(y > 0.6, -1, (y.abs() * 2).long().clamp(max=2))

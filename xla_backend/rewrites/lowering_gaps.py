@@ -193,10 +193,115 @@ def pseudo_inverse(a: torch.Tensor, *, atol: torch.Tensor | None = None,
     return (vh.mH * torch.where(kept, s.reciprocal(), 0.0).unsqueeze(-2)) @ u.mH
 
 
+def _bags(indices: torch.Tensor, offsets: torch.Tensor, bags: int) -> torch.Tensor:
+    """The bag of each index: how many offsets are at or before its position, less one
+    (empty bags share an offset; a last offset equal to the length starts nothing).
+    Indices past ``include_last_offset``'s last offset go to the last bag, as in eager's
+    ``offset2bag``."""
+    starts = torch.zeros(indices.numel() + 1, dtype=torch.long, device=indices.device)
+    starts = starts.index_add(0, offsets, torch.ones_like(offsets))
+    return (torch.cumsum(starts, 0)[:-1] - 1).clamp(max=bags - 1)
+
+
+def embedding_bag(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                  scale_grad_by_freq: bool = False, mode: int = 0, sparse: bool = False,
+                  per_sample_weights: torch.Tensor | None = None,
+                  include_last_offset: bool = False, padding_idx: int = -1
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``EmbeddingBag``'s forward (``aten._embedding_bag``), which has no lowering (three
+    host round trips a step): each bag's rows summed (times their per-sample weights),
+    averaged over its non-padding rows, or their per-feature maximum; an empty bag is
+    zeros. Also returns each index's bag, the bags' sizes and, for ``max``, the row
+    that gave each maximum (the first in the bag), as eager's kernel does. Indices past
+    ``include_last_offset``'s last offset (not a documented input; eager's CPU kernel
+    treats them differently per mode) are left out of the last bag's value and counted
+    in its size, as eager does for ``mean``."""
+    bags = offsets.numel() - (1 if include_last_offset else 0)
+    bag = _bags(indices, offsets, bags)
+    counted = indices != padding_idx
+    sizes = torch.zeros(offsets.shape, dtype=torch.long, device=indices.device)
+    sizes = sizes.index_add(0, bag, counted.long())[:bags]
+    rows = weight.index_select(0, indices)
+    width = (bags, weight.shape[-1])
+    position = torch.arange(indices.numel(), device=indices.device)
+    summed = counted & (position < offsets[-1]) if include_last_offset else counted
+    if mode == 2:  # max
+        masked = torch.where(summed.unsqueeze(-1), rows, -math.inf)
+        where = bag.unsqueeze(-1).expand_as(rows)
+        best = weight.new_full(width, -math.inf).scatter_reduce(0, where, masked, "amax")
+        first = torch.where(masked == best.index_select(0, bag), position.unsqueeze(-1),
+                            indices.numel())
+        first = torch.full(width, indices.numel(), device=indices.device).scatter_reduce(
+            0, where, first.expand_as(rows), "amin")
+        nonempty = (sizes > 0).unsqueeze(-1)
+        max_indices = torch.where(nonempty, indices.index_select(
+            0, first.clamp(max=max(indices.numel() - 1, 0)).flatten()).view(width), 0)
+        return torch.where(nonempty, best, 0), bag, sizes, max_indices
+    scale = summed.to(weight.dtype)
+    if per_sample_weights is not None:
+        scale = scale * per_sample_weights
+    out = weight.new_zeros(width).index_add(0, bag, rows * scale.unsqueeze(-1))
+    if mode == 1:  # mean
+        out = out / sizes.clamp(min=1).unsqueeze(-1).to(weight.dtype)
+    if mode == 0:  # eager counts no sizes for a sum
+        return out, bag, torch.zeros_like(sizes), torch.zeros_like(sizes)
+    return out, bag, sizes, sizes.clone()
+
+
+def embedding_bag_per_sample_weights_backward(grad: torch.Tensor, weight: torch.Tensor,
+                                              indices: torch.Tensor, offsets: torch.Tensor,
+                                              offset2bag: torch.Tensor, mode: int,
+                                              padding_idx: int = -1) -> torch.Tensor:
+    """The per-sample weights' gradient (``sum`` mode only, as in eager): each index's
+    bag gradient dotted with its row, zero for padding. Sent to the host by torch_xla."""
+    rows = weight.index_select(0, indices)
+    dots = (grad.index_select(0, _bags(indices, offsets, grad.shape[0])) * rows).sum(-1)
+    return torch.where(indices == padding_idx, 0, dots)
+
+
+def embedding_bag_backward(grad: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                           offset2bag: torch.Tensor, bag_size: torch.Tensor,
+                           maximum_indices: torch.Tensor, num_weights: int,
+                           scale_grad_by_freq: bool, mode: int, sparse: bool,
+                           per_sample_weights: torch.Tensor | None,
+                           padding_idx: int = -1) -> torch.Tensor:
+    """``EmbeddingBag``'s weight gradient, which torch_xla sends to its CPU fallback (two
+    host round trips a step), as eager's dense kernel computes it: each looked-up row
+    gets its bag's gradient (times its per-sample weight; over the bag's size for
+    ``mean``; over the row's count with ``scale_grad_by_freq``), padding rows none; for
+    ``max``, each non-empty bag's gradient goes to the rows that gave its maxima.
+    Each index's bag is found from ``offsets``, as eager leaves ``offset2bag`` empty for
+    ``sum`` without padding. A sparse gradient is left to torch_xla. With
+    ``scale_grad_by_freq`` each row is divided by its own index's count, as documented
+    and as CUDA does; torch 2.9's CPU kernel (which the fallback ran) divides some rows
+    by another index's count (pytorch/pytorch#190063)."""
+    if sparse:
+        return NotImplemented
+    bag = _bags(indices, offsets, grad.shape[0])
+    counted = (indices != padding_idx).to(grad.dtype)
+    # torch_xla's bag_size is one short with include_last_offset: counted here instead
+    sizes = grad.new_zeros(offsets.shape).index_add(0, bag, counted)[: grad.shape[0]]
+    weights = grad.new_zeros((num_weights, grad.shape[-1]))
+    if mode == 2:  # max
+        kept = torch.where((sizes > 0).unsqueeze(-1), grad, 0)
+        return weights.scatter_add(0, maximum_indices, kept)
+    scale = counted
+    if per_sample_weights is not None:
+        scale = scale * per_sample_weights
+    if mode == 1:  # mean
+        scale = scale / sizes.clamp(min=1).index_select(0, bag)
+    if scale_grad_by_freq:
+        frequency = grad.new_zeros(num_weights).index_add(0, indices, torch.ones_like(scale))
+        scale = scale / frequency.index_select(0, indices)
+    rows = grad.index_select(0, bag) * scale.unsqueeze(-1)
+    return weights.index_add(0, indices, rows)
+
+
 def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """The decompositions of :data:`DECOMPOSED_FOR_VALUES` and
     :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward`, :func:`infinite_norm`,
-    :func:`avg_pool_with_divisor`, :func:`embedding_renorm`, :func:`pseudo_inverse` and
+    :func:`avg_pool_with_divisor`, :func:`embedding_renorm`, :func:`pseudo_inverse`,
+    the ``embedding_bag`` family and
     ``special_functions``' ``lgamma`` family, for AOTAutograd's ``decompositions=``."""
     table = get_decompositions([*DECOMPOSED_FOR_VALUES, *DECOMPOSED_FOR_LOWERING])
     table[_aten.unfold_backward.default] = unfold_backward
@@ -206,6 +311,10 @@ def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
         table[op] = avg_pool_with_divisor(dims)
     table[_aten.embedding_renorm.default] = embedding_renorm
     table[_aten.linalg_pinv.atol_rtol_tensor] = pseudo_inverse
+    table[_aten._embedding_bag.default] = embedding_bag
+    table[_aten._embedding_bag_backward.default] = embedding_bag_backward
+    table[_aten._embedding_bag_per_sample_weights_backward.default] = (
+        embedding_bag_per_sample_weights_backward)
     table.update(special_function_decompositions())
     return table
 
@@ -332,5 +441,7 @@ def _composite(op: torch._ops.OpOverload, *args: object, **kwargs: object) -> ob
 
 
 __all__ = ["DECOMPOSED_FOR_LOWERING", "DECOMPOSED_FOR_VALUES", "DIFFERENTIATED_AS_DECOMPOSED",
-           "REDEFINED_AUTOGRAD", "gap_decompositions", "linalg_slogdet", "multilabel_margin_loss",
-           "pseudo_inverse", "restore_composite_autograd", "ungraded_ops"]
+           "REDEFINED_AUTOGRAD", "embedding_bag", "embedding_bag_backward",
+           "embedding_bag_per_sample_weights_backward", "gap_decompositions", "linalg_slogdet",
+           "multilabel_margin_loss", "pseudo_inverse", "restore_composite_autograd",
+           "ungraded_ops"]
