@@ -203,14 +203,19 @@ class _ShapeCheckedRun(torch.fx.Interpreter):
     lowering declares another shape than eager's (batched ``_linalg_svd``'s singular
     values), later ops compute on the wrong elements and a loss may keep the right
     shape with wrong values. Checked once per trace, not per step. A tuple result is
-    checked where a ``getitem`` takes its parts, so an unused part is not.
+    checked where a ``getitem`` takes its parts, so an unused part is not. A graph traced
+    for inputs of other shapes than its metadata's (a new signature at call time) is
+    not checked: the metadata does not describe that trace.
     """
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        self.checked = all(_same_shape(a, n.meta.get("val")) for a, n in zip(args, placeholders))
+        return super().run(*args, **kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
-        want = n.meta.get("val")
-        if isinstance(result, torch.Tensor) and isinstance(want, torch.Tensor) and \
-                all(type(d) is int for d in want.shape) and result.shape != want.shape:
+        if self.checked and not _same_shape(result, want := n.meta.get("val")):
             op = f"{n.args[0].target} output {n.args[1]}" if n.target is operator.getitem \
                 and isinstance(n.args[0], torch.fx.Node) else str(n.target)
             raise LoweredShapeMismatch(
@@ -218,6 +223,12 @@ class _ShapeCheckedRun(torch.fx.Interpreter):
                 f"{tuple(result.shape)}, but eager PyTorch gives {tuple(want.shape)}; "
                 f"please report this op")
         return result
+
+
+def _same_shape(value: Any, want: Any) -> bool:
+    """False only where both are tensors and ``want``'s static shape is not ``value``'s."""
+    return not (isinstance(value, torch.Tensor) and isinstance(want, torch.Tensor)
+                and all(type(d) is int for d in want.shape) and value.shape != want.shape)
 
 
 def _check_dtypes(results: Sequence[Any], output_nodes: Sequence[Any]) -> None:
