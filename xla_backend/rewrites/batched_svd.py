@@ -1,5 +1,5 @@
-"""``_linalg_svd`` of a batch of matrices through torch_xla's ``svd``, with the singular
-values read off ``U`` and ``V``.
+"""``_linalg_svd`` of a batch of matrices rebuilt from the ``U`` and ``V`` torch_xla gets
+right, the singular values read off them.
 
 torch_xla 2.9's ``_linalg_svd`` is right for one matrix and wrong for a batch (in lazy
 mode too): it declares the singular values of a ``[..., m, n]`` batch with shape

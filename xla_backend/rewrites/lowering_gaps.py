@@ -31,7 +31,9 @@ Four gaps, each found against eager PyTorch on CPU (``tests/xla/test_lowering_ga
   iteration, ``Tensor.unfold``). torch's decompositions of them lower to ordinary XLA
   ops; ``Tensor.unfold``'s backward gets one of its own (:func:`unfold_backward`), and
   ``Embedding(max_norm=...)``'s ``embedding_renorm``, which torch does not decompose,
-  one of ours (:func:`embedding_renorm`).
+  one of ours (:func:`embedding_renorm`), as do ``EmbeddingBag``'s forward and
+  backward (:func:`embedding_bag`) and ``lgamma``, ``digamma`` and ``polygamma``
+  (``special_functions``).
 * **A backward that cannot be traced or lowered.** ``affine_grid``'s backward is a C++
   composite that reshapes a tensor in place (``unsqueeze_``); on the functional tensors
   of AOTAutograd's trace that reaches torch_xla's kernel, which stops the compile with
@@ -279,7 +281,7 @@ def embedding_bag_backward(grad: torch.Tensor, indices: torch.Tensor, offsets: t
         return NotImplemented
     bag = _bags(indices, offsets, grad.shape[0])
     counted = (indices != padding_idx).to(grad.dtype)
-    # torch_xla's bag_size is one short with include_last_offset: counted here instead
+    # bag_size is zeros for a sum (eager's too): the sizes are counted here
     sizes = grad.new_zeros(offsets.shape).index_add(0, bag, counted)[: grad.shape[0]]
     weights = grad.new_zeros((num_weights, grad.shape[-1]))
     if mode == 2:  # max
@@ -300,9 +302,9 @@ def embedding_bag_backward(grad: torch.Tensor, indices: torch.Tensor, offsets: t
 def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """The decompositions of :data:`DECOMPOSED_FOR_VALUES` and
     :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward`, :func:`infinite_norm`,
-    :func:`avg_pool_with_divisor`, :func:`embedding_renorm`, :func:`pseudo_inverse`,
-    the ``embedding_bag`` family and
-    ``special_functions``' ``lgamma`` family, for AOTAutograd's ``decompositions=``."""
+    :func:`avg_pool_with_divisor`, :func:`embedding_renorm`, :func:`pseudo_inverse`, the
+    :func:`embedding_bag` family and ``special_functions``' ``lgamma`` family, for
+    AOTAutograd's ``decompositions=``."""
     table = get_decompositions([*DECOMPOSED_FOR_VALUES, *DECOMPOSED_FOR_LOWERING])
     table[_aten.unfold_backward.default] = unfold_backward
     for op, reference in get_decompositions([_aten.norm]).items():
