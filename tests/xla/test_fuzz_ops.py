@@ -553,6 +553,21 @@ def test_wrong_dtype_from_a_lowering_is_refused(xla, monkeypatch):
     assert isinstance(e.value.inner_exception, LoweredDtypeMismatch)
 
 
+def test_a_float_lowered_to_an_integer_inside_a_graph_is_refused(xla, monkeypatch):
+    """Without the rewrites torch_xla's clamp truncates the float bound to the integer
+    input's dtype; the product makes the output a float again, so only the check of each
+    node's dtype sees it (eager gives -3.0 for -2, torch_xla -2.0)."""
+    from xla_backend import rewrites
+    from xla_backend.errors import LoweredDtypeMismatch
+
+    monkeypatch.setattr(rewrites, "ATEN_REWRITES", ())
+    fn = torch.compile(lambda t: t.clamp(min=-1.5) * 2.0, backend="syncfree_xla")
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
+                       match=r"clamp.*int64.*float32") as e:
+        fn(torch.tensor([3, -2], device=xla))
+    assert isinstance(e.value.inner_exception, LoweredDtypeMismatch)
+
+
 def test_wrong_shape_from_a_lowering_is_refused(xla, monkeypatch):
     """Without the rewrites torch_xla declares a batch's singular values with the batch
     dims dropped, and the sum below would add across the batch: an error naming the

@@ -121,7 +121,7 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
         if isinstance(t, torch.Tensor)
     }
     fallbacks_before = xla_metrics.fallback_counts()
-    results = _ShapeCheckedRun(device_gm).run(*stand)
+    results = _CheckedRun(device_gm).run(*stand)
     fell_back = xla_metrics.fell_back_since(fallbacks_before)
     if fell_back:
         raise OpsFellBackInTrace(fell_back)
@@ -195,34 +195,55 @@ def _trace(device_gm: torch.fx.GraphModule, inputs: list[Any], device: torch.dev
     return Trace(exe, computed, hlo, kinds, [(tuple(t.shape), t.dtype) for t in tensors])
 
 
-class _ShapeCheckedRun(torch.fx.Interpreter):
-    """Runs the graph node by node and refuses a result whose shape differs from the one
-    the node's metadata (torch's own shape rules) gives.
+class _CheckedRun(torch.fx.Interpreter):
+    """Runs the graph node by node and refuses a value whose shape differs from the one
+    the node's metadata (torch's own rules) gives, or whose dtype holds less.
 
     torch_xla's IR carries a shape per node that its later nodes build on; where a
     lowering declares another shape than eager's (batched ``_linalg_svd``'s singular
     values), later ops compute on the wrong elements and a loss may keep the right
-    shape with wrong values. Checked once per trace, not per step. A tuple result is
-    checked where a ``getitem`` takes its parts, so an unused part is not. A graph traced
-    for inputs of other shapes than its metadata's (a new signature at call time) is
-    not checked: the metadata does not describe that trace.
+    shape with wrong values. A float computed as an integer, or in a narrower float,
+    loses digits even where a later op converts it back (graph outputs must match
+    exactly: ``_check_dtypes``). Checked once per trace, not per step. A tuple result
+    is checked where a ``getitem`` takes its parts, so an unused part is not. Shapes are
+    not compared in a graph traced for inputs of other shapes than its metadata's (a
+    new signature at call time): the metadata does not describe that trace.
     """
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        self.checked = all(_same_shape(a, n.meta.get("val")) for a, n in zip(args, placeholders))
+        self.shapes_checked = all(_same_shape(a, n.meta.get("val"))
+                                  for a, n in zip(args, placeholders))
         return super().run(*args, **kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
-        if self.checked and not _same_shape(result, want := n.meta.get("val")):
-            op = f"{n.args[0].target} output {n.args[1]}" if n.target is operator.getitem \
-                and isinstance(n.args[0], torch.fx.Node) else str(n.target)
+        want = n.meta.get("val")
+        op = f"{n.args[0].target} output {n.args[1]}" if n.target is operator.getitem \
+            and isinstance(n.args[0], torch.fx.Node) else str(n.target)
+        if _loses_values(result, want):
+            raise LoweredDtypeMismatch(
+                f"syncfree_xla: torch_xla lowered {op} ({n.name}) to {result.dtype}, but "
+                f"eager PyTorch gives {want.dtype}; please report this op")
+        if self.shapes_checked and not _same_shape(result, want):
             raise LoweredShapeMismatch(
                 f"syncfree_xla: torch_xla lowered {op} ({n.name}) to shape "
                 f"{tuple(result.shape)}, but eager PyTorch gives {tuple(want.shape)}; "
                 f"please report this op")
         return result
+
+
+def _loses_values(value: Any, want: Any) -> bool:
+    """Whether ``value``'s dtype cannot hold what ``want``'s does: a float or complex
+    value as an integer or bool, complex as real, a float in another float no wider."""
+    if not (isinstance(value, torch.Tensor) and isinstance(want, torch.Tensor)) or \
+            value.dtype == want.dtype:
+        return False
+    if want.is_complex():
+        return not value.is_complex()
+    if want.is_floating_point():
+        return not value.is_floating_point() or value.element_size() <= want.element_size()
+    return want.dtype != torch.bool and value.dtype == torch.bool
 
 
 def _same_shape(value: Any, want: Any) -> bool:
