@@ -129,9 +129,23 @@ def compile(tensors: Sequence[torch.Tensor]) -> None:
     _XLAC._xla_warm_up_cache(list(tensors), [])
 
 
+class ComputationEvicted(RuntimeError):
+    """torch_xla's computation cache (``XLA_COMPILATION_CACHE_SIZE`` entries, least
+    recently used out first) no longer holds a computation compiled earlier."""
+
+
+_EVICTED = "Failed to get computation by hash"  # torch_xla 2.9's message for it
+
+
 def run_cached(graph_hash_: Any, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Runs the cached executable ``graph_hash_`` on ``buffers``; results are lazy."""
-    return _XLAC._run_cached_graph(graph_hash_, list(buffers))
+    """Runs the cached executable ``graph_hash_`` on ``buffers``; results are lazy.
+    Raises :class:`ComputationEvicted`, before anything runs, when it was evicted."""
+    try:
+        return _XLAC._run_cached_graph(graph_hash_, list(buffers))
+    except RuntimeError as exc:
+        if _EVICTED in str(exc):
+            raise ComputationEvicted(str(exc).splitlines()[0]) from None
+        raise
 
 
 _READS = "syncfree_reads"  # the name of :func:`reader`'s computations and their nodes
@@ -231,6 +245,7 @@ def spmd_config_locked() -> bool:
 
 
 __all__ = [
+    "ComputationEvicted",
     "apply_computation",
     "clear_sharding",
     "compile",

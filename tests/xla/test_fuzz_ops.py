@@ -568,6 +568,14 @@ def test_a_float_lowered_to_an_integer_inside_a_graph_is_refused(xla, monkeypatc
     assert isinstance(e.value.inner_exception, LoweredDtypeMismatch)
 
 
+def test_a_cholesky_whose_info_is_read_keeps_eagers_info(xla):
+    """XLA's factor cannot say which leading minor failed, so ``cholesky_ex`` with its
+    ``info`` used is not rewritten onto ``torch.cholesky`` (``rewrites.triangular_solvers``)."""
+    a = torch.eye(3).repeat(2, 1, 1)
+    a[1, 2, 2] = -1.0
+    assert_compiles_like_eager(lambda t: torch.linalg.cholesky_ex(t)[1], a, device=xla)
+
+
 def test_wrong_shape_from_a_lowering_is_refused(xla, monkeypatch):
     """Without the rewrites torch_xla declares a batch's singular values with the batch
     dims dropped, and the sum below would add across the batch: an error naming the

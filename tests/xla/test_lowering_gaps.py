@@ -202,6 +202,16 @@ LINEAR_ALGEBRA: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     .expand(h.shape[0]),
     "hermitian_pinv_of_a_batch": lambda h: torch.linalg.pinv(_spd(h), hermitian=True)
     .flatten(1).sum(1),
+    # torch.linalg's Cholesky and triangular solves and cholesky_solve ran on the host
+    "cholesky_solve": lambda h: torch.cholesky_solve(
+        h[:, :3, None], torch.linalg.cholesky(_spd(h))).flatten(1).sum(1),
+    "cholesky_solve_upper": lambda h: torch.cholesky_solve(
+        h[:, :3, None], torch.linalg.cholesky(_spd(h), upper=True), upper=True).flatten(1).sum(1),
+    "solve_triangular": lambda h: torch.linalg.solve_triangular(
+        torch.linalg.cholesky(_spd(h)), h[:, :6].reshape(-1, 3, 2), upper=False).flatten(1).sum(1),
+    "solve_triangular_right_unit": lambda h: torch.linalg.solve_triangular(
+        torch.linalg.cholesky(_spd(h)).mT, h[:, :6].reshape(-1, 2, 3), upper=True, left=False,
+        unitriangular=True).flatten(1).sum(1),
 }
 
 
@@ -238,11 +248,25 @@ def _counts_and_rates(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
              + _D.StudentT(c[:, 0] + 1.0, y[:, 1], c[:, 2]).log_prob(y[:, 2]).mean())
 
 
-@pytest.mark.parametrize("loss_fn", [_beta_policy, _dirichlet, _counts_and_rates],
-                         ids=["beta", "dirichlet", "gamma-poisson-student-t"])
+def _multivariate_normal(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A full-covariance Gaussian's log-probability, from a Cholesky factor and from a
+    covariance (``torch.linalg.cholesky``; ``solve_triangular`` in both)."""
+    c = F.softplus(out) + 0.5
+    tril = torch.diag_embed(c) + torch.tril(torch.tanh(out).unsqueeze(1) * 0.3, -1)
+    by_factor = _D.MultivariateNormal(torch.tanh(out), scale_tril=tril)
+    by_covariance = _D.MultivariateNormal(out.detach() * 0, covariance_matrix=tril @ tril.mT)
+    return -(by_factor.log_prob(y).mean() + by_covariance.log_prob(y).mean())
+
+
+@pytest.mark.parametrize("loss_fn", [_beta_policy, _dirichlet, _counts_and_rates,
+                                     _multivariate_normal],
+                         ids=["beta", "dirichlet", "gamma-poisson-student-t",
+                              "multivariate-normal"])
 def test_distribution_log_probs_train_like_eager_without_host_round_trips(xla, loss_fn):
     """``lgamma``, ``digamma`` and ``polygamma(1, x)`` (Beta's entropy, backward) have no
-    lowering: 7-12 host transfers a step before ``rewrites.special_functions``."""
+    lowering, nor ``linalg_cholesky_ex`` and ``linalg_solve_triangular``: 7-13 host
+    transfers a step before ``rewrites.special_functions`` and
+    ``rewrites.triangular_solvers``."""
     _check(xla, _Between(torch.tanh), loss_fn)
 
 

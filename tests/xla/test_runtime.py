@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -188,3 +189,41 @@ def test_a_graph_traced_on_one_buffer_passed_twice_reads_two_inputs(xla):
     (same,) = lowered([x, x])
     torch.testing.assert_close(same.cpu(), torch.arange(4.0) * 3)
 
+
+
+EVICTING_LOOP = textwrap.dedent("""
+    import os, torch, torch_xla, xla_backend
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    reference.load_state_dict(model.state_dict())
+    model.to(torch_xla.device())
+    def make_step(m):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        def step(x):
+            loss = m(x).pow(2).mean(); loss.backward(); opt.step(); opt.zero_grad()
+            return loss.detach()
+        return step
+    step, eager = torch.compile(make_step(model), backend="syncfree_xla"), make_step(reference)
+    other = torch.compile(lambda t: t.sin() * 2, backend="syncfree_xla")
+    for i in range(6):
+        x = torch.randn(4, 8)
+        got, want = step(x.to(torch_xla.device())), eager(x)
+        assert torch.allclose(got.cpu(), want, rtol=1e-4), (i, got, want)
+        for n in range(3):  # graphs of their own shapes push the step's graphs out
+            other(torch.randn(3 + n + 3 * i, device=torch_xla.device())).cpu()
+    print("trained")
+""")
+
+
+def test_a_graph_evicted_from_torch_xlas_computation_cache_compiles_again():
+    """torch_xla keeps ``XLA_COMPILATION_CACHE_SIZE`` computations (2048 by default),
+    least recently used out first; a graph run after its computation was evicted failed
+    with "Failed to get computation by hash". Graphs run one by one here
+    (``join_graphs`` off), as a step's first run and a graph cut around a host op do."""
+    env = dict(os.environ, XLA_COMPILATION_CACHE_SIZE="2", SYNCFREE_XLA_JOIN_GRAPHS="0",
+               PJRT_DEVICE="CPU")
+    proc = subprocess.run([sys.executable, "-c", EVICTING_LOOP], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "trained"

@@ -20,6 +20,7 @@ from .nan_semantics import NAN_SEMANTICS
 from .scalar_doubles import SCALAR_DOUBLES
 from .scaled_addmm import SCALED_ADDMM
 from .small_conv import SMALL_CONV_AS_MATMUL
+from .triangular_solvers import TRIANGULAR_SOLVERS
 from .type_promotion import promote_dtypes
 from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 
@@ -30,6 +31,7 @@ from .zero_dim import unsqueeze_0d_dims, zeros_for_empty_inputs
 ATEN_REWRITES: tuple[GraphPass, ...] = (
     SCALED_ADDMM,
     BATCHED_SVD,
+    TRIANGULAR_SOLVERS,
     zeros_for_empty_inputs,
     unsqueeze_0d_dims,
     promote_dtypes,

@@ -69,6 +69,12 @@ def compile_once(key: str, compile_fn: Callable[[], None], threads: int) -> Futu
     return future
 
 
+def forget(key: str) -> None:
+    """Lets ``key`` compile again: torch_xla evicted what it compiled."""
+    with _lock:
+        _compiling.pop(key, None)
+
+
 def reset() -> None:
     """Forgets finished compiles: the next graph with one of their keys compiles again.
 

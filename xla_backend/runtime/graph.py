@@ -411,8 +411,19 @@ class LoweredGraph:
                               self._options or resolve(None))
             compile_pool.wait_compiled(exe.ready)
             _materialize(feed, self._device)
-            computed = compile_pool.timed_wait(
-                lambda: xla_internals.run_cached(exe.graph_hash, feed))
+            try:
+                computed = compile_pool.timed_wait(
+                    lambda: xla_internals.run_cached(exe.graph_hash, feed))
+            except xla_internals.ComputationEvicted:
+                # more computations than torch_xla's cache holds: compile this one again
+                log.debug("syncfree_xla: %s was evicted from torch_xla's computation "
+                          "cache; compiling it again", self.name)
+                compile_pool.forget(_hash_key(exe.graph_hash))
+                start_compile(exe, _feed(exe.hlo_params, dev_inputs), self._device,
+                              self._options or resolve(None))
+                compile_pool.wait_compiled(exe.ready)
+                computed = compile_pool.timed_wait(
+                    lambda: xla_internals.run_cached(exe.graph_hash, feed))
             counters.incr(counters.EXECUTIONS)
             compile_pool.dispatched(computed, self._async_dispatch)
         if computed and exe.graph_hash is not None:
