@@ -5,8 +5,9 @@ torch_xla 2.9 lowers ``torch.cholesky`` and ``torch.triangular_solve`` (batched 
 broadcast, to 1e-7 of eager's) but not their ``torch.linalg`` successors nor
 ``cholesky_solve``, which AOTAutograd's graphs hold, in the backward too: a Gaussian
 process's marginal likelihood (``cholesky``, ``cholesky_solve``) cost 9 host transfers
-and 4 executions a step on its CPU fallback, and so did ``MultivariateNormal``'s
-log-probability (``solve_triangular``). Each call is rewritten onto the older ops:
+and 4 executions a step on its CPU fallback, a ``MultivariateNormal`` log-probability
+(``cholesky``, ``solve_triangular``) 13 and 5. Each call is rewritten onto the older
+ops:
 
 * ``linalg_cholesky_ex`` when its ``info`` is not used (``torch.linalg.cholesky``,
   whose check a compiled graph drops for every backend) and errors are not checked.
