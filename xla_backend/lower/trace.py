@@ -219,18 +219,23 @@ class _CheckedRun(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
         want = n.meta.get("val")
-        op = f"{n.args[0].target} output {n.args[1]}" if n.target is operator.getitem \
-            and isinstance(n.args[0], torch.fx.Node) else str(n.target)
         if _loses_values(result, want):
             raise LoweredDtypeMismatch(
-                f"syncfree_xla: torch_xla lowered {op} ({n.name}) to {result.dtype}, but "
-                f"eager PyTorch gives {want.dtype}; please report this op")
+                f"syncfree_xla: torch_xla lowered {_op_name(n)} ({n.name}) to {result.dtype}, "
+                f"but eager PyTorch gives {want.dtype}; please report this op")
         if self.shapes_checked and not _same_shape(result, want):
             raise LoweredShapeMismatch(
-                f"syncfree_xla: torch_xla lowered {op} ({n.name}) to shape "
+                f"syncfree_xla: torch_xla lowered {_op_name(n)} ({n.name}) to shape "
                 f"{tuple(result.shape)}, but eager PyTorch gives {tuple(want.shape)}; "
                 f"please report this op")
         return result
+
+
+def _op_name(n: torch.fx.Node) -> str:
+    """The op a node computes; for a ``getitem``, the op it takes an output of."""
+    if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):
+        return f"{n.args[0].target} output {n.args[1]}"
+    return str(n.target)
 
 
 def _loses_values(value: Any, want: Any) -> bool:

@@ -12,6 +12,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
+from torch.fx.operator_schemas import normalize_function
 
 from passes.base import GraphPass, PassResult
 
@@ -21,6 +22,13 @@ _COPIED_META = ("stack_trace", "nn_module_stack", "seq_nr")
 def meta_val(arg: Any) -> Any:
     """The value a node stands for (a fake tensor, a SymInt...), or None for a literal."""
     return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+
+
+def arguments(node: torch.fx.Node) -> dict[str, Any]:
+    """A call's arguments by their schema names, defaults filled in (the first one, a
+    schema's ``self``, is named ``input``)."""
+    return normalize_function(node.target, node.args, node.kwargs,
+                              normalize_to_only_use_kwargs=True).kwargs
 
 
 def call(graph: torch.fx.Graph, like: torch.fx.Node, target: Any, args: tuple,

@@ -22,19 +22,11 @@ import operator
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import is_fake
-from torch.fx.operator_schemas import normalize_function
 
-from ._fx import call, meta_val, node_rewrite_pass
+from ._fx import arguments, call, meta_val, node_rewrite_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-
-def _arguments(node: torch.fx.Node) -> tuple[torch.fx.Node, bool, bool]:
-    """``_linalg_svd``'s operand and flags, with the schema's defaults."""
-    values = normalize_function(node.target, node.args, node.kwargs,
-                                normalize_to_only_use_kwargs=True).kwargs
-    return values["A"], values["full_matrices"], values["compute_uv"]
 
 
 def svd_factors(a: torch.Tensor, full_matrices: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +38,8 @@ def svd_factors(a: torch.Tensor, full_matrices: bool) -> tuple[torch.Tensor, tor
 
 
 def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
-    a, full_matrices, compute_uv = _arguments(node)
+    args = arguments(node)
+    a, full_matrices, compute_uv = args["A"], args["full_matrices"], args["compute_uv"]
     val = meta_val(a)
     users = list(node.users)
     if not isinstance(val, torch.Tensor) or val.dim() <= 2 or val.is_complex() or \

@@ -13,7 +13,7 @@ AOTAutograd decompositions, so the backward graphs get them too.
   series there, the reflection formula below 0.5; ``digamma`` is ``-inf`` at 0 and NaN at
   the negative integers, as eager, and ``polygamma(1, x)`` is ``inf`` at every pole.
 
-``sin(pi x)`` is taken of ``x - round(x)``, exact in floating point, or the reflection
+``sin`` and ``tan`` of ``pi x`` are taken of ``pi (x - round(x))``, or the reflection
 would lose the digits that matter next to a pole. In float32 the results agree with
 eager's to 3e-6 (``lgamma``) and 1e-6 (the others) of ``max(1, |value|)``;
 half-precision inputs are computed in float32 and rounded once. Higher orders of
@@ -43,9 +43,10 @@ def _result_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.is_floating_point() else torch.get_default_dtype()
 
 
-def _sin_pi(x: torch.Tensor) -> torch.Tensor:
-    """``sin(pi x)`` up to its sign, from ``x``'s distance to the nearest integer."""
-    return torch.sin(math.pi * (x - torch.round(x)))
+def _pi_reduced(x: torch.Tensor) -> torch.Tensor:
+    """``pi x`` less a multiple of ``pi``: ``sin`` (up to its sign) and ``tan`` of it are
+    those of ``pi x``, without the digits ``pi x`` itself loses next to an integer."""
+    return math.pi * (x - torch.round(x))
 
 
 def _poles(x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ def lgamma(x: torch.Tensor) -> torch.Tensor:
     series = _LANCZOS[0] + sum(c / (z + i) for i, c in enumerate(_LANCZOS[1:], 1))
     t = z + _LANCZOS_G + 0.5
     right = 0.5 * math.log(2 * math.pi) + (z + 0.5) * torch.log(t) - t + torch.log(series)
-    left = math.log(math.pi) - torch.log(torch.abs(_sin_pi(w))) - right
+    left = math.log(math.pi) - torch.log(torch.abs(torch.sin(_pi_reduced(w)))) - right
     out = torch.where(_poles(w), math.inf, torch.where(reflect, left, right))
     # its zeros exactly, as eager (log 0! and log 1! of a count)
     out = torch.where((w == 1) | (w == 2), 0.0, out)
@@ -92,8 +93,7 @@ def digamma(x: torch.Tensor) -> torch.Tensor:
     w = _working(x)
     reflect = w < 0.5
     right = _shifted(torch.where(reflect, 1 - w, w), _digamma_series, torch.reciprocal, -1.0)
-    out = torch.where(reflect, right - math.pi / torch.tan(math.pi * (w - torch.round(w))),
-                      right)
+    out = torch.where(reflect, right - math.pi / torch.tan(_pi_reduced(w)), right)
     out = torch.where(_poles(w), torch.where(w == 0, -math.inf, math.nan), out)
     return out.to(_result_dtype(x))
 
@@ -108,7 +108,7 @@ def polygamma(n: int, x: torch.Tensor) -> torch.Tensor:
     reflect = w < 0.5
     right = _shifted(torch.where(reflect, 1 - w, w), _trigamma_series,
                      lambda v: 1 / (v * v), 1.0)
-    s = _sin_pi(w)
+    s = torch.sin(_pi_reduced(w))
     out = torch.where(reflect, math.pi ** 2 / (s * s) - right, right)
     return out.to(_result_dtype(x))
 

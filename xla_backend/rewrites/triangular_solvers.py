@@ -27,17 +27,11 @@ import operator
 
 import torch
 import torch.fx
-from torch.fx.operator_schemas import normalize_function
 
-from ._fx import call, meta_val, node_rewrite_pass
+from ._fx import arguments, call, meta_val, node_rewrite_pass
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-
-def _arguments(node: torch.fx.Node) -> dict:
-    return normalize_function(node.target, node.args, node.kwargs,
-                              normalize_to_only_use_kwargs=True).kwargs
 
 
 def _real(*nodes: object) -> bool:
@@ -59,7 +53,7 @@ def _transpose(graph: torch.fx.Graph, like: torch.fx.Node, t: torch.fx.Node) -> 
 
 
 def _cholesky(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
-    args = _arguments(node)
+    args = arguments(node)
     users = list(node.users)
     if args["check_errors"] or not _real(args["input"]) or any(
             u.target is not operator.getitem or u.args[1] != 0 for u in users):
@@ -74,7 +68,7 @@ def _cholesky(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
 
 
 def _solve_triangular(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
-    args = _arguments(node)
+    args = arguments(node)
     a, b = args["input"], args["B"]
     if not _real(a, b):
         return False
@@ -90,7 +84,7 @@ def _solve_triangular(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
 
 
 def _cholesky_solve(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
-    args = _arguments(node)
+    args = arguments(node)
     b, factor, upper = args["input"], args["input2"], args["upper"]
     if not _real(b, factor):
         return False

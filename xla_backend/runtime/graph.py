@@ -334,6 +334,14 @@ class LoweredGraph:
                 self._executables[key] = exe
         return exe
 
+    def _wait_compiled(self, exe: Executable, dev_inputs: Sequence[Any]) -> None:
+        """Waits for ``exe``'s compile, starting it where none was (under ``join_graphs``
+        a graph is traced without one)."""
+        if exe.ready is None:
+            start_compile(exe, _feed(exe.hlo_params, dev_inputs), self._device,
+                          self._options or resolve(None))
+        compile_pool.wait_compiled(exe.ready)
+
     def _check_devices(self, args: Sequence[Any]) -> None:
         for i in self._device_arg_positions:
             a = args[i]
@@ -406,24 +414,23 @@ class LoweredGraph:
         elif exe.graph_hash is not None:
             feed = _feed(exe.params, dev_inputs)
             _to_device_data(feed, self._device)
-            if exe.ready is None:
-                start_compile(exe, _feed(exe.hlo_params, dev_inputs), self._device,
-                              self._options or resolve(None))
-            compile_pool.wait_compiled(exe.ready)
+            self._wait_compiled(exe, dev_inputs)
             _materialize(feed, self._device)
-            try:
-                computed = compile_pool.timed_wait(
+
+            def run() -> list[torch.Tensor]:
+                return compile_pool.timed_wait(
                     lambda: xla_internals.run_cached(exe.graph_hash, feed))
+
+            try:
+                computed = run()
             except xla_internals.ComputationEvicted:
                 # more computations than torch_xla's cache holds: compile this one again
                 log.debug("syncfree_xla: %s was evicted from torch_xla's computation "
                           "cache; compiling it again", self.name)
                 compile_pool.forget(_hash_key(exe.graph_hash))
-                start_compile(exe, _feed(exe.hlo_params, dev_inputs), self._device,
-                              self._options or resolve(None))
-                compile_pool.wait_compiled(exe.ready)
-                computed = compile_pool.timed_wait(
-                    lambda: xla_internals.run_cached(exe.graph_hash, feed))
+                exe.ready = None
+                self._wait_compiled(exe, dev_inputs)
+                computed = run()
             counters.incr(counters.EXECUTIONS)
             compile_pool.dispatched(computed, self._async_dispatch)
         if computed and exe.graph_hash is not None:
