@@ -59,6 +59,12 @@ def device_data(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[torch.
     return list(ids), list(values)
 
 
+def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """CPU copies of device tensors in one transfer, where ``.cpu()`` on each is one
+    transfer per tensor (a graph's constants: a transfer each, ~0.08 ms apiece)."""
+    return list(_XLAC._xla_get_cpu_tensors(list(tensors)))
+
+
 def buffer_handles(tensors: Sequence[torch.Tensor]) -> list[int]:
     """Each tensor's device buffer, as a number: equal for tensors on one buffer."""
     return list(_XLAC._get_tensors_handle(list(tensors)))

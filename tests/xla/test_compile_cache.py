@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 import xla_backend
-from tests.xla_helpers import settle
+from tests.xla_helpers import MetricWindow, settle
 from xla_backend import warn_once, xla_internals
 from xla_backend.cache import graph_cache as compile_cache
 from xla_backend.cache.store import ENTRY_SUFFIX, Store
@@ -409,6 +409,24 @@ def test_entry_round_trips_without_pickle():
     assert decoded.outputs[:5] == want.outputs[:5]
     assert torch.equal(decoded.outputs[5][1], torch.arange(4))
     assert devices == ["cpu"]
+
+
+def test_an_entrys_device_constants_are_read_back_in_one_transfer(xla):
+    """A graph's constants (Python scalars torch_xla makes device data, a buffer each)
+    were read back one transfer apiece as its entry was stored: 258 transfers in the
+    first steps of a small CNN with AdamW and mixup. One transfer reads them all."""
+    values = [0.5 * k - 3.0 for k in range(24)]
+    consts = [torch.tensor(v, device=xla) for v in values]
+    entry = compile_cache.GraphEntry(
+        hlo=b"\x08\x01 not really hlo", hlo_params=[((), torch.float32)] * len(values),
+        params=[("const", c) for c in consts], computed=[((), torch.float32)],
+        outputs=[("computed", 0), ("value", torch.tensor([2.0, 4.0], device=xla))])
+    with MetricWindow() as window:
+        payload = compile_cache.encode_entry(entry)
+    assert window.counts.transfers_to_host == 1
+    decoded, devices = compile_cache.decode_entry(payload)
+    assert [float(t) for _, t in decoded.params] == values
+    assert decoded.outputs[1][1].tolist() == [2.0, 4.0] and devices == ["xla"]
 
 
 @pytest.mark.parametrize("spoil", ["params", "computed", "truncate", "output"])

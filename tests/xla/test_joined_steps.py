@@ -939,6 +939,7 @@ def test_steady_joined_steps_reuse_their_temporaries_instead_of_faulting_them_in
     a steady step faults in a small fraction of them. Page faults are the kernel's count,
     not a timing."""
     import resource
+    import statistics
 
     width, batch, layers = 1024, 2048, 6
     torch.manual_seed(0)
@@ -952,13 +953,17 @@ def test_steady_joined_steps_reuse_their_temporaries_instead_of_faulting_them_in
     for _ in range(3):
         compiled(model, opt, x, y)
         settle()
-    steps = 4
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    steps = 5
+    faults = []
     with MetricWindow() as window:
         for _ in range(steps):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             compiled(model, opt, x, y)
             settle()
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert window.counts.executions == steps, window.counts
     activation_pages = layers * batch * width * 4 // 4096  # one layer's output each
-    assert faults < activation_pages / 4, (faults, activation_pages)
+    # the median step: anything in the process that trims glibc's arenas (a compile
+    # finishing on the pool calls ``host_memory.release``) makes one step fault its
+    # temporaries in again; a full suite once saw that in one step of four
+    assert statistics.median(faults) < activation_pages / 4, (faults, activation_pages)

@@ -296,8 +296,12 @@ class GraphEntry:
 
 
 class _BlobWriter:
-    def __init__(self) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        """``tensors``: those :meth:`tensor` will be given; the device's are read back
+        together."""
         self.blobs: list[bytes] = []
+        on_device = [t for t in tensors if t.device.type == "xla"]
+        self._host = dict(zip(map(id, on_device), xla_internals.to_host(on_device)))
 
     def add(self, data: bytes) -> int:
         self.blobs.append(data)
@@ -307,7 +311,8 @@ class _BlobWriter:
         dtype = str(t.dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
             raise Uncacheable(f"tensor of dtype {t.dtype}")
-        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        host = self._host.get(id(t), t).detach().cpu()
+        data = host.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         return {"blob": self.add(data), "dtype": dtype, "shape": list(t.shape),
                 "device": t.device.type}
 
@@ -328,7 +333,8 @@ def _scalar_json(value: Any) -> Any:
 
 def encode_entry(entry: GraphEntry) -> bytes:
     """Bytes for the store; Uncacheable if some value has no faithful encoding."""
-    blobs = _BlobWriter()
+    blobs = _BlobWriter([v for kind, v in [*entry.params, *entry.outputs]
+                         if kind != "input" and isinstance(v, torch.Tensor)])
     params = [{"kind": "input", "position": v} if kind == "input"
               else {"kind": "const", "tensor": blobs.tensor(v)} for kind, v in entry.params]
     outputs: list[dict[str, Any]] = []
