@@ -52,6 +52,13 @@ def _patch_mean(h: torch.Tensor) -> torch.Tensor:
     return h.unfold(-1, 4, 2).mean(-1)
 
 
+def _log_space_scan(h: torch.Tensor) -> torch.Tensor:
+    """A log-space scan from an empty start (``log 0``), as minGRU's parallel mode
+    writes one, over the batch: the ``-inf`` start meets the scan's own padding."""
+    start = torch.full_like(h[:1], float("-inf"))
+    return torch.logcumsumexp(torch.cat([start, h]), 0)[1:]
+
+
 #: op name -> what the layer between the two Linears computes
 OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     # no gradient at all on main before the fix: the first layer never trained
@@ -69,6 +76,9 @@ OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "glu": lambda h: F.glu(h, dim=-1),
     "logaddexp": lambda h: torch.logaddexp(h, -2 * h),
     "unfold": _patch_mean,
+    # no lowering, forward or backward (which calls it too): three round trips a step
+    "logcumsumexp": lambda h: torch.logcumsumexp(h, -1),
+    "logcumsumexp_from_minus_inf": _log_space_scan,
     # a backward AOTAutograd could not trace on XLA (the compile failed)
     "affine_grid": lambda h: F.affine_grid(h[:, :6].reshape(-1, 2, 3), [h.shape[0], 1, 3, 2],
                                            align_corners=False).flatten(1),

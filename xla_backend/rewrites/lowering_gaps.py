@@ -32,8 +32,8 @@ Four gaps, each found against eager PyTorch on CPU (``tests/xla/test_lowering_ga
   ops; ``Tensor.unfold``'s backward gets one of its own (:func:`unfold_backward`), and
   ``Embedding(max_norm=...)``'s ``embedding_renorm``, which torch does not decompose,
   one of ours (:func:`embedding_renorm`), as do ``EmbeddingBag``'s forward and
-  backward (:func:`embedding_bag`) and ``lgamma``, ``digamma`` and ``polygamma``
-  (``special_functions``).
+  backward (:func:`embedding_bag`), ``logcumsumexp`` (:func:`log_cumulative_sum_exp`)
+  and ``lgamma``, ``digamma`` and ``polygamma`` (``special_functions``).
 * **A backward that cannot be traced or lowered.** ``affine_grid``'s backward is a C++
   composite that reshapes a tensor in place (``unsqueeze_``); on the functional tensors
   of AOTAutograd's trace that reaches torch_xla's kernel, which stops the compile with
@@ -153,6 +153,38 @@ def embedding_renorm(weight: torch.Tensor, indices: torch.Tensor, max_norm: floa
     norms = torch.linalg.vector_norm(rows, norm_type, dim=-1, keepdim=True)
     scale = torch.where(norms > max_norm, max_norm / (norms + 1e-7), 1.0)
     return weight.index_put((index,), rows * scale)
+
+
+def log_cumulative_sum_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``logcumsumexp``, which has no lowering (forward, and backward, which calls it
+    too), as a parallel prefix scan: ``ceil(log2 n)`` rounds, each adding to every
+    element, in log space, the element ``2**k`` before it. Float16 and bfloat16 are
+    scanned in float32 and rounded once; complex input and a symbolic length stay on
+    the host."""
+    n = x.shape[dim] if x.dim() else 1
+    if not x.is_floating_point() or not isinstance(n, int):
+        return NotImplemented
+    if x.dim() == 0:
+        return x.clone()
+    low_precision = x.dtype in (torch.float16, torch.bfloat16)
+    y = x.float() if low_precision else x
+    shift = 1
+    while shift < n:
+        empty = y.new_full([*y.shape[:dim % y.dim()], shift, *y.shape[dim % y.dim() + 1:]],
+                           -math.inf)
+        y = _log_add_exp(y, torch.cat([empty, y.narrow(dim, 0, n - shift)], dim))
+        shift *= 2
+    return y.to(x.dtype) if low_precision else y
+
+
+def _log_add_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(exp(a) + exp(b))`` from the larger of the two; two equal infinities (a
+    step's ``-inf`` padding against a ``-inf`` input) give themselves, with no NaN in
+    the unused branch for the gradient to pick up."""
+    high, low = torch.maximum(a, b), torch.minimum(a, b)
+    tie = (low == high) & low.isinf()
+    gap = torch.where(tie, 0.0, low - high)
+    return torch.where(tie, high, high + torch.log1p(torch.exp(gap)))
 
 
 def infinite_norm(reference: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -303,8 +335,8 @@ def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """The decompositions of :data:`DECOMPOSED_FOR_VALUES` and
     :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward`, :func:`infinite_norm`,
     :func:`avg_pool_with_divisor`, :func:`embedding_renorm`, :func:`pseudo_inverse`, the
-    :func:`embedding_bag` family and ``special_functions``' ``lgamma`` family, for
-    AOTAutograd's ``decompositions=``."""
+    :func:`embedding_bag` family, :func:`log_cumulative_sum_exp` and
+    ``special_functions``' ``lgamma`` family, for AOTAutograd's ``decompositions=``."""
     table = get_decompositions([*DECOMPOSED_FOR_VALUES, *DECOMPOSED_FOR_LOWERING])
     table[_aten.unfold_backward.default] = unfold_backward
     for op, reference in get_decompositions([_aten.norm]).items():
@@ -312,6 +344,7 @@ def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     for dims, op in _AVG_POOL.items():
         table[op] = avg_pool_with_divisor(dims)
     table[_aten.embedding_renorm.default] = embedding_renorm
+    table[_aten.logcumsumexp.default] = log_cumulative_sum_exp
     table[_aten.linalg_pinv.atol_rtol_tensor] = pseudo_inverse
     table[_aten._embedding_bag.default] = embedding_bag
     table[_aten._embedding_bag_backward.default] = embedding_bag_backward
