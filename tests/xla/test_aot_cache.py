@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,30 @@ def test_the_key_tells_apart_what_aotautograd_tells_apart(xla):
         assert key(x, y) != base
     with pytest.raises(compile_cache.Uncacheable, match="scalar"):
         key(x, 3)
+
+
+def test_the_key_follows_the_source_of_the_backends_decompositions(xla, tmp_path,
+                                                                    monkeypatch):
+    """An entry holds graphs traced with this backend's decompositions (and
+    ``lowering_gaps``' autograd kernels): a release that fixes one must not be served
+    the graphs its predecessor traced, though the ops decomposed are the same."""
+    gm = torch.fx.symbolic_trace(lambda a: torch.logcumsumexp(a, 0))
+    x = torch.ones(4).to(xla)
+    path = tmp_path / "fixed.py"
+    name = "xla_backend.rewrites.a_decomposition_being_fixed"
+
+    def key(source: str) -> str:
+        path.write_text(source)
+        module = types.ModuleType(name)
+        module.__file__ = str(path)
+        exec(compile(source, str(path), "exec"), module.__dict__)
+        monkeypatch.setitem(sys.modules, name, module)
+        return aot_cache.aot_key(gm, [x], {torch.ops.aten.logcumsumexp.default:
+                                           module.decomposition}).digest
+
+    before = key("def decomposition(x, dim):\n    return x.cumsum(dim)\n")
+    assert key("def decomposition(x, dim):\n    return x.cumsum(dim)\n") == before
+    assert key("def decomposition(x, dim):\n    return x.exp().cumsum(dim).log()\n") != before
 
 
 def test_the_key_reads_the_metadata_of_parameters_and_buffers_not_their_values(xla):
