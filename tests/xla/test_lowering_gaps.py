@@ -222,6 +222,11 @@ LINEAR_ALGEBRA: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "solve_triangular_right_unit": lambda h: torch.linalg.solve_triangular(
         torch.linalg.cholesky(_spd(h)).mT, h[:, :6].reshape(-1, 2, 3), upper=True, left=False,
         unitriangular=True).flatten(1).sum(1),
+    # no lowering, forward or backward: two host round trips a step each
+    "matrix_exp_of_a_batch": lambda h: torch.linalg.matrix_exp(h[:, :9].reshape(-1, 3, 3))
+    .flatten(1).sum(1),
+    "householder_product_of_a_batch": lambda h: torch.linalg.householder_product(
+        _batch(h, 4, 3), torch.sigmoid(h[:, :2])).flatten(1).sum(1),
 }
 
 
@@ -231,6 +236,29 @@ def test_linear_algebra_trains_like_eager(xla, name):
     first layer through the op and through the scale."""
     op = LINEAR_ALGEBRA[name]
     _check(xla, _Between(lambda h: h * torch.tanh(op(h)).unsqueeze(1)))
+
+
+class _Orthogonal(torch.nn.Module):
+    """A Linear whose weight ``parametrizations.orthogonal`` keeps orthogonal, between
+    two others: ``matrix_exp`` computes a square one, ``householder_product`` the rest."""
+
+    def __init__(self, columns: int) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(6, 8)
+        self.middle = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(8, columns))
+        self.outer = torch.nn.Linear(columns, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outer(torch.tanh(self.middle(torch.tanh(self.inner(x)))))
+
+
+@pytest.mark.parametrize("columns", [8, 5], ids=["square-matrix_exp", "householder"])
+def test_an_orthogonal_parametrization_trains_like_eager_without_host_round_trips(
+        xla, columns):
+    """torch_xla has no lowering for ``linalg_matrix_exp`` nor
+    ``linalg_householder_product``: 2 host transfers and 2-3 executions a step before
+    ``rewrites.matrix_functions``."""
+    _check(xla, _Orthogonal(columns))
 
 
 _D = torch.distributions

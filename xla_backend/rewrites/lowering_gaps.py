@@ -32,8 +32,9 @@ Four gaps, each found against eager PyTorch on CPU (``tests/xla/test_lowering_ga
   ops; ``Tensor.unfold``'s backward gets one of its own (:func:`unfold_backward`), and
   ``Embedding(max_norm=...)``'s ``embedding_renorm``, which torch does not decompose,
   one of ours (:func:`embedding_renorm`), as do ``EmbeddingBag``'s forward and
-  backward (:func:`embedding_bag`), ``logcumsumexp`` (:func:`log_cumulative_sum_exp`)
-  and ``lgamma``, ``digamma`` and ``polygamma`` (``special_functions``).
+  backward (:func:`embedding_bag`), ``logcumsumexp`` (:func:`log_cumulative_sum_exp`),
+  ``lgamma``, ``digamma`` and ``polygamma`` (``special_functions``), and ``matrix_exp``
+  and ``householder_product`` (``matrix_functions``).
 * **A backward that cannot be traced or lowered.** ``affine_grid``'s backward is a C++
   composite that reshapes a tensor in place (``unsqueeze_``); on the functional tensors
   of AOTAutograd's trace that reaches torch_xla's kernel, which stops the compile with
@@ -67,6 +68,7 @@ from typing import Callable
 import torch
 from torch._decomp import get_decompositions
 
+from .matrix_functions import matrix_function_decompositions
 from .special_functions import special_function_decompositions
 
 _aten = torch.ops.aten
@@ -335,8 +337,9 @@ def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """The decompositions of :data:`DECOMPOSED_FOR_VALUES` and
     :data:`DECOMPOSED_FOR_LOWERING`, :func:`unfold_backward`, :func:`infinite_norm`,
     :func:`avg_pool_with_divisor`, :func:`embedding_renorm`, :func:`pseudo_inverse`, the
-    :func:`embedding_bag` family, :func:`log_cumulative_sum_exp` and
-    ``special_functions``' ``lgamma`` family, for AOTAutograd's ``decompositions=``."""
+    :func:`embedding_bag` family, :func:`log_cumulative_sum_exp`,
+    ``special_functions``' ``lgamma`` family and ``matrix_functions``' ``matrix_exp``
+    and ``householder_product``, for AOTAutograd's ``decompositions=``."""
     table = get_decompositions([*DECOMPOSED_FOR_VALUES, *DECOMPOSED_FOR_LOWERING])
     table[_aten.unfold_backward.default] = unfold_backward
     for op, reference in get_decompositions([_aten.norm]).items():
@@ -351,6 +354,7 @@ def gap_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     table[_aten._embedding_bag_per_sample_weights_backward.default] = (
         embedding_bag_per_sample_weights_backward)
     table.update(special_function_decompositions())
+    table.update(matrix_function_decompositions())
     return table
 
 
