@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 from typing import Any
 
@@ -210,28 +209,28 @@ def test_the_key_tells_apart_what_aotautograd_tells_apart(xla):
         key(x, 3)
 
 
-def test_the_key_follows_the_source_of_the_backends_decompositions(xla, tmp_path,
-                                                                    monkeypatch):
-    """An entry holds graphs traced with this backend's decompositions (and
-    ``lowering_gaps``' autograd kernels): a release that fixes one must not be served
-    the graphs its predecessor traced, though the ops decomposed are the same."""
+def test_both_tiers_keys_follow_the_backends_source(xla, tmp_path, monkeypatch):
+    """An AOTAutograd entry holds graphs traced with this backend's decompositions and
+    autograd kernels, a graph entry the HLO its rewrites and lowering made: a release
+    that fixes one must not be served what its predecessor stored, though the graph,
+    the ops decomposed and the pass versions are the same."""
+    from xla_backend.options import resolve
+
     gm = torch.fx.symbolic_trace(lambda a: torch.logcumsumexp(a, 0))
     x = torch.ones(4).to(xla)
-    path = tmp_path / "fixed.py"
-    name = "xla_backend.rewrites.a_decomposition_being_fixed"
+    source = tmp_path / "lowering_gaps.py"
+    monkeypatch.setattr(compile_cache, "code_files", lambda: [source])
 
-    def key(source: str) -> str:
-        path.write_text(source)
-        module = types.ModuleType(name)
-        module.__file__ = str(path)
-        exec(compile(source, str(path), "exec"), module.__dict__)
-        monkeypatch.setitem(sys.modules, name, module)
-        return aot_cache.aot_key(gm, [x], {torch.ops.aten.logcumsumexp.default:
-                                           module.decomposition}).digest
+    def keys(text: str) -> tuple[str, str]:
+        source.write_text(text)
+        monkeypatch.setattr(compile_cache, "_environment", {})  # as a new process
+        return (aot_cache.aot_key(gm, [x], {}).digest,
+                compile_cache.graph_key(gm, [x], resolve(None)).digest)
 
-    before = key("def decomposition(x, dim):\n    return x.cumsum(dim)\n")
-    assert key("def decomposition(x, dim):\n    return x.cumsum(dim)\n") == before
-    assert key("def decomposition(x, dim):\n    return x.exp().cumsum(dim).log()\n") != before
+    before = keys("def decomposition(x, dim):\n    return x.cumsum(dim)\n")
+    assert keys("def decomposition(x, dim):\n    return x.cumsum(dim)\n") == before
+    after = keys("def decomposition(x, dim):\n    return x.exp().cumsum(dim).log()\n")
+    assert after[0] != before[0] and after[1] != before[1]
 
 
 def test_the_key_reads_the_metadata_of_parameters_and_buffers_not_their_values(xla):

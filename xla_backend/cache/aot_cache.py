@@ -11,8 +11,9 @@ The key is the Dynamo graph (after this backend's Dynamo-level passes, in the gr
 tier's canonical form), each input's metadata (shape, strides, offset, dtype, device,
 requires_grad, leaf-ness, parameter-ness, view-ness, which inputs alias each other),
 the grad, inference, autocast and determinism modes and ``torch._functorch.config``
-that AOTAutograd reads, its decompositions (and the source files of this backend's
-modules that define them), the torch version and the format versions.
+that AOTAutograd reads, its decompositions, the torch version, the format versions and
+a digest of this backend's source (``graph_cache.code_digest``: what the decompositions
+compute is in it).
 
 Entries live in the same store as the graph tier's, so one cache directory, one
 size limit and one ``syncfree-xla cache`` command cover both. Like the graph tier,
@@ -22,11 +23,8 @@ entry is logged once, discarded, and the graph goes through AOTAutograd.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,7 +45,6 @@ from ..warn_once import WarnOnce
 from . import fx_codec
 from . import key as key_mod
 from .graph_cache import (
-    PIPELINE_VERSION,
     Uncacheable,
     canonical_graph,
     dumps,
@@ -128,12 +125,11 @@ def aot_key(gm: torch.fx.GraphModule, inputs: Sequence[Any],
         key_mod.INPUT_SIGNATURE: dumps({"lifted": len(lifted),
                                         "inputs": _input_signature([*lifted, *inputs]),
                                         "modes": _modes()}),
-        key_mod.PASSES_VERSION: f"{PIPELINE_VERSION};aot_entry={ENTRY_FORMAT};"
-                                f"aot_meta={aot.META_FORMAT}",
+        key_mod.PASSES_VERSION: f"{components[key_mod.PASSES_VERSION]};"
+                                f"aot_entry={ENTRY_FORMAT};aot_meta={aot.META_FORMAT}",
         key_mod.XLA_FLAGS: "",  # AOTAutograd's graphs do not depend on XLA
         key_mod.SHARDING: "",
         key_mod.OPTIONS: dumps({"decompositions": sorted(str(op) for op in decompositions),
-                                "sources": _sources_digest(decompositions),
                                 "composite_autograd": [str(op) for op in ungraded_ops()],
                                 "decomposed_autograd": [str(op) for op in
                                                         DIFFERENTIATED_AS_DECOMPOSED],
@@ -141,40 +137,6 @@ def aot_key(gm: torch.fx.GraphModule, inputs: Sequence[Any],
                                 "keep_inference_input_mutations": True}),
     })
     return key_mod.backend_key(components)
-
-
-def _sources_digest(decompositions: dict[Any, Callable]) -> str:
-    """A digest of the source files of this backend's modules that shape AOTAutograd's
-    graphs: those defining a decomposition, and ``lowering_gaps`` (the autograd kernels
-    it gives ops). A release that fixes one of them must not be served the graphs its
-    predecessor traced; torch's own decompositions change with the torch version."""
-    names = {getattr(fn, "__module__", None) or getattr(getattr(fn, "func", None),
-                                                        "__module__", None)
-             for fn in decompositions.values()}
-    names = sorted(n for n in names | {_GAPS_MODULE} if n and n.startswith(_PACKAGE))
-    return hashlib.sha256("\n".join(_source_hash(n) for n in names).encode()).hexdigest()
-
-
-def _source_hash(module_name: str) -> str:
-    path = getattr(sys.modules.get(module_name), "__file__", None)
-    try:
-        stat = os.stat(path) if path else None
-    except OSError:
-        stat = None
-    if stat is None:
-        return module_name
-    return _file_hash(module_name, path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.cache
-def _file_hash(module_name: str, path: str, mtime_ns: int, size: int) -> str:
-    """Read once per process and file version (``aot_key`` runs for every Dynamo graph)."""
-    with open(path, "rb") as f:
-        return f"{module_name}:{hashlib.sha256(f.read()).hexdigest()}"
-
-
-_PACKAGE = __name__.split(".")[0] + "."
-_GAPS_MODULE = ungraded_ops.__module__
 
 
 # ---------------------------------------------------------------------------

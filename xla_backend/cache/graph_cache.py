@@ -243,12 +243,35 @@ _environment_lock = threading.Lock()
 _environment: dict[str, str] = {}
 
 
+def code_files() -> list[Path]:
+    """This backend's own source: the ``xla_backend`` and ``passes`` packages."""
+    roots = [Path(__file__).resolve().parents[1], Path(passes.__file__).resolve().parent]
+    return sorted(f for root in roots for f in root.rglob("*.py"))
+
+
+def code_digest() -> str:
+    """A digest of :func:`code_files`, read once per process.
+
+    What a graph is traced, rewritten, decomposed and lowered to is in that code, and a
+    release that fixes any of it must not be served what its predecessor stored: pass
+    versions cover the FX passes only, and the package version is not bumped per fix.
+    """
+    digest = hashlib.sha256()
+    for path in code_files():
+        digest.update(path.name.encode())
+        try:
+            digest.update(path.read_bytes())
+        except OSError:  # unreadable source (a zipped install): its name only
+            continue
+    return digest.hexdigest()[:16]
+
+
 def environment_components() -> dict[str, str]:
     """The components that are the same for every graph in this process."""
     with _environment_lock:
         if not _environment:
             _environment.update({
-                key_mod.PASSES_VERSION: PIPELINE_VERSION,
+                key_mod.PASSES_VERSION: f"{PIPELINE_VERSION};code={code_digest()}",
                 key_mod.TORCH_VERSION: torch.__version__,
                 key_mod.TORCH_XLA_VERSION: torch_xla.__version__,
                 key_mod.DEVICE_KIND: str(xr.device_type()),
@@ -720,6 +743,8 @@ __all__ = [
     "CODEGEN_OPTIONS",
     "ENTRY_FORMAT",
     "PIPELINE_VERSION",
+    "code_digest",
+    "code_files",
     "BadPayload",
     "GraphEntry",
     "Lookup",
