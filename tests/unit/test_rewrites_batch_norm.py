@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from xla_backend.rewrites.batch_norm_stats import UNBIASED_RUNNING_VAR
+from xla_backend.rewrites.batch_norm_stats import CENTERED_BATCH_NORM, UNBIASED_RUNNING_VAR
 from xla_backend.rewrites.low_precision_norms import LOW_PRECISION_NORMS
 
 aten = torch.ops.aten
@@ -45,9 +45,41 @@ def test_running_var_is_recomputed_like_eager(shape, momentum):
     torch.testing.assert_close(got[4], var * (1 - momentum) + unbiased * momentum)
 
 
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 5), (2, 3, 4, 4)])
+@pytest.mark.parametrize("mean", [0.0, 100.0])
+def test_centering_keeps_every_output_and_hands_the_op_centered_inputs(shape, mean):
+    """torch_xla computes the variance as E[x^2] - E[x]^2, which cancels at a large mean:
+    after the rewrite the op sees each channel less its first value, so no mean is
+    large; every output (the saved mean and the running mean with the shift added back)
+    is still eager's."""
+    fn = _bn(True, 0.1)
+    inputs = _inputs(shape)
+    inputs[0] = inputs[0] * 0.1 + mean
+    inputs[3] = inputs[3] + mean
+    gm = make_fx(fn, tracing_mode="fake")(*inputs)
+    assert CENTERED_BATCH_NORM(gm).modified
+    assert not CENTERED_BATCH_NORM(gm).modified, "a second run leaves it alone"
+    seen: list[torch.Tensor] = []
+
+    def spy(*args):
+        seen.append(args[0])
+        return aten._native_batch_norm_legit_functional.default(*args)
+
+    for node in gm.graph.nodes:
+        if node.target is aten._native_batch_norm_legit_functional.default:
+            node.target = spy
+    gm.recompile()
+    got, want = gm(*[t.clone() for t in inputs]), fn(*[t.clone() for t in inputs])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * (1 + mean))
+    channel_means = seen[0].mean([d for d in range(len(shape)) if d != 1])
+    assert channel_means.abs().max() < 1.0, channel_means
+
+
 def test_eval_mode_is_left_alone():
     gm = make_fx(_bn(False, 0.1), tracing_mode="fake")(*_inputs((4, 3)))
     assert not UNBIASED_RUNNING_VAR(gm).modified
+    assert not CENTERED_BATCH_NORM(gm).modified
 
 
 def _bn_backward(grad, x, weight, save_mean, save_invstd):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from passes.base import GraphPass
 
-from .batch_norm_stats import UNBIASED_RUNNING_VAR
+from .batch_norm_stats import CENTERED_BATCH_NORM, UNBIASED_RUNNING_VAR
 from .batched_svd import BATCHED_SVD
 from .complex_abs import COMPLEX_ABS
 from .low_precision_norms import LOW_PRECISION_NORMS
@@ -37,6 +37,7 @@ ATEN_REWRITES: tuple[GraphPass, ...] = (
     promote_dtypes,
     NAN_SEMANTICS,
     LOW_PRECISION_NORMS,
+    CENTERED_BATCH_NORM,
     UNBIASED_RUNNING_VAR,
     SCALAR_DOUBLES,
 )

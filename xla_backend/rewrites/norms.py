@@ -28,8 +28,8 @@ Not decomposed yet: BatchNorm with running statistics
 running_var and large-mean outputs for a single layer, but ResNet-18 (torchvision,
 32x32 inputs, CPU PJRT) then got gradients 3e-3 off float64 where torch_xla's own
 lowering and eager are 1e-5 off; layers 1-3 alone reproduce it, each block alone does
-not. Its running_var is fixed on its own by ``batch_norm_stats``; the large-mean
-precision of its normalization stays a known bug (tests/e2e/test_library_models.py).
+not. ``batch_norm_stats`` fixes its running_var, and its large-mean precision by
+centering its input, around torch_xla's own lowering.
 """
 
 from __future__ import annotations
