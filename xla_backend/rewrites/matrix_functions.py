@@ -9,7 +9,7 @@ so the backward graphs get them too (``matrix_exp``'s backward is the ``matrix_e
 of a block matrix twice the size).
 
 * ``matrix_exp``: scaling and squaring. The matrix is divided by ``2**s``, ``s`` the
-  smallest power of two that brings its 1-norm to at most 1, then a Taylor polynomial
+  smallest whole number that brings its 1-norm to at most 1, then a Taylor polynomial
   of degree 12 (float32; 18 in float64) is evaluated by Horner's rule, within rounding
   of the exponential at that norm, and squared ``s`` times. ``s`` is data, so every
   matrix is squared up to :data:`MAX_SQUARINGS` times, each squaring kept only where
