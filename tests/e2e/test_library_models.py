@@ -279,13 +279,6 @@ def test_a_network_that_normalizes_raw_features_first_trains_like_eager(xla, mea
     offset), as tabular and signal models put it: 8 steps of AdamW. Before the input was
     centered, both losses were up to 6% off eager's from the first step (the year-like
     features gave NaN from the fifth step in a probe with other initial weights)."""
-    def step(model, opt, x, y):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
     model, reference = twin(workloads.seeded(lambda: torch.nn.Sequential(
         torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
         torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
@@ -294,7 +287,8 @@ def test_a_network_that_normalizes_raw_features_first_trains_like_eager(xla, mea
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
     batches = _batches(8, lambda g: (torch.randn(8, 3, 6, 6, generator=g) * spread + mean,
                                      torch.randint(0, 4, (8,), generator=g)))
-    got, want = _train(step, model, opt, reference, ref_opt, batches, xla, steps=8)
+    got, want = _train(workloads.train_step, model, opt, reference, ref_opt, batches, xla,
+                       steps=8)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
     assert_state_close(model, reference, rtol=1e-3)
 
