@@ -1,5 +1,5 @@
-"""Node-building helpers the rewrites share: values from ``meta["val"]``, new calls with
-theirs, and the pass that rewrites each call of some ops."""
+"""Helpers the rewrites share: values from ``meta["val"]``, new calls with theirs, the
+pass that rewrites each call of some ops, and the precision decompositions compute in."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ _COPIED_META = ("stack_trace", "nn_module_stack", "seq_nr")
 def meta_val(arg: Any) -> Any:
     """The value a node stands for (a fake tensor, a SymInt...), or None for a literal."""
     return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+
+
+def working_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype a decomposition computes in: float32 for half precision and
+    integers (rounded back once at the end, as eager's kernels do), else ``x`` itself."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
 
 
 def arguments(node: torch.fx.Node) -> dict[str, Any]:

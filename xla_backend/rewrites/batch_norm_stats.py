@@ -51,8 +51,8 @@ def _center(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
         return False
     with graph.inserting_before(node):
         first = x
-        for _ in range(x_val.dim() - 1):  # drop the batch dim, then each spatial one
-            first = call(graph, node, aten.select.int, (first, 0 if first is x else 1, 0))
+        for k in range(x_val.dim() - 1):  # drop the batch dim, then each spatial one
+            first = call(graph, node, aten.select.int, (first, min(k, 1), 0))
         first = call(graph, node, aten.detach.default, (first,))
         shape = [1] * x_val.dim()
         shape[1] = x_val.shape[1]

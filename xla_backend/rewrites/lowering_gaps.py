@@ -68,6 +68,7 @@ from typing import Callable
 import torch
 from torch._decomp import get_decompositions
 
+from ._fx import working_precision
 from .matrix_functions import matrix_function_decompositions
 from .special_functions import special_function_decompositions
 
@@ -168,15 +169,13 @@ def log_cumulative_sum_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
         return NotImplemented
     if x.dim() == 0:
         return x.clone()
-    low_precision = x.dtype in (torch.float16, torch.bfloat16)
-    y = x.float() if low_precision else x
+    y, dim = working_precision(x), dim % x.dim()
     shift = 1
     while shift < n:
-        empty = y.new_full([*y.shape[:dim % y.dim()], shift, *y.shape[dim % y.dim() + 1:]],
-                           -math.inf)
+        empty = y.new_full([*y.shape[:dim], shift, *y.shape[dim + 1:]], -math.inf)
         y = _log_add_exp(y, torch.cat([empty, y.narrow(dim, 0, n - shift)], dim))
         shift *= 2
-    return y.to(x.dtype) if low_precision else y
+    return y.to(x.dtype)
 
 
 def _log_add_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

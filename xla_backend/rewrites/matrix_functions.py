@@ -28,12 +28,10 @@ from typing import Callable
 
 import torch
 
+from ._fx import working_precision
+
 #: The most squarings ``matrix_exp`` does: 1-norms up to 2**24 (1.7e7).
 MAX_SQUARINGS = 24
-
-
-def _computed_in(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _supported(*tensors: torch.Tensor) -> bool:
@@ -45,7 +43,7 @@ def matrix_exponential(a: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.matrix_exp`` of a real (batch of) square matrices."""
     if not _supported(a):
         return NotImplemented
-    x = _computed_in(a)
+    x = working_precision(a)
     n = x.shape[-1]
     degree = 18 if x.dtype == torch.float64 else 12
     with torch.no_grad():  # how far to scale is piecewise constant: no gradient
@@ -72,7 +70,7 @@ def householder_product(a: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     and ``a``'s column ``i`` below."""
     if not _supported(a, tau):
         return NotImplemented
-    x, t = _computed_in(a), _computed_in(tau)
+    x, t = working_precision(a), working_precision(tau)
     m, n = x.shape[-2], x.shape[-1]
     rows = torch.arange(m, device=x.device)
     q = torch.eye(m, n, dtype=x.dtype, device=x.device).expand_as(x)

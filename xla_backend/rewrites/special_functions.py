@@ -27,16 +27,13 @@ from typing import Callable
 
 import torch
 
+from ._fx import working_precision
+
 _LANCZOS_G = 7.0
 _LANCZOS = (0.99999999999980993, 676.5203681218851, -1259.1392167224028, 771.32342877765313,
             -176.61502916214059, 12.507343278686905, -0.13857109526572012,
             9.9843695780195716e-6, 1.5056327351493116e-7)
 _SHIFT = 6  # from here on the series below hold to float32 rounding (1e-10 in float64)
-
-
-def _working(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the dtype to compute in: float32 for half precision and integers."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
 
 
 def _result_dtype(x: torch.Tensor) -> torch.dtype:
@@ -55,7 +52,7 @@ def _poles(x: torch.Tensor) -> torch.Tensor:
 
 def lgamma(x: torch.Tensor) -> torch.Tensor:
     """``log|Gamma(x)|``."""
-    w = _working(x)
+    w = working_precision(x)
     reflect = w < 0.5
     z = torch.where(reflect, 1 - w, w) - 1
     series = _LANCZOS[0] + sum(c / (z + i) for i, c in enumerate(_LANCZOS[1:], 1))
@@ -90,7 +87,7 @@ def _trigamma_series(y: torch.Tensor) -> torch.Tensor:
 
 def digamma(x: torch.Tensor) -> torch.Tensor:
     """``d/dx lgamma(x)``."""
-    w = _working(x)
+    w = working_precision(x)
     reflect = w < 0.5
     right = _shifted(torch.where(reflect, 1 - w, w), _digamma_series, torch.reciprocal, -1.0)
     out = torch.where(reflect, right - math.pi / torch.tan(_pi_reduced(w)), right)
@@ -104,7 +101,7 @@ def polygamma(n: int, x: torch.Tensor) -> torch.Tensor:
         return digamma(x)
     if n != 1:
         return NotImplemented
-    w = _working(x)
+    w = working_precision(x)
     reflect = w < 0.5
     right = _shifted(torch.where(reflect, 1 - w, w), _trigamma_series,
                      lambda v: 1 / (v * v), 1.0)
